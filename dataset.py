@@ -1,0 +1,610 @@
+"""Data layer: labels, the scan of a train folder into one table, splits and folds, datasets,
+augmentations, uint8 collate, the device prefetcher, and a generator of learnable sample data."""
+import argparse
+import os
+import random
+import re
+import warnings
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, UnidentifiedImageError
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
+IMAGES_PER_PERSON = len(MASK_FILES)
+PERSON_FOLDER = re.compile(r"^(\d+)_(male|female)_([^_]+)_(\d+)$", re.IGNORECASE)
+DEFAULT_AGE_BINS = (30, 60)
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+CROP_FRACTION = (320 / 512, 256 / 384)  # the competition's 320x256 centre crop of a 512x384 image
+
+
+# ---------------------------------------------------------------- labels
+class MaskLabels(IntEnum):
+    MASK = 0
+    INCORRECT = 1
+    NORMAL = 2
+
+    @classmethod
+    def from_file_stem(cls, stem: str) -> "MaskLabels":
+        return cls(MASK_FILES[stem.lower()])
+
+
+class GenderLabels(IntEnum):
+    MALE = 0
+    FEMALE = 1
+
+    @classmethod
+    def from_str(cls, value: str) -> "GenderLabels":
+        value = value.strip().lower()
+        if value not in ("male", "female"):
+            raise ValueError(f"gender must be 'male' or 'female', got {value!r}")
+        return cls.MALE if value == "male" else cls.FEMALE
+
+
+class AgeLabels(IntEnum):
+    YOUNG = 0
+    MIDDLE = 1
+    OLD = 2
+
+    @classmethod
+    def from_number(cls, age, bins=DEFAULT_AGE_BINS) -> "AgeLabels":
+        age = int(age)
+        return cls.YOUNG if age < bins[0] else cls.MIDDLE if age < bins[1] else cls.OLD
+
+
+def encode_multi_class(mask, gender, age):
+    """(mask, gender, age) -> class id 0..17; works on ints and on arrays/tensors."""
+    return mask * 6 + gender * 3 + age
+
+
+def decode_multi_class(class_id):
+    """class id -> (mask, gender, age); works on ints and on arrays/tensors."""
+    return class_id // 6, (class_id // 3) % 2, class_id % 3
+
+
+def to_class_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Targets of any dataset kind ((N,) classes or (N, 3) heads) -> (N,) 18-class ids."""
+    return targets if targets.ndim == 1 else encode_multi_class(targets[:, 0], targets[:, 1], targets[:, 2])
+
+
+def to_head_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Targets of any dataset kind -> (N, 3) with columns mask, gender, age."""
+    return targets if targets.ndim == 2 else torch.stack(decode_multi_class(targets), dim=1)
+
+
+# ---------------------------------------------------------------- the scan
+def images_dir(data_dir) -> Path:
+    """Accept the train folder (holding images/ and train.csv) or its images/ folder."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data_dir}")
+    return data_dir / "images" if (data_dir / "images").is_dir() else data_dir
+
+
+def check_image(path: Path) -> None:
+    """A cheap check (header only) that a file is a readable image; raises naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"unreadable image {path}: {error}") from None
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("_")
+
+
+def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=True) -> pd.DataFrame:
+    """Scan `train/images/<id>_<gender>_<race>_<age>/<mask file>` into one table, a row per image.
+
+    Columns: path, person, id, gender, race, age, mask, gender_label, age_label, class.
+    Bad folder names, unknown files and incomplete people are warned about by name; a relabel CSV
+    (see `apply_relabel`) is applied here.
+    """
+    root = images_dir(data_dir)
+    rows, bad_folders, unknown_files, incomplete = [], [], [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name)):
+        match = PERSON_FOLDER.match(folder.name)
+        if not match:
+            bad_folders.append(folder.name)
+            continue
+        person_id, gender, race, age = match.groups()
+        found = 0
+        for file in sorted(p for p in folder.iterdir() if p.is_file() and not _is_hidden(p.name)):
+            if file.suffix.lower() not in IMAGE_EXTENSIONS or file.stem.lower() not in MASK_FILES:
+                unknown_files.append(f"{folder.name}/{file.name}")
+                continue
+            if check_images:
+                check_image(file)
+            found += 1
+            rows.append(dict(path=str(file), person=folder.name, id=person_id, gender=gender.lower(),
+                             race=race, age=int(age), mask=MaskLabels.from_file_stem(file.stem).value))
+        if found < IMAGES_PER_PERSON:
+            incomplete.append(f"{folder.name} ({found} images)")
+    for what, names in (("folder names that do not parse as <id>_<gender>_<race>_<age>", bad_folders),
+                        ("unknown files", unknown_files), ("people with fewer than 7 images", incomplete)):
+        if names:
+            warnings.warn(f"{root}: skipped or incomplete, {len(names)} {what}: {', '.join(names[:10])}"
+                          + (" ..." if len(names) > 10 else ""), stacklevel=2)
+    if not rows:
+        raise ValueError(f"no usable images under {root}: expected <id>_<gender>_<race>_<age>/mask1.jpg ...")
+    table = pd.DataFrame(rows)
+    if relabel is not None:
+        table = apply_relabel(table, relabel)
+    return add_labels(table, age_bins)
+
+
+def add_labels(table: pd.DataFrame, age_bins=DEFAULT_AGE_BINS) -> pd.DataFrame:
+    """(Re)compute the gender, age and class labels from the raw columns."""
+    if not (0 < age_bins[0] < age_bins[1]):
+        raise ValueError(f"age bins must be two increasing positive edges, got {age_bins}")
+    table = table.copy()
+    table["gender_label"] = table["gender"].map(lambda g: GenderLabels.from_str(g).value)
+    table["age_label"] = np.select([table["age"] < age_bins[0], table["age"] < age_bins[1]], [0, 1], 2)
+    table["class"] = encode_multi_class(table["mask"], table["gender_label"], table["age_label"])
+    return table
+
+
+def apply_relabel(table: pd.DataFrame, relabel_csv) -> pd.DataFrame:
+    """Apply corrections: rows with `id` set `gender` and/or `age` of that person; rows with `path`
+    (relative to images/, extension optional, e.g. `000020_female_Asian_50/normal`) set `mask`
+    (0/1/2 or wear/incorrect/normal). Blank cells change nothing. Prints what changed."""
+    fixes = pd.read_csv(relabel_csv, dtype=str).fillna("")
+    for column in ("id", "gender", "age", "path", "mask"):
+        if column not in fixes:
+            fixes[column] = ""
+    table = table.copy()
+    changed = {"gender": 0, "age": 0, "mask": 0}
+    mask_names = {"wear": 0, "mask": 0, "incorrect": 1, "normal": 2, "not wear": 2}
+    keys = table["path"].map(lambda p: "/".join(Path(p).with_suffix("").parts[-2:]).lower())
+    for row in fixes.itertuples():
+        if row.id:
+            person = table["id"] == row.id
+            if not person.any():
+                raise ValueError(f"{relabel_csv}: person id {row.id} is not in the data")
+            if row.gender:
+                changed["gender"] += int(person.any() and (table.loc[person, "gender"] != row.gender.lower()).any())
+                table.loc[person, "gender"] = GenderLabels.from_str(row.gender).name.lower()
+            if row.age:
+                changed["age"] += int((table.loc[person, "age"] != int(row.age)).any())
+                table.loc[person, "age"] = int(row.age)
+        if row.path and row.mask:
+            image = keys == str(Path(row.path).with_suffix("")).lower().replace("\\", "/")
+            if not image.any():
+                raise ValueError(f"{relabel_csv}: image {row.path} is not in the data")
+            mask = mask_names.get(row.mask.lower(), None) if not row.mask.isdigit() else int(row.mask)
+            if mask not in (0, 1, 2):
+                raise ValueError(f"{relabel_csv}: bad mask value {row.mask!r} for {row.path}")
+            changed["mask"] += int((table.loc[image, "mask"] != mask).any())
+            table.loc[image, "mask"] = mask
+    print(f"relabel {relabel_csv}: changed gender of {changed['gender']} people, age of {changed['age']} "
+          f"people, mask of {changed['mask']} images")
+    return table
+
+
+# ---------------------------------------------------------------- splits
+def person_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per person with the stratum used for splitting (gender x age class, 0..5)."""
+    people = table.groupby("person", sort=True)[["gender_label", "age_label"]].first()
+    people["stratum"] = people["gender_label"] * 3 + people["age_label"]
+    return people
+
+
+def split_people(table: pd.DataFrame, val_ratio: float, seed: int):
+    """Split people into (train, val) names, stratified by gender x age, reproducible from `seed`."""
+    people = person_table(table)
+    rng = np.random.default_rng(seed)
+    val = []
+    for _, group in people.groupby("stratum"):
+        names = rng.permutation(group.index.to_numpy())
+        val.extend(names[: int(round(len(names) * val_ratio))])
+    if not val and val_ratio > 0:
+        val = [rng.choice(people.index.to_numpy())]
+    val = set(val)
+    return sorted(set(people.index) - val), sorted(val)
+
+
+def fold_people(table: pd.DataFrame, n_folds: int, fold: int, seed: int):
+    """Stratified K-fold over people: returns (train, val) names for `fold`; every person is in
+    exactly one validation fold."""
+    from sklearn.model_selection import StratifiedKFold
+    people = person_table(table)
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"--fold must be in 0..{n_folds - 1}, got {fold}")
+    if len(people) < n_folds:
+        raise ValueError(f"{n_folds} folds need at least {n_folds} people, found {len(people)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        splits = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+                      .split(people.index, people["stratum"]))
+    train, val = splits[fold]
+    return sorted(people.index[train]), sorted(people.index[val])
+
+
+# ---------------------------------------------------------------- datasets
+def load_image(path, transform=None):
+    """Open an image and apply `transform` to it (still undecoded, so that a transform can reduce
+    the JPEG decode); without one, return it as a PIL RGB image. An unreadable file raises naming it."""
+    try:
+        with Image.open(path) as image:
+            return transform(image) if transform else image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"unreadable image {path}: {error}") from None
+
+
+class MaskBaseDataset(Dataset):
+    """All train images with 18-class targets. Its `split_dataset` splits by *image*, as the
+    competition baseline did: one person's 7 images land on both sides, so validation scores are
+    optimistic (a leak). Use `MaskSplitByProfileDataset` or `MultiLabelDataset` for honest scores."""
+    num_classes = 18
+    multi_label = False
+
+    def __init__(self, data_dir=SAMPLE_DIR / "train", val_ratio=0.2, seed=42, n_folds=0, fold=0,
+                 age_bins=DEFAULT_AGE_BINS, drop_ages=(), relabel=None, table=None, check_images=True):
+        self.table = table if table is not None else scan_people(data_dir, age_bins, relabel, check_images)
+        self.table = self.table.reset_index(drop=True)
+        self.val_ratio, self.seed, self.n_folds, self.fold = val_ratio, seed, n_folds, fold
+        self.drop_ages = set(int(a) for a in drop_ages)
+        self.transform = None
+
+    def __len__(self):
+        return len(self.table)
+
+    def set_transform(self, transform):
+        self.transform = transform
+
+    def get_target(self, index):
+        row = self.table.iloc[index]
+        if self.multi_label:
+            return int(row["mask"]), int(row["gender_label"]), int(row["age_label"])
+        return int(row["class"])
+
+    def targets(self, kind="class"):
+        """Per-image labels of one kind ('class', 'mask', 'gender_label', 'age_label')."""
+        return self.table[kind].to_numpy()
+
+    def __getitem__(self, index):
+        return load_image(self.table.at[index, "path"], self.transform), self.get_target(index)
+
+    def split_indices(self):
+        """(train, val) image indices."""
+        if self.n_folds and self.n_folds > 1:
+            return self._indices_of_people(*fold_people(self.table, self.n_folds, self.fold, self.seed))
+        rng = np.random.default_rng(self.seed)
+        order = rng.permutation(len(self.table))
+        n_val = int(len(order) * self.val_ratio)
+        return self._drop(np.sort(order[n_val:])), np.sort(order[:n_val])
+
+    def _indices_of_people(self, train_people, val_people):
+        person = self.table["person"]
+        return (self._drop(np.flatnonzero(person.isin(train_people).to_numpy())),
+                np.flatnonzero(person.isin(val_people).to_numpy()))
+
+    def _drop(self, train_indices):
+        """Leave the `drop_ages` people out of training only; validation keeps everyone."""
+        if not self.drop_ages:
+            return train_indices
+        keep = ~self.table["age"].iloc[train_indices].isin(self.drop_ages).to_numpy()
+        return train_indices[keep]
+
+    def split_dataset(self, train_transform=None, val_transform=None):
+        """(train, val) subsets, each with its own transform."""
+        train, val = self.split_indices()
+        return Subset(self, train, train_transform), Subset(self, val, val_transform)
+
+
+class MaskSplitByProfileDataset(MaskBaseDataset):
+    """18-class targets, split by person, stratified by the person's gender x age class (no leak)."""
+
+    def split_indices(self):
+        if self.n_folds and self.n_folds > 1:
+            return super().split_indices()
+        return self._indices_of_people(*split_people(self.table, self.val_ratio, self.seed))
+
+
+class MultiLabelDataset(MaskSplitByProfileDataset):
+    """Targets (mask, gender, age), split by person like `MaskSplitByProfileDataset`."""
+    multi_label = True
+
+
+DATASETS = {cls.__name__: cls for cls in (MaskBaseDataset, MaskSplitByProfileDataset, MultiLabelDataset)}
+
+
+class Subset(Dataset):
+    """Indices into a dataset with a transform of their own."""
+
+    def __init__(self, dataset, indices, transform=None):
+        self.dataset, self.indices, self.transform = dataset, np.asarray(indices), transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        index = int(self.indices[i])
+        return load_image(self.dataset.table.at[index, "path"], self.transform), self.dataset.get_target(index)
+
+    def targets(self, kind="class"):
+        return self.dataset.targets(kind)[self.indices]
+
+
+class TestDataset(Dataset):
+    """Eval images in info.csv order; the target is the row index."""
+
+    def __init__(self, data_dir=SAMPLE_DIR / "eval", transform=None):
+        data_dir = Path(data_dir)
+        info_path = data_dir / "info.csv"
+        if not info_path.is_file():
+            raise FileNotFoundError(f"eval folder has no info.csv: {info_path}")
+        self.info = pd.read_csv(info_path)
+        if "ImageID" not in self.info:
+            raise ValueError(f"{info_path} has no ImageID column")
+        self.paths = [str(data_dir / "images" / image_id) for image_id in self.info["ImageID"]]
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} images listed in {info_path} are missing, e.g. "
+                                    + ", ".join(missing[:3]))
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_image(self.paths[index], self.transform), index
+
+
+def make_sampler(labels, seed=0) -> WeightedRandomSampler:
+    """A class-balanced sampler: each image is drawn with weight 1 / (size of its class)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+    return WeightedRandomSampler(weights, len(labels), replacement=True,
+                                 generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- augmentations
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> uint8 CHW tensor (no float conversion: that happens on the device)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def center_crop_box(width, height, crop_fraction=CROP_FRACTION):
+    crop_h, crop_w = round(height * crop_fraction[0]), round(width * crop_fraction[1])
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    return left, top, left + crop_w, top + crop_h
+
+
+def crop_and_resize(image: Image.Image, resize, crop_fraction=None) -> Image.Image:
+    """Optional centre crop (as a fraction of the input's height and width), then resize to (H, W).
+    For JPEGs, decoding is first reduced (PIL draft) as far as the output size allows."""
+    height, width = resize
+    if image.format == "JPEG":
+        fraction = crop_fraction or (1.0, 1.0)
+        image.draft("RGB", (int(width / fraction[1]) + 1, int(height / fraction[0]) + 1))
+    image = image.convert("RGB")
+    box = center_crop_box(*image.size, crop_fraction) if crop_fraction else None
+    return image.resize((width, height), Image.BILINEAR, box=box)
+
+
+class BaseAugmentation:
+    """Resize only (the baseline's default)."""
+    crop_fraction = None
+
+    def __init__(self, resize=(128, 96), train=True, **options):
+        self.resize, self.train = tuple(resize), train
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return to_uint8_tensor(crop_and_resize(image, self.resize, self.crop_fraction))
+
+
+class CustomAugmentation(BaseAugmentation):
+    """Centre crop (320x256 on a 512x384 image: the same fraction of any input), resize; in training
+    also horizontal flip and, optionally, colour jitter, grayscale, sharpness and gaussian noise."""
+    crop_fraction = CROP_FRACTION
+
+    def __init__(self, resize=(128, 96), train=True, color_jitter=0.0, grayscale=0.0, sharpness=0.0,
+                 noise=0.0, **options):
+        super().__init__(resize, train)
+        self.color_jitter, self.grayscale, self.sharpness, self.noise = color_jitter, grayscale, sharpness, noise
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = crop_and_resize(image, self.resize, self.crop_fraction)
+        if self.train:
+            if random.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            if self.color_jitter:
+                for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+                    image = enhance(image).enhance(1 + random.uniform(-self.color_jitter, self.color_jitter))
+            if self.grayscale and random.random() < self.grayscale:
+                image = image.convert("L").convert("RGB")
+            if self.sharpness and random.random() < 0.5:
+                image = ImageEnhance.Sharpness(image).enhance(1 + self.sharpness)
+        tensor = to_uint8_tensor(image)
+        if self.train and self.noise:
+            noise = torch.randn(tensor.shape) * (self.noise * 255)
+            tensor = (tensor.float() + noise).clamp_(0, 255).to(torch.uint8)
+        return tensor
+
+
+class AlbumentationsAugmentation(BaseAugmentation):
+    """Centre crop and resize, then in training albumentations' flip, shift-scale-rotate,
+    brightness/contrast, hue/saturation and coarse dropout."""
+    crop_fraction = CROP_FRACTION
+
+    def __init__(self, resize=(128, 96), train=True, **options):
+        import albumentations as A
+        super().__init__(resize, train)
+        self.pipeline = A.Compose([
+            A.HorizontalFlip(p=0.5),
+            A.Affine(translate_percent=0.05, scale=(0.9, 1.1), rotate=(-10, 10), p=0.5),
+            A.RandomBrightnessContrast(0.2, 0.2, p=0.5),
+            A.HueSaturationValue(10, 15, 10, p=0.3),
+            A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
+                            hole_width_range=(0.05, 0.15), p=0.3),
+        ]) if train else None
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        array = np.asarray(crop_and_resize(image, self.resize, self.crop_fraction), dtype=np.uint8)
+        if self.pipeline is not None:
+            array = self.pipeline(image=array)["image"]
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+AUGMENTATIONS = {cls.__name__: cls for cls in (BaseAugmentation, CustomAugmentation, AlbumentationsAugmentation)}
+
+
+def create_transforms(name, resize, **options):
+    """(train, val) transforms of augmentation `name`; validation never gets random augmentation."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; choose from {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name](resize, train=True, **options), AUGMENTATIONS[name](resize, train=False, **options)
+
+
+# ---------------------------------------------------------------- collate and prefetch
+def fast_collate(batch):
+    """Stack uint8 images without converting to float; targets become an int64 tensor,
+    (N,) for classes or (N, 3) for (mask, gender, age)."""
+    images = torch.stack([item[0] for item in batch])
+    targets = torch.tensor([item[1] for item in batch], dtype=torch.int64)
+    return images, targets
+
+
+class PrefetchLoader:
+    """Wraps a loader of uint8 batches: moves them to `device` (on CUDA: non-blocking, on a side
+    stream of its own, one batch ahead) and normalises there to `dtype`. On CPU it yields the same
+    normalised tensors through the same API. `augment` (optional) is applied to the normalised batch."""
+
+    def __init__(self, loader, mean, std, device=None, dtype=torch.float32, augment=None):
+        self.loader = loader
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype
+        self.mean = torch.tensor([255.0 * m for m in mean], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255.0 * s for s in std], device=self.device).view(1, 3, 1, 1)
+        self.augment = augment
+        self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+
+    def __len__(self):
+        return len(self.loader)
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    def _prepare(self, images, targets):
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        images = images.float().sub_(self.mean).div_(self.std).to(self.dtype)
+        if self.augment is not None:
+            images = self.augment(images)
+        return images, targets
+
+    def __iter__(self):
+        if self.stream is None:
+            for images, targets in self.loader:
+                yield self._prepare(images, targets)
+            return
+        pending = None
+        for images, targets in self.loader:
+            with torch.cuda.stream(self.stream):
+                ready = self._prepare(images, targets)
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            for tensor in ready:
+                tensor.record_stream(torch.cuda.current_stream(self.device))
+            pending = ready
+        if pending is not None:
+            yield pending
+
+
+# ---------------------------------------------------------------- sample generator
+AGE_OF_GROUP = ((18, 29), (30, 59), (60, 80))
+SKIN_OF_AGE = ((235, 205, 175), (185, 140, 100), (120, 85, 60))
+MASK_COLOR = (60, 110, 220)
+
+
+def draw_face(mask, gender, age_group, size=(512, 384), rng=None) -> Image.Image:
+    """A face drawing whose labels are visible: the skin tone gives the age group, the hair shape the
+    gender (short block vs. long side locks), and the mask state a blue band over mouth and nose
+    (wear), over the chin only (incorrect) or a red mouth (not wear)."""
+    rng = rng or np.random.default_rng()
+    height, width = size
+    background = tuple(int(v) for v in rng.integers(150, 230, 3))
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+    cx = width * (0.5 + rng.uniform(-0.03, 0.03))
+    cy = height * (0.5 + rng.uniform(-0.03, 0.03))
+    fw, fh = width * rng.uniform(0.26, 0.3), height * rng.uniform(0.3, 0.34)
+    hair = (40, 30, 20) if age_group < 2 else (225, 225, 225)
+    if gender == 1:
+        draw.rectangle([cx - fw * 1.25, cy - fh * 1.05, cx + fw * 1.25, cy + fh * 0.9], fill=hair)
+    draw.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=SKIN_OF_AGE[age_group])
+    if gender == 0:
+        draw.rectangle([cx - fw * 0.9, cy - fh * 1.05, cx + fw * 0.9, cy - fh * 0.6], fill=hair)
+    for side in (-1, 1):
+        draw.ellipse([cx + side * fw * 0.4 - 8, cy - fh * 0.2 - 6, cx + side * fw * 0.4 + 8, cy - fh * 0.2 + 6],
+                     fill=(30, 30, 30))
+    if mask == 2:
+        draw.rectangle([cx - fw * 0.35, cy + fh * 0.45, cx + fw * 0.35, cy + fh * 0.55], fill=(200, 40, 40))
+    else:
+        top = cy + (fh * 0.02 if mask == 0 else fh * 0.62)
+        draw.rectangle([cx - fw * 0.85, top, cx + fw * 0.85, cy + fh * 0.95], fill=MASK_COLOR)
+        if mask == 1:
+            draw.rectangle([cx - fw * 0.35, cy + fh * 0.4, cx + fw * 0.35, cy + fh * 0.5], fill=(200, 40, 40))
+    noise = rng.normal(0, 6, (height, width, 3))
+    array = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(array).filter(ImageFilter.GaussianBlur(1))
+
+
+def make_sample(out_dir, n_people=24, seed=0, size=(512, 384), n_eval_people=6, quality=80, ext=".jpg"):
+    """Write a learnable sample in the competition layout: `train/images/<person>/<mask file>`,
+    `train/train.csv`, `eval/images/*.jpg`, `eval/info.csv` (ans 0) and `eval_labels.csv` (truth).
+    People cycle through the six gender x age groups so every class appears."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    files = list(MASK_FILES.items())
+    people, eval_rows = [], []
+    for split, count in (("train", n_people), ("eval", n_eval_people)):
+        (out_dir / split / "images").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            gender, age_group = (i % 6) // 3, i % 3
+            age = int(rng.integers(*AGE_OF_GROUP[age_group], endpoint=True))
+            person_id = f"{i + (0 if split == 'train' else 900000):06d}"
+            name = f"{person_id}_{GenderLabels(gender).name.lower()}_Asian_{age}"
+            for stem, mask in files:
+                image = draw_face(mask, gender, age_group, size, rng)
+                if split == "train":
+                    (out_dir / split / "images" / name).mkdir(exist_ok=True)
+                    image.save(out_dir / split / "images" / name / f"{stem}{ext}", quality=quality)
+                else:
+                    image_id = f"{rng.integers(1 << 40):010x}.jpg"
+                    image.save(out_dir / split / "images" / image_id, quality=quality)
+                    eval_rows.append(dict(ImageID=image_id, ans=int(encode_multi_class(mask, gender, age_group))))
+            if split == "train":
+                people.append(dict(id=person_id, gender=GenderLabels(gender).name.lower(), race="Asian",
+                                   age=age, path=name))
+    pd.DataFrame(people).to_csv(out_dir / "train" / "train.csv", index=False)
+    labels = pd.DataFrame(eval_rows, columns=["ImageID", "ans"])
+    labels.to_csv(out_dir / "eval_labels.csv", index=False)
+    labels.assign(ans=0).to_csv(out_dir / "eval" / "info.csv", index=False)
+    return out_dir
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write a learnable sample in the competition layout.")
+    parser.add_argument("out_dir", nargs="?", default=str(SAMPLE_DIR))
+    parser.add_argument("--n_people", type=int, default=24)
+    parser.add_argument("--n_eval_people", type=int, default=6)
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 384), metavar=("H", "W"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    make_sample(args.out_dir, args.n_people, args.seed, tuple(args.size), args.n_eval_people)
+    print(f"wrote {args.out_dir}")
