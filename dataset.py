@@ -171,8 +171,9 @@ def apply_relabel(table: pd.DataFrame, relabel_csv) -> pd.DataFrame:
                 changed["gender"] += int(person.any() and (table.loc[person, "gender"] != row.gender.lower()).any())
                 table.loc[person, "gender"] = GenderLabels.from_str(row.gender).name.lower()
             if row.age:
-                changed["age"] += int((table.loc[person, "age"] != int(row.age)).any())
-                table.loc[person, "age"] = int(row.age)
+                age = int(float(row.age))
+                changed["age"] += int((table.loc[person, "age"] != age).any())
+                table.loc[person, "age"] = age
         if row.path and row.mask:
             image = keys == str(Path(row.path).with_suffix("")).lower().replace("\\", "/")
             if not image.any():
@@ -334,6 +335,7 @@ class Subset(Dataset):
 
 class TestDataset(Dataset):
     """Eval images in info.csv order; the target is the row index."""
+    __test__ = False  # not a pytest test class
 
     def __init__(self, data_dir=SAMPLE_DIR / "eval", transform=None):
         data_dir = Path(data_dir)
@@ -448,7 +450,7 @@ class AlbumentationsAugmentation(BaseAugmentation):
         ]) if train else None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        array = np.asarray(crop_and_resize(image, self.resize, self.crop_fraction), dtype=np.uint8)
+        array = np.array(crop_and_resize(image, self.resize, self.crop_fraction), dtype=np.uint8)
         if self.pipeline is not None:
             array = self.pipeline(image=array)["image"]
         return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()

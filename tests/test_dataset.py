@@ -1,0 +1,203 @@
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from dataset import (AgeLabels, CustomAugmentation, MaskBaseDataset, MaskSplitByProfileDataset,
+                     MultiLabelDataset, PrefetchLoader, TestDataset, create_transforms, decode_multi_class,
+                     encode_multi_class, fast_collate, make_sampler, person_table, scan_people,
+                     to_class_targets, to_head_targets)
+
+
+def test_class_round_trip():
+    for class_id in range(18):
+        mask, gender, age = decode_multi_class(class_id)
+        assert encode_multi_class(mask, gender, age) == class_id
+    assert encode_multi_class(2, 1, 2) == 17 and encode_multi_class(1, 0, 1) == 7
+    classes = torch.arange(18)
+    assert torch.equal(to_class_targets(to_head_targets(classes)), classes)
+
+
+def test_age_bins():
+    assert [AgeLabels.from_number(a) for a in (29, 30, 59, 60)] == [0, 1, 1, 2]
+    assert AgeLabels.from_number(58, bins=(30, 58)) == 2
+
+
+def test_scan_table(tiny_data):
+    table = scan_people(tiny_data / "train")
+    assert len(table) == 24 * 7 and table["person"].nunique() == 24
+    assert set(table.columns) >= {"path", "person", "id", "gender", "race", "age", "mask", "gender_label",
+                                  "age_label", "class"}
+    row = table[table["path"].str.endswith("incorrect_mask.jpg")].iloc[0]
+    assert row["mask"] == 1 and row["class"] == 6 + row["gender_label"] * 3 + row["age_label"]
+
+
+def test_scan_messy_tree(tiny_data, tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(tiny_data / "train" / "images", root)
+    people = sorted(p for p in root.iterdir())
+    (people[0] / "mask1.jpg").rename(people[0] / "MASK1.JPG")
+    Image.open(people[1] / "normal.jpg").save(people[1] / "normal.png")
+    (people[1] / "normal.jpg").unlink()
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / "._000000_male_Asian_20").mkdir()
+    (people[2] / "._mask1.jpg").write_bytes(b"junk")
+    (root / "not_a_person").mkdir()
+    (people[3] / "mask6.jpg").write_bytes(b"junk")
+    (people[4] / "mask2.jpg").unlink()
+    with pytest.warns(UserWarning) as record:
+        table = scan_people(tmp_path)
+    messages = " ".join(str(w.message) for w in record)
+    assert "not_a_person" in messages and "mask6.jpg" in messages and people[4].name in messages
+    assert ".ipynb" not in messages and "._" not in messages
+    assert len(table) == 24 * 7 - 1
+    assert table["path"].str.endswith("MASK1.JPG").sum() == 1 and table["path"].str.endswith("normal.png").sum() == 1
+
+    (people[5] / "mask3.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="mask3.jpg"):
+        scan_people(tmp_path)
+
+
+def test_scan_empty_is_clear(tmp_path):
+    (tmp_path / "images" / "garbage").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no usable images"), pytest.warns(UserWarning):
+        scan_people(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        scan_people(tmp_path / "nowhere")
+
+
+def test_corrupt_image_named_at_load(tiny_data, tmp_path):
+    shutil.copytree(tiny_data / "train", tmp_path / "train")
+    dataset = MaskBaseDataset(tmp_path / "train")
+    Image.new("RGB", (4, 4)).save(dataset.table.at[0, "path"], format="JPEG")
+    with open(dataset.table.at[0, "path"], "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(ValueError, match="unreadable image .*incorrect_mask"):
+        dataset[0]
+
+
+def test_relabel(tiny_data, tmp_path, capsys):
+    table = scan_people(tiny_data / "train")
+    first = table.iloc[0]
+    fixes = pd.DataFrame([dict(id=first["id"], gender="female" if first["gender"] == "male" else "male", age=65),
+                          dict(path=f"{first['person']}/mask1", mask="normal")])
+    fixes.to_csv(tmp_path / "fix.csv", index=False)
+    fixed = scan_people(tiny_data / "train", relabel=tmp_path / "fix.csv")
+    person = fixed[fixed["id"] == first["id"]]
+    assert (person["gender"] != first["gender"]).all() and (person["age_label"] == 2).all()
+    assert person[person["path"].str.endswith("mask1.jpg")]["mask"].item() == 2
+    assert "changed gender of 1 people, age of 1 people, mask of 1 images" in capsys.readouterr().out
+
+
+def test_profile_split_has_no_shared_person_and_keeps_proportions(tiny_data):
+    dataset = MaskSplitByProfileDataset(tiny_data / "train", val_ratio=0.5, seed=3)
+    train, val = dataset.split_indices()
+    train_people = set(dataset.table["person"].iloc[train])
+    val_people = set(dataset.table["person"].iloc[val])
+    assert not train_people & val_people and len(train) + len(val) == len(dataset)
+    strata = person_table(dataset.table)["stratum"]
+    assert strata[sorted(val_people)].value_counts().to_dict() == {s: 2 for s in range(6)}
+    again = MaskSplitByProfileDataset(tiny_data / "train", val_ratio=0.5, seed=3).split_indices()
+    assert np.array_equal(again[1], val)
+
+
+def test_base_split_is_by_image(tiny_data):
+    dataset = MaskBaseDataset(tiny_data / "train", val_ratio=0.2)
+    train, val = dataset.split_indices()
+    assert len(val) == int(len(dataset) * 0.2) and not set(train) & set(val)
+
+
+def test_kfold_every_person_validated_once(tiny_data):
+    table = scan_people(tiny_data / "train")
+    seen = []
+    for fold in range(3):
+        dataset = MultiLabelDataset(table=table, n_folds=3, fold=fold)
+        train, val = dataset.split_indices()
+        val_people = set(table["person"].iloc[val])
+        assert not val_people & set(table["person"].iloc[train])
+        seen.extend(val_people)
+    assert sorted(seen) == sorted(table["person"].unique())
+    with pytest.raises(ValueError, match="--fold"):
+        MultiLabelDataset(table=table, n_folds=3, fold=3).split_indices()
+
+
+def test_drop_ages_only_leaves_training(tiny_data):
+    table = scan_people(tiny_data / "train")
+    dropped = int(table["age"].iloc[0])
+    dataset = MaskBaseDataset(table=table, drop_ages=[dropped], val_ratio=0.5)
+    train, val = dataset.split_indices()
+    assert dropped not in set(table["age"].iloc[train])
+    assert len(train) + len(val) == len(table) - (table["age"] == dropped).sum() + (table["age"].iloc[val] == dropped).sum()
+
+
+def test_targets_of_each_dataset_kind(tiny_data):
+    table = scan_people(tiny_data / "train")
+    row = table.iloc[5]
+    assert MaskBaseDataset(table=table).get_target(5) == row["class"]
+    assert MultiLabelDataset(table=table).get_target(5) == (row["mask"], row["gender_label"], row["age_label"])
+
+
+def test_validation_never_gets_random_augmentation(tiny_data):
+    dataset = MultiLabelDataset(tiny_data / "train")
+    train_tf, val_tf = create_transforms("CustomAugmentation", (64, 48), color_jitter=0.3, noise=0.1, grayscale=0.5)
+    train, val = dataset.split_dataset(train_tf, val_tf)
+    first = [val[0][0] for _ in range(5)]
+    assert all(torch.equal(first[0], x) for x in first[1:])
+    assert first[0].dtype == torch.uint8 and first[0].shape == (3, 64, 48)
+    assert len({train[0][0].float().sum().item() for _ in range(6)}) > 1
+    for name in ("BaseAugmentation", "AlbumentationsAugmentation"):
+        train_tf, val_tf = create_transforms(name, (64, 48))
+        a, b = dataset.split_dataset(train_tf, val_tf)[1][0][0], dataset.split_dataset(train_tf, val_tf)[1][0][0]
+        assert torch.equal(a, b) and a.shape == (3, 64, 48)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        create_transforms("Nope", (64, 48))
+
+
+def test_crop_follows_the_input_size(tiny_data):
+    path = next((tiny_data / "train" / "images").glob("*/normal.jpg"))
+    big = Image.open(path).resize((384, 512))
+    assert CustomAugmentation((64, 48), train=False)(big).shape == (3, 64, 48)
+
+
+def test_test_dataset_order_and_missing(tiny_data, tmp_path):
+    dataset = TestDataset(tiny_data / "eval", transform=create_transforms("BaseAugmentation", (32, 24))[1])
+    info = pd.read_csv(tiny_data / "eval" / "info.csv")
+    assert len(dataset) == len(info) and dataset[3][1] == 3
+    shutil.copytree(tiny_data / "eval", tmp_path / "eval")
+    for image_id in info["ImageID"][:5]:
+        (tmp_path / "eval" / "images" / image_id).unlink()
+    with pytest.raises(FileNotFoundError, match="5 images"):
+        TestDataset(tmp_path / "eval")
+
+
+def test_sampler_balances_classes():
+    labels = np.array([0] * 90 + [1] * 10)
+    drawn = np.array(list(make_sampler(labels, seed=0)))
+    assert 0.35 < (labels[drawn] == 1).mean() < 0.65
+
+
+def test_cpu_prefetch_equals_float_reference(tiny_data):
+    dataset = MultiLabelDataset(tiny_data / "train")
+    _, val = dataset.split_dataset(*create_transforms("CustomAugmentation", (64, 48)))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    loader = torch.utils.data.DataLoader(val, batch_size=8, collate_fn=fast_collate)
+    images, targets = next(iter(PrefetchLoader(loader, mean, std, device="cpu")))
+    assert images.dtype == torch.float32 and targets.shape == (8, 3)
+    reference = T.Normalize(mean, std)(torch.stack([val[i][0] for i in range(8)]).float() / 255)
+    assert torch.allclose(images, reference, atol=1e-6)
+    half = next(iter(PrefetchLoader(loader, mean, std, device="cpu", dtype=torch.bfloat16)))[0]
+    assert half.dtype == torch.bfloat16
+    empty = torch.utils.data.DataLoader(torch.utils.data.Subset(val, []), batch_size=8, collate_fn=fast_collate)
+    assert list(PrefetchLoader(empty, mean, std, device="cpu")) == []
+
+
+def test_bundled_sample_is_small_and_valid():
+    from conftest import ROOT
+    size = sum(p.stat().st_size for p in (ROOT / "sample_data").rglob("*") if p.is_file())
+    assert size <= 5 * 1024 * 1024
+    assert len(scan_people(ROOT / "sample_data" / "train")) == 24 * 7
+    assert len(TestDataset(ROOT / "sample_data" / "eval")) == 42
