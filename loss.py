@@ -1,0 +1,131 @@
+"""Criteria (cross entropy, focal, label smoothing, soft macro F1, weighted mixes) and the
+multi-head loss."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dataset import to_class_targets, to_head_targets
+from model import HEADS
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """Plain cross entropy (optionally class-weighted)."""
+
+
+class FocalLoss(nn.Module):
+    """Focal loss: cross entropy scaled by (1 - p_target) ** gamma; gamma 0 is cross entropy."""
+
+    def __init__(self, gamma=2.0, weight=None):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits, target):
+        log_p = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+        loss = -((1 - log_p.exp()) ** self.gamma) * log_p
+        if self.weight is None:
+            return loss.mean()
+        weight = self.weight[target]
+        return (loss * weight).sum() / weight.sum()
+
+
+class LabelSmoothingLoss(nn.Module):
+    """Cross entropy against targets smoothed over the logits' real number of classes."""
+
+    def __init__(self, smoothing=0.1, weight=None):
+        super().__init__()
+        self.smoothing = smoothing
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits, target):
+        return F.cross_entropy(logits.float(), target, weight=self.weight, label_smoothing=self.smoothing)
+
+
+class F1Loss(nn.Module):
+    """1 - soft macro F1 (softmax probabilities as soft counts), differentiable."""
+
+    def __init__(self, epsilon=1e-7, weight=None):
+        super().__init__()
+        self.epsilon = epsilon
+
+    def forward(self, logits, target):
+        probs = F.softmax(logits.float(), dim=1)
+        one_hot = F.one_hot(target, logits.shape[1]).float()
+        tp = (probs * one_hot).sum(0)
+        fp = (probs * (1 - one_hot)).sum(0)
+        fn = ((1 - probs) * one_hot).sum(0)
+        f1 = 2 * tp / (2 * tp + fp + fn + self.epsilon)
+        return 1 - f1.mean()
+
+
+class MixLoss(nn.Module):
+    """A weighted sum of criteria, e.g. 0.6 focal + 0.4 f1."""
+
+    def __init__(self, criteria, weights):
+        super().__init__()
+        self.criteria, self.weights = nn.ModuleList(criteria), list(weights)
+
+    def forward(self, logits, target):
+        return sum(w * c(logits, target) for c, w in zip(self.criteria, self.weights))
+
+
+CRITERIA = {"cross_entropy": CrossEntropyLoss, "focal": FocalLoss, "label_smoothing": LabelSmoothingLoss,
+            "f1": F1Loss}
+
+
+def create_criterion(name, num_classes, gamma=2.0, smoothing=0.1, class_weights=None) -> nn.Module:
+    """A criterion by name: cross_entropy, focal, label_smoothing, f1, or a weighted mix written
+    `focal:0.6+f1:0.4`. `class_weights` (num_classes values) weight the classes where the loss allows."""
+    weight = None
+    if class_weights is not None:
+        weight = torch.as_tensor(class_weights, dtype=torch.float32)
+        if weight.numel() != num_classes:
+            raise ValueError(f"class weights need {num_classes} values, got {weight.numel()}")
+    if "+" in name or ":" in name:
+        parts = [part.split(":") for part in name.split("+")]
+        if any(len(p) != 2 for p in parts):
+            raise ValueError(f"a loss mix is written like focal:0.6+f1:0.4, got {name!r}")
+        return MixLoss([create_criterion(p[0], num_classes, gamma, smoothing, class_weights) for p in parts],
+                       [float(p[1]) for p in parts])
+    if name not in CRITERIA:
+        raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)} or a mix like focal:0.6+f1:0.4")
+    if name == "focal":
+        return FocalLoss(gamma, weight)
+    if name == "label_smoothing":
+        return LabelSmoothingLoss(smoothing, weight)
+    return CRITERIA[name](weight=weight)
+
+
+class MultiHeadLoss(nn.Module):
+    """A criterion per head and per-head weights; returns (total, {head: loss}). Targets may be
+    18-class ids (N,) or (mask, gender, age) columns (N, 3): each head gets its own."""
+
+    def __init__(self, criteria: dict, weights: dict = None):
+        super().__init__()
+        self.criteria = nn.ModuleDict(criteria)
+        self.weights = {head: float((weights or {}).get(head, 1.0)) for head in criteria}
+
+    def forward(self, outputs: dict, targets: torch.Tensor):
+        if "class" in outputs:
+            per_head = {"class": to_class_targets(targets)}
+        else:
+            columns = to_head_targets(targets)
+            per_head = {head: columns[:, i] for i, head in enumerate(HEADS)}
+        parts = {head: self.criteria[head](outputs[head], per_head[head]) for head in self.criteria}
+        total = sum(self.weights[head] * loss for head, loss in parts.items())
+        return total, parts
+
+
+def create_multi_head_loss(criterion="cross_entropy", heads=HEADS, head_weights=None, class_weights=None,
+                           **kwargs) -> MultiHeadLoss:
+    """`criterion`: one name for every head, or a dict {head: name} (heads left out use cross
+    entropy); `heads` maps head -> number of classes; `class_weights` is a dict {head: weights}."""
+    names = criterion if isinstance(criterion, dict) else {head: criterion for head in heads}
+    for given in (names, head_weights or {}, class_weights or {}):
+        unknown = set(given) - set(heads)
+        if unknown:
+            raise ValueError(f"setting given for unknown heads {sorted(unknown)}; heads are {', '.join(heads)}")
+    criteria = {head: create_criterion(names.get(head, "cross_entropy"), n,
+                                       class_weights=(class_weights or {}).get(head), **kwargs)
+                for head, n in heads.items()}
+    return MultiHeadLoss(criteria, head_weights)

@@ -1,0 +1,156 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.nn import functional as F
+
+from loss import F1Loss, create_criterion, create_multi_head_loss
+from model import HEADS, build_model, freeze, head_probs, preprocessing, probs18
+
+torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("gamma_name", ["focal", "label_smoothing"])
+def test_reduces_to_cross_entropy(gamma_name):
+    logits, target = torch.randn(16, 5), torch.randint(0, 5, (16,))
+    weight = torch.rand(5) + 0.5
+    criterion = create_criterion(gamma_name, 5, gamma=0.0, smoothing=0.0)
+    assert torch.allclose(criterion(logits, target), F.cross_entropy(logits, target))
+    weighted = create_criterion(gamma_name, 5, gamma=0.0, smoothing=0.0, class_weights=weight)
+    assert torch.allclose(weighted(logits, target), F.cross_entropy(logits, target, weight=weight))
+
+
+def test_focal_down_weights_easy_examples():
+    logits, target = torch.tensor([[4.0, 0.0], [0.0, 0.5]]), torch.tensor([0, 0])
+    assert create_criterion("focal", 2, gamma=2)(logits, target) < F.cross_entropy(logits, target)
+
+
+def test_label_smoothing_uses_the_real_class_count():
+    logits = torch.zeros(1, 18)
+    logits[0, 0] = 50.0
+    loss = create_criterion("label_smoothing", 18, smoothing=0.1)(logits, torch.tensor([0]))
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.tensor([0]), label_smoothing=0.1))
+    assert loss > 0.1 * 17 / 18 * 40
+
+
+def test_f1_loss_falls_as_predictions_improve_and_has_gradients():
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    losses = []
+    for scale in (0.0, 1.0, 3.0, 10.0):
+        logits = (F.one_hot(target, 3).float() * scale).requires_grad_()
+        loss = F1Loss()(logits, target)
+        loss.backward()
+        assert logits.grad is not None and torch.isfinite(logits.grad).all()
+        losses.append(loss.item())
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.01
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "focal", "label_smoothing", "f1", "focal:0.6+f1:0.4"])
+def test_every_loss_handles_a_batch_of_one(name):
+    logits = torch.randn(1, 3, requires_grad=True)
+    loss = create_criterion(name, 3)(logits, torch.tensor([2]))
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_mix_is_the_weighted_sum():
+    logits, target = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    mix = create_criterion("focal:0.6+f1:0.4", 3)(logits, target)
+    expected = 0.6 * create_criterion("focal", 3)(logits, target) + 0.4 * create_criterion("f1", 3)(logits, target)
+    assert torch.allclose(mix, expected)
+
+
+def test_unknown_criterion_is_clear():
+    with pytest.raises(ValueError, match="unknown criterion 'nope'"):
+        create_criterion("nope", 3)
+    with pytest.raises(ValueError, match="unknown heads"):
+        create_multi_head_loss({"eyes": "focal"})
+
+
+def test_multi_head_loss_weights_and_parts():
+    outputs = {head: torch.randn(4, n) for head, n in HEADS.items()}
+    targets = torch.tensor([[0, 1, 2], [1, 0, 0], [2, 1, 1], [0, 0, 0]])
+    loss = create_multi_head_loss({"mask": "cross_entropy", "gender": "focal", "age": "focal"},
+                                  head_weights={"age": 1.5})
+    total, parts = loss(outputs, targets)
+    assert set(parts) == set(HEADS)
+    assert torch.allclose(parts["mask"], F.cross_entropy(outputs["mask"], targets[:, 0]))
+    assert torch.allclose(total, parts["mask"] + parts["gender"] + 1.5 * parts["age"])
+    classes = targets[:, 0] * 6 + targets[:, 1] * 3 + targets[:, 2]
+    assert torch.allclose(loss(outputs, classes)[0], total)
+
+
+@pytest.mark.parametrize("kind,backbones", [("three_head", None), ("single_head", None),
+                                            ("multi_backbone", {"mask": "test_convnext", "gender": "test_resnet"})])
+def test_each_model_kind_runs_forward_and_backward(kind, backbones):
+    model = build_model(kind, "test_efficientnet", backbones=backbones, drop_rate=0.1)
+    images = torch.randn(2, 3, 64, 48)
+    outputs = model(images)
+    assert set(outputs) == ({"class"} if kind == "single_head" else set(HEADS))
+    heads = {"class": 18} if kind == "single_head" else HEADS
+    loss, _ = create_multi_head_loss("focal", heads)(outputs, torch.tensor([3, 17]))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    probs = probs18(outputs)
+    assert probs.shape == (2, 18) and torch.allclose(probs.sum(1), torch.ones(2))
+
+
+def test_probs18_agrees_with_the_heads():
+    outputs = {head: torch.randn(32, n) for head, n in HEADS.items()}
+    probs = probs18(outputs)
+    assert torch.allclose(probs.sum(1), torch.ones(32))
+    expected = outputs["mask"].argmax(1) * 6 + outputs["gender"].argmax(1) * 3 + outputs["age"].argmax(1)
+    assert torch.equal(probs.argmax(1), expected)
+    for head, p in head_probs(probs).items():
+        assert torch.allclose(p, F.softmax(outputs[head], 1), atol=1e-6)
+
+
+def test_vit_and_drop_path_build():
+    model = build_model("three_head", "test_vit", drop_path_rate=0.1)
+    assert model(torch.randn(1, 3, 160, 160))["age"].shape == (1, 3)
+    assert preprocessing(model)["input_size"] == [160, 160]
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_efficientnet", "test_vit"])
+def test_freezing_leaves_exactly_the_intended_parameters(name):
+    model = build_model("three_head", name)
+    heads = sum(p.numel() for p in model.heads.parameters())
+    backbone = model.backbones["shared"]
+    total = sum(p.numel() for p in model.parameters())
+    assert freeze(model, "none") == (total, total)
+    assert freeze(model, "all") == (heads, total)
+    assert all(p.requires_grad for p in model.heads.parameters())
+    trainable, _ = freeze(model, 2)
+    import timm
+    groups = timm.models.group_parameters(backbone, backbone.group_matcher(coarse=True))
+    last_two = [n for key in sorted(groups)[-2:] for n in groups[key]]
+    params = dict(backbone.named_parameters())
+    assert trainable == heads + sum(params[n].numel() for n in last_two)
+    assert {n for n, p in params.items() if p.requires_grad} == set(last_two)
+    with pytest.raises(ValueError, match="--freeze"):
+        freeze(model, "half")
+
+
+def test_shared_pretrained_file_loads_the_same_weights(shared_weights):
+    model = build_model("three_head", "efficientnet_lite0", pretrained=str(shared_weights))
+    expected = load_file(shared_weights)
+    state = model.backbones["shared"].state_dict()
+    loaded = [k for k in expected if k in state]
+    assert len(loaded) >= len(state) - 2
+    assert all(torch.equal(state[k], expected[k]) for k in loaded)
+    assert preprocessing(model)["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_pretrained_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        build_model("three_head", "test_resnet", pretrained=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="unknown model 'no_such_net'"):
+        build_model("three_head", "no_such_net")
+    code = "from model import build_model; build_model('three_head', 'test_resnet', pretrained=True)"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+    assert result.returncode != 0 and "--pretrained PATH" in result.stderr
