@@ -115,3 +115,32 @@ def head_probs(probs: torch.Tensor) -> dict:
     """Per-head probabilities (mask 3, gender 2, age 3) as marginals of 18-class probabilities."""
     grid = probs.reshape(-1, 3, 2, 3)
     return {"mask": grid.sum((2, 3)), "gender": grid.sum((1, 3)), "age": grid.sum((1, 2))}
+
+
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, amp="off"):
+    """Mixed precision for `amp` in off / fp16 / bf16, on CUDA or CPU."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp] or torch.float32, enabled=AMP_DTYPES[amp] is not None)
+
+
+@torch.no_grad()
+def predict(model, loader, amp="off", tta="none"):
+    """Run `model` over a (prefetch) loader: returns (probabilities (N, 18) float32 on CPU, the
+    loader's targets (N, ...)). `tta="hflip"` averages the plain and the flipped predictions."""
+    if tta not in ("none", "hflip"):
+        raise ValueError(f"--tta must be none or hflip, got {tta!r}")
+    model.eval()
+    device = next(model.parameters()).device
+    probs, targets = [], []
+    for images, target in loader:
+        with autocast(device, amp):
+            batch = probs18(model(images))
+            if tta == "hflip":
+                batch = (batch + probs18(model(images.flip(3)))) / 2
+        probs.append(batch.float().cpu())
+        targets.append(target.cpu())
+    if not probs:
+        return torch.zeros(0, 18), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(probs), torch.cat(targets)

@@ -1,0 +1,44 @@
+"""Scores on the whole validation or hold-out set: macro F1 over 18 classes, per-head accuracy
+and F1, a per-class report, and the confusion matrix picture."""
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix, f1_score
+
+from dataset import decode_multi_class
+from model import HEADS
+
+
+def macro_f1(targets, preds) -> float:
+    """Macro F1 over the classes present in targets or predictions (the competition's metric)."""
+    return float(f1_score(targets, preds, average="macro", zero_division=0))
+
+
+def score(targets, probs) -> dict:
+    """18-class targets (N,) and probabilities (N, 18) -> f1, acc, and <head>_acc / <head>_f1."""
+    targets, preds = np.asarray(targets), np.asarray(probs).argmax(1)
+    result = {"f1": macro_f1(targets, preds), "acc": float((preds == targets).mean()) if len(targets) else 0.0}
+    for head, true, pred in zip(HEADS, decode_multi_class(targets), decode_multi_class(preds)):
+        result[f"{head}_acc"] = float((true == pred).mean()) if len(targets) else 0.0
+        result[f"{head}_f1"] = macro_f1(true, pred)
+    return result
+
+
+def class_report(targets, probs) -> str:
+    return classification_report(targets, np.asarray(probs).argmax(1), labels=list(range(18)), zero_division=0)
+
+
+def save_confusion_png(path, targets, probs, title=""):
+    """An 18x18 confusion matrix with counts, rows true, columns predicted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    matrix = confusion_matrix(targets, np.asarray(probs).argmax(1), labels=list(range(18)))
+    figure, axes = plt.subplots(figsize=(9, 8))
+    axes.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        if count:
+            axes.text(j, i, count, ha="center", va="center", fontsize=7,
+                      color="white" if count > matrix.max() / 2 else "black")
+    axes.set(xticks=range(18), yticks=range(18), xlabel="predicted class", ylabel="true class", title=title)
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=80)
+    plt.close(figure)

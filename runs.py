@@ -1,0 +1,96 @@
+"""Run folders and the files several tools share: new run folders that never overwrite, atomic
+writes, reading a run's config and checkpoint, and the probability file format."""
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from model import HEADS
+
+UMASK = os.umask(0)
+os.umask(UMASK)
+PROB_COLUMNS = [f"p{i}" for i in range(18)]
+HEAD_COLUMNS = [f"{head}_p{i}" for head, n in HEADS.items() for i in range(n)]
+
+
+def new_run_dir(model_dir, name, suffixes=("",)) -> str:
+    """Create and return the first free name of `name`, `name2`, `name3`, ... for which every
+    `model_dir/<name><suffix>` is new (one name for all folds); folders are created exclusively."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 100000):
+        candidate = name if n == 1 else f"{name}{n}"
+        if any((model_dir / f"{candidate}{s}").exists() for s in suffixes):
+            continue
+        try:
+            for suffix in suffixes:
+                (model_dir / f"{candidate}{suffix}").mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run name for {name} under {model_dir}")
+
+
+def atomic_write(path, write):
+    """Call `write(tmp_path)`, then rename the temporary file onto `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, data):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
+
+
+def write_csv(path, frame: pd.DataFrame):
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def save_checkpoint(path, state):
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_run(run_dir, checkpoint="best"):
+    """(config, checkpoint state) of a run folder, with clear errors for missing files."""
+    run_dir = Path(run_dir)
+    config_path, weights_path = run_dir / "config.json", run_dir / f"{checkpoint}.pth"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"run folder {run_dir} has no {path.name}: is it a finished train.py run?")
+    config = json.loads(config_path.read_text())
+    return config, torch.load(weights_path, map_location="cpu", weights_only=False)
+
+
+def probability_frame(image_ids, probs: np.array) -> pd.DataFrame:
+    """The shared probability file: ImageID, pred (argmax class), p0..p17, and the per-head
+    marginals mask_p0..2, gender_p0..1, age_p0..2."""
+    grid = probs.reshape(-1, 3, 2, 3)
+    heads = np.concatenate([grid.sum((2, 3)), grid.sum((1, 3)), grid.sum((1, 2))], axis=1)
+    frame = pd.DataFrame(np.concatenate([probs, heads], axis=1), columns=PROB_COLUMNS + HEAD_COLUMNS)
+    frame.insert(0, "pred", probs.argmax(1))
+    frame.insert(0, "ImageID", list(image_ids))
+    return frame
+
+
+def read_probabilities(path) -> pd.DataFrame:
+    """A probability file (ImageID and p0..p17 are required); errors name the file."""
+    frame = pd.read_csv(path)
+    class_columns = [c for c in frame if re.fullmatch(r"p\d+", c)]
+    if "ImageID" not in frame or sorted(class_columns) != sorted(PROB_COLUMNS):
+        raise ValueError(f"{path}: a probability file needs ImageID and p0..p17, it has "
+                         f"{'an' if 'ImageID' in frame else 'no'} ImageID and {len(class_columns)} class columns")
+    if frame["ImageID"].duplicated().any():
+        raise ValueError(f"{path}: ImageID values repeat")
+    return frame

@@ -1,0 +1,478 @@
+"""Train a mask / gender / age classifier.
+
+    python train.py --model resnet18 --epochs 10                 # one process, GPU if there is one
+    torchrun --nproc_per_node=2 train.py --model resnet18        # DistributedDataParallel, same flags
+"""
+import argparse
+import math
+import os
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import timm
+import timm.optim
+import timm.scheduler
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import (AUGMENTATIONS, DATASETS, SAMPLE_DIR, PrefetchLoader, Subset, create_transforms,
+                     fast_collate, make_sampler, scan_people, to_class_targets)
+from loss import create_criterion, create_multi_head_loss
+from metrics import save_confusion_png, score
+from model import HEADS, MODEL_KINDS, autocast, build_model, freeze, predict, preprocessing
+from runs import atomic_write, new_run_dir, probability_frame, read_run, save_checkpoint, write_csv, write_json
+
+
+class FlagError(Exception):
+    """A bad flag value, reported as one line before any work starts."""
+
+
+def key_values(items, cast=str):
+    """["mask=focal", "age=f1"] -> {"mask": "focal", "age": "f1"}."""
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FlagError(f"expected head=value, got {item!r}")
+        pairs[key] = cast(value)
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a mask / gender / age classifier.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file setting any flag; command-line flags override it")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_TRAIN", str(SAMPLE_DIR / "train")),
+                      help="train folder (images/ + train.csv) or its images/ folder")
+    data.add_argument("--dataset", default="MultiLabelDataset", choices=list(DATASETS))
+    data.add_argument("--augmentation", default="CustomAugmentation", choices=list(AUGMENTATIONS))
+    data.add_argument("--resize", type=int, nargs=2, default=[128, 96], metavar=("H", "W"))
+    data.add_argument("--val_ratio", type=float, default=0.2)
+    data.add_argument("--n_folds", type=int, default=0, help="K-fold over people (0: a single split)")
+    data.add_argument("--fold", type=int, default=None, help="train only this fold (default: all folds)")
+    data.add_argument("--sampler", default="none", choices=["none", "class", "age"],
+                      help="class-balanced sampling of the 18 classes or of the age groups")
+    data.add_argument("--age_bins", type=int, nargs=2, default=[30, 60], metavar=("MIDDLE", "OLD"))
+    data.add_argument("--drop_ages", type=int, nargs="*", default=[], help="ages left out of training, e.g. 57 58 59")
+    data.add_argument("--relabel", default=None, help="CSV of label corrections (see README)")
+    data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    model = parser.add_argument_group("model")
+    model.add_argument("--kind", default="three_head", choices=list(MODEL_KINDS))
+    model.add_argument("--model", default="resnet18", help="timm backbone name")
+    model.add_argument("--backbones", nargs="*", default=[], metavar="HEAD=NAME",
+                       help="multi_backbone: a backbone per head, e.g. mask=convnext_tiny age=swin_s3_tiny_224")
+    model.add_argument("--pretrained", default="none", help="none, timm (download) or a .pth/.safetensors file")
+    model.add_argument("--freeze", default="none", help="none, all (train heads only) or N (train the last N stages)")
+    model.add_argument("--drop_rate", type=float, default=0.0)
+    model.add_argument("--drop_path_rate", type=float, default=0.0)
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=10)
+    optim.add_argument("--batch_size", type=int, default=64)
+    optim.add_argument("--valid_batch_size", type=int, default=256)
+    optim.add_argument("--optimizer", default="adamw", help="any of timm's optimizers: sgd, adam, adamw, lion, ...")
+    optim.add_argument("--lr", type=float, default=1e-3)
+    optim.add_argument("--weight_decay", type=float, default=0.01)
+    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--scheduler", default="cosine", choices=["cosine", "step", "none"])
+    optim.add_argument("--lr_decay_step", type=int, default=20, help="step: epochs between decays")
+    optim.add_argument("--lr_gamma", type=float, default=0.5, help="step: decay factor")
+    optim.add_argument("--warmup_epochs", type=int, default=0)
+    optim.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step")
+    optim.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"])
+    optim.add_argument("--channels_last", action="store_true")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the model")
+    optim.add_argument("--early_stop", type=int, default=0, help="stop after N epochs without a better F1 (0: off)")
+    losses = parser.add_argument_group("loss")
+    losses.add_argument("--criterion", nargs="+", default=["cross_entropy"], metavar="NAME",
+                        help="one criterion for all heads (cross_entropy, focal, label_smoothing, f1, or a mix "
+                             "like focal:0.6+f1:0.4), or one per head: mask=cross_entropy age=focal")
+    losses.add_argument("--head_weights", nargs="*", default=[], metavar="HEAD=W", help="e.g. age=1.5")
+    losses.add_argument("--focal_gamma", type=float, default=2.0)
+    losses.add_argument("--smoothing", type=float, default=0.1)
+    run = parser.add_argument_group("run")
+    run.add_argument("--model_dir", default=os.environ.get("SM_MODEL_DIR", "./model"))
+    run.add_argument("--name", default="exp", help="run folder name (exp, exp2, ... never overwrites)")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--resume", default=None, help="a run folder (or its last.pth) to continue with its own "
+                     "settings; only --epochs, --num_workers, --log_interval and --early_stop may change")
+    run.add_argument("--log_interval", type=int, default=20, help="batches between loss checks")
+    logging = parser.add_argument_group("logging")
+    logging.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
+    logging.add_argument("--wandb_project", default="masktrain")
+    logging.add_argument("--wandb_entity", default=None)
+    logging.add_argument("--wandb_name", default=None, help="default: the run folder name")
+    logging.add_argument("--wandb_mode", default="online", choices=["online", "offline"])
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            parser.exit(2, f"error: --config file not found: {path}\n")
+        import yaml
+        values = yaml.safe_load(path.read_text()) or {}
+        unknown = sorted(set(values) - {action.dest for action in parser._actions})
+        if unknown:
+            parser.exit(2, f"error: {path}: unknown settings {', '.join(unknown)}\n")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+RESUME_OVERRIDES = {"epochs", "num_workers", "log_interval", "early_stop"}
+
+
+def given_flags(argv=None) -> set:
+    """The flags set on the command line (not by defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def heads_of(kind) -> dict:
+    return {"class": 18} if kind == "single_head" else HEADS
+
+
+def validate(args):
+    """Check every flag value before any work; raise FlagError with one line."""
+    if not Path(args.data_dir).is_dir():
+        raise FlagError(f"--data_dir not found: {args.data_dir}")
+    for name in [args.model] + list(key_values(args.backbones).values()):
+        if not timm.is_model(name):
+            raise FlagError(f"--model: unknown timm model {name!r}")
+    unknown_heads = set(key_values(args.backbones)) - set(HEADS)
+    if unknown_heads:
+        raise FlagError(f"--backbones: unknown heads {sorted(unknown_heads)}; heads are mask, gender, age")
+    if args.optimizer.lower() not in timm.optim.list_optimizers() and args.optimizer.lower() != "sgd":
+        raise FlagError(f"--optimizer: unknown optimizer {args.optimizer!r} (timm's: sgd, adam, adamw, lion, ...)")
+    if min(args.resize) <= 0:
+        raise FlagError(f"--resize must be positive, got {args.resize}")
+    if args.n_folds == 1 or args.n_folds < 0:
+        raise FlagError(f"--n_folds must be 0 (one split) or at least 2, got {args.n_folds}")
+    if args.fold is not None and not (args.n_folds >= 2 and 0 <= args.fold < args.n_folds):
+        raise FlagError(f"--fold {args.fold} needs 0 <= fold < --n_folds ({args.n_folds})")
+    if not 0 < args.val_ratio < 1 and not args.n_folds:
+        raise FlagError(f"--val_ratio must be between 0 and 1, got {args.val_ratio}")
+    if args.epochs <= 0 or args.batch_size <= 0 or args.grad_accum <= 0:
+        raise FlagError("--epochs, --batch_size and --grad_accum must be positive")
+    if args.relabel and not Path(args.relabel).is_file():
+        raise FlagError(f"--relabel file not found: {args.relabel}")
+    if args.pretrained not in ("none", "timm") and not Path(args.pretrained).is_file():
+        raise FlagError(f"--pretrained: weights file not found: {args.pretrained}")
+    criteria = criterion_spec(args)
+    try:
+        for head, n in heads_of(args.kind).items():
+            name = criteria.get(head, "cross_entropy") if isinstance(criteria, dict) else criteria
+            create_criterion(name, n)
+        freeze_spec = str(args.freeze)
+        if freeze_spec not in ("none", "all") and not freeze_spec.isdigit():
+            raise ValueError(f"--freeze must be none, all or a number of last stages, got {freeze_spec!r}")
+    except ValueError as error:
+        raise FlagError(str(error)) from None
+    if isinstance(criteria, dict) and args.kind == "single_head":
+        raise FlagError("--criterion per head needs a three_head or multi_backbone model")
+    if set(key_values(args.head_weights, float)) - set(HEADS):
+        raise FlagError("--head_weights: heads are mask, gender, age")
+
+
+def criterion_spec(args):
+    """--criterion as one name, or {head: name}."""
+    if len(args.criterion) == 1 and "=" not in args.criterion[0]:
+        return args.criterion[0]
+    spec = key_values(args.criterion)
+    if set(spec) - set(HEADS):
+        raise FlagError(f"--criterion: unknown heads {sorted(set(spec) - set(HEADS))}; heads are mask, gender, age")
+    return spec
+
+
+# ---------------------------------------------------------------- distributed
+def setup_distributed():
+    """(rank, world size, device): torchrun sets WORLD_SIZE; CUDA uses NCCL, CPU uses gloo."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), world, torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), world, torch.device("cpu")
+
+
+def gather(obj, world):
+    """All ranks' `obj` as a list (just [obj] in one process)."""
+    if world == 1:
+        return [obj]
+    objects = [None] * world
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- one run
+def run_config(args, model, run_dir, fold) -> dict:
+    """Every resolved setting plus what rebuilds the model and its preprocessing."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    config = {key: value for key, value in vars(args).items() if key != "resume"}
+    config.update(fold=fold, run_dir=str(run_dir), preprocessing=preprocessing(model), heads=heads_of(args.kind),
+                  git_commit=commit or None, versions=dict(python=platform.python_version(), torch=torch.__version__,
+                                                           timm=timm.__version__, numpy=np.__version__))
+    return config
+
+
+def build_from_config(config, pretrained=None):
+    """The model described by a run config (the weights come from its checkpoint)."""
+    return build_model(config["kind"], config["model"], key_values(config.get("backbones")),
+                       pretrained if pretrained is not None else "none", config["drop_rate"], config["drop_path_rate"])
+
+
+def make_loaders(args, dataset, model, rank, world, device):
+    train_tf, val_tf = create_transforms(args.augmentation, args.resize)
+    train_set, val_set = dataset.split_dataset(train_tf, val_tf)
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise FlagError(f"the split left {len(train_set)} training and {len(val_set)} validation images: "
+                        "use more people or another --val_ratio")
+    generator = torch.Generator()
+    sampler = None
+    if args.sampler != "none":
+        sampler = make_sampler(train_set.targets("class" if args.sampler == "class" else "age_label"), args.seed)
+        generator = sampler.generator
+    elif world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    val_shard = Subset(val_set.dataset, val_set.indices[rank::world], val_tf)
+    common = dict(num_workers=args.num_workers, collate_fn=fast_collate, pin_memory=device.type == "cuda")
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
+                              generator=generator, drop_last=len(train_set) // world % args.batch_size == 1, **common)
+    val_loader = DataLoader(val_shard, args.valid_batch_size, shuffle=False, **common)
+    config = preprocessing(model)
+    return (PrefetchLoader(train_loader, config["mean"], config["std"], device), generator,
+            PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard)
+
+
+def evaluate(model, loader, val_shard, amp, world):
+    """Predictions over the *whole* validation set, gathered from every rank, in image order."""
+    probs, targets = predict(model, loader, amp)
+    targets = to_class_targets(targets)
+    parts = gather((val_shard.indices.tolist(), probs.numpy(), targets.numpy()), world)
+    indices = np.concatenate([p[0] for p in parts]).astype(int)
+    order = np.argsort(indices)
+    probs = np.concatenate([p[1] for p in parts])[order]
+    targets = np.concatenate([p[2] for p in parts])[order]
+    return indices[order], probs, targets
+
+
+def train_run(args, table, fold, run_dir, rank, world, device) -> float:
+    """Train one model into `run_dir`; return its best validation macro F1."""
+    seed_everything(args.seed)
+    is_main = rank == 0
+    dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed,
+                                     n_folds=args.n_folds, fold=fold or 0, drop_ages=args.drop_ages)
+    model = build_model(args.kind, args.model, key_values(args.backbones),
+                        False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained,
+                        args.drop_rate, args.drop_path_rate)
+    trainable, total = freeze(model, args.freeze)
+    train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
+    config = run_config(args, model, run_dir, fold)
+    if is_main:
+        print(f"run {run_dir}: {len(train_loader.dataset)} train / {len(dataset) - len(train_loader.dataset)} val "
+              f"images, {trainable:,} of {total:,} parameters trainable, device {device}, {world} process(es)")
+        write_json(run_dir / "config.json", config)
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    optimizer = timm.optim.create_optimizer_v2(model, opt=args.optimizer, lr=args.lr,
+                                               weight_decay=args.weight_decay, momentum=args.momentum)
+    scheduler = None
+    if args.scheduler != "none":
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer, sched=args.scheduler, num_epochs=args.epochs, decay_epochs=args.lr_decay_step,
+            decay_rate=args.lr_gamma, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01, min_lr=args.lr * 0.01)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    criterion = create_multi_head_loss(criterion_spec(args), heads_of(args.kind), key_values(args.head_weights, float),
+                                       gamma=args.focal_gamma, smoothing=args.smoothing).to(device)
+    start_epoch, best_f1, since_best, log = 0, -1.0, 0, []
+    if args.resume:
+        state = torch.load(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
+                           map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_f1, since_best, log = state["epoch"], state["best_f1"], state["since_best"], state["log"]
+        if scheduler is not None:  # timm's schedulers are a function of the epoch: this also allows more --epochs
+            scheduler.step(start_epoch)
+        if is_main:
+            print(f"resumed at epoch {start_epoch + 1} (best F1 so far {best_f1:.4f})")
+    train_model = torch.compile(model) if args.compile else model
+    if world > 1:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint(epoch):
+        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    scheduler=scheduler.state_dict() if scheduler else None, epoch=epoch, best_f1=best_f1,
+                    since_best=since_best, log=log, config=config,
+                    rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
+
+    wandb_run = start_wandb(args, config, run_dir) if args.wandb and is_main else None
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            seed_everything(args.seed + epoch)
+            generator.manual_seed(args.seed + epoch)
+            if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)
+            row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, device, is_main)
+            if scheduler is not None:
+                scheduler.step(epoch + 1)
+            indices, probs, targets = evaluate(model, val_loader, val_shard, args.amp, world)
+            row.update(val_loss=val_loss(probs, targets), **{f"val_{k}": v for k, v in score(targets, probs).items()})
+            log.append(row)
+            improved = row["val_f1"] > best_f1
+            best_f1, since_best = (row["val_f1"], 0) if improved else (best_f1, since_best + 1)
+            if is_main:
+                print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+                      f"val F1 {row['val_f1']:.4f}  mask/gender/age acc {row['val_mask_acc']:.3f}/"
+                      f"{row['val_gender_acc']:.3f}/{row['val_age_acc']:.3f}  {row['images_per_second']:.0f} img/s"
+                      + ("  *best*" if improved else ""))
+                write_csv(run_dir / "log.csv", pd.DataFrame(log))
+                if improved:
+                    save_checkpoint(run_dir / "best.pth", dict(model=model.state_dict(), epoch=epoch + 1, f1=best_f1,
+                                                               config=config))
+                    save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch)
+                save_checkpoint(run_dir / "last.pth", checkpoint(epoch + 1))
+                if wandb_run is not None:
+                    wandb_run.log(row, step=epoch + 1)
+            if args.early_stop and since_best >= args.early_stop:
+                if is_main:
+                    print(f"early stop: no better F1 for {since_best} epochs")
+                break
+    except KeyboardInterrupt:
+        if is_main:
+            save_checkpoint(run_dir / "last.pth", checkpoint(epoch))
+            print(f"\ninterrupted: saved {run_dir / 'last.pth'}; continue with --resume {run_dir}")
+        raise
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
+    if is_main:
+        print(f"best validation macro F1 {best_f1:.4f}; run folder {run_dir}")
+    return best_f1
+
+
+def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device, is_main) -> dict:
+    """One pass over the training data; returns the epoch's log row (train losses, lr, speed)."""
+    model.train()
+    sums, seen, started = {}, 0, time.time()
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main, leave=False, dynamic_ncols=True)
+    for step, (images, targets) in enumerate(bar):
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            total, parts = criterion(model(images), targets)
+        scaler.scale(total / args.grad_accum).backward()
+        if (step + 1) % args.grad_accum == 0 or step + 1 == len(loader):
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        for key, value in [("train_loss", total)] + [(f"train_loss_{h}", v) for h, v in parts.items()]:
+            sums[key] = sums.get(key, 0.0) + value.detach() * len(images)
+        seen += len(images)
+        if (step + 1) % args.log_interval == 0 or step + 1 == len(loader):
+            loss = sums["train_loss"].item() / seen
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss} at epoch {epoch + 1}, step {step + 1}: "
+                                         "lower --lr, or use --amp bf16 / off")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen / (time.time() - started):.0f}")
+    seconds = time.time() - started
+    row = {"epoch": epoch + 1, **{k: v.item() / max(seen, 1) for k, v in sums.items()},
+           "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
+           "images_per_second": seen / max(seconds, 1e-9)}
+    return row
+
+
+def val_loss(probs, targets) -> float:
+    """Cross entropy of the 18-class probabilities (comparable across model kinds)."""
+    picked = probs[np.arange(len(targets)), targets] if len(targets) else np.ones(1)
+    return float(-np.log(np.clip(picked, 1e-12, 1)).mean())
+
+
+def save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch):
+    """The best epoch's confusion matrix PNG and validation probabilities (out-of-fold predictions)."""
+    atomic_write(run_dir / "confusion_matrix.png",
+                 lambda tmp: save_confusion_png(tmp, targets, probs, f"{run_dir.name}, epoch {epoch + 1}"))
+    root = Path(dataset.table["path"].iloc[0]).parents[1]
+    ids = [str(Path(p).relative_to(root)) for p in dataset.table["path"].iloc[indices]]
+    frame = probability_frame(ids, probs)
+    frame.insert(1, "ans", targets)
+    write_csv(run_dir / "val_probs.csv", frame)
+
+
+def start_wandb(args, config, run_dir):
+    import wandb
+    return wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.wandb_name or run_dir.name,
+                      mode=args.wandb_mode, dir=str(run_dir), config=config)
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    if args.resume:
+        resume = Path(args.resume)
+        run_dir = resume if resume.is_dir() else resume.parent
+        if not (run_dir / "last.pth").is_file():
+            raise SystemExit(f"error: --resume: {run_dir} has no last.pth")
+        saved, _ = read_run(run_dir, "last")
+        keep = {k: getattr(args, k) for k in RESUME_OVERRIDES | {"resume"} if k in given_flags(argv) | {"resume"}}
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if hasattr(args, k)}, **keep})
+    try:
+        validate(args)
+    except FlagError as error:
+        raise SystemExit(f"error: {error}")
+    rank, world, device = setup_distributed()
+    try:
+        table = scan_people(args.data_dir, tuple(args.age_bins), args.relabel)
+        folds = [args.fold] if args.fold is not None else list(range(args.n_folds)) if args.n_folds else [None]
+        if args.resume:
+            folds, run_dirs = [saved["fold"]], [run_dir]
+        else:
+            suffixes = [f"_fold{k}" for k in folds] if folds != [None] else [""]
+            base = new_run_dir(args.model_dir, args.name, suffixes) if rank == 0 else None
+            base = gather(base, world)[0]
+            run_dirs = [Path(args.model_dir) / f"{base}{s}" for s in suffixes]
+        scores = [train_run(args, table, fold, run_dir, rank, world, device) for fold, run_dir in zip(folds, run_dirs)]
+        if len(scores) > 1 and rank == 0:
+            summary = dict(folds=[str(d) for d in run_dirs], f1=scores, mean=float(np.mean(scores)),
+                           std=float(np.std(scores)))
+            write_json(Path(args.model_dir) / f"{base}_cv.json", summary)
+            print(f"{len(scores)} folds: macro F1 {summary['mean']:.4f} +- {summary['std']:.4f}")
+        return scores
+    except (FlagError, FloatingPointError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
