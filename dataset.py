@@ -333,8 +333,21 @@ class Subset(Dataset):
         return self.dataset.targets(kind)[self.indices]
 
 
-class TestDataset(Dataset):
-    """Eval images in info.csv order; the target is the row index."""
+class ImageFiles(Dataset):
+    """Images by path, with a transform; the target is the position."""
+
+    def __init__(self, paths, transform=None):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_image(self.paths[index], self.transform), index
+
+
+class TestDataset(ImageFiles):
+    """Eval images in info.csv order; the target is the row index. Every listed image must exist."""
     __test__ = False  # not a pytest test class
 
     def __init__(self, data_dir=SAMPLE_DIR / "eval", transform=None):
@@ -345,18 +358,12 @@ class TestDataset(Dataset):
         self.info = pd.read_csv(info_path)
         if "ImageID" not in self.info:
             raise ValueError(f"{info_path} has no ImageID column")
-        self.paths = [str(data_dir / "images" / image_id) for image_id in self.info["ImageID"]]
-        missing = [p for p in self.paths if not os.path.isfile(p)]
+        paths = [str(data_dir / "images" / image_id) for image_id in self.info["ImageID"]]
+        missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} images listed in {info_path} are missing, e.g. "
                                     + ", ".join(missing[:3]))
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        return load_image(self.paths[index], self.transform), index
+        super().__init__(paths, transform)
 
 
 def make_sampler(labels, seed=0) -> WeightedRandomSampler:

@@ -6,6 +6,7 @@ import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 HEADS = {"mask": 3, "gender": 2, "age": 3}
 MODEL_KINDS = ("three_head", "single_head", "multi_backbone")
@@ -73,6 +74,11 @@ def build_model(kind="three_head", model="resnet18", backbones=None, pretrained=
                      HEADS, drop_rate)
 
 
+def model_from_config(config: dict) -> MaskModel:
+    """Rebuild a run's model (without weights) from its config.json."""
+    return build_model(**config["model_args"])
+
+
 def preprocessing(model: MaskModel) -> dict:
     """Input size, interpolation, mean and std from the (first) backbone's pretrained config."""
     config = timm.data.resolve_data_config({}, model=next(iter(model.backbones.values())))
@@ -126,7 +132,7 @@ def autocast(device: torch.device, amp="off"):
 
 
 @torch.no_grad()
-def predict(model, loader, amp="off", tta="none"):
+def predict(model, loader, amp="off", tta="none", progress=False):
     """Run `model` over a (prefetch) loader: returns (probabilities (N, 18) float32 on CPU, the
     loader's targets (N, ...)). `tta="hflip"` averages the plain and the flipped predictions."""
     if tta not in ("none", "hflip"):
@@ -134,7 +140,7 @@ def predict(model, loader, amp="off", tta="none"):
     model.eval()
     device = next(model.parameters()).device
     probs, targets = [], []
-    for images, target in loader:
+    for images, target in tqdm(loader, desc="predict", disable=not progress, leave=False, dynamic_ncols=True):
         with autocast(device, amp):
             batch = probs18(model(images))
             if tta == "hflip":

@@ -237,15 +237,16 @@ def run_config(args, model, run_dir, fold) -> dict:
         commit = ""
     config = {key: value for key, value in vars(args).items() if key != "resume"}
     config.update(fold=fold, run_dir=str(run_dir), preprocessing=preprocessing(model), heads=heads_of(args.kind),
+                  model_args=model_args(args),
                   git_commit=commit or None, versions=dict(python=platform.python_version(), torch=torch.__version__,
                                                            timm=timm.__version__, numpy=np.__version__))
     return config
 
 
-def build_from_config(config, pretrained=None):
-    """The model described by a run config (the weights come from its checkpoint)."""
-    return build_model(config["kind"], config["model"], key_values(config.get("backbones")),
-                       pretrained if pretrained is not None else "none", config["drop_rate"], config["drop_path_rate"])
+def model_args(args) -> dict:
+    """The arguments of `model.build_model` (saved in config.json to rebuild the model)."""
+    return dict(kind=args.kind, model=args.model, backbones=key_values(args.backbones), drop_rate=args.drop_rate,
+                drop_path_rate=args.drop_path_rate)
 
 
 def make_loaders(args, dataset, model, rank, world, device):
@@ -289,9 +290,8 @@ def train_run(args, table, fold, run_dir, rank, world, device) -> float:
     is_main = rank == 0
     dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed,
                                      n_folds=args.n_folds, fold=fold or 0, drop_ages=args.drop_ages)
-    model = build_model(args.kind, args.model, key_values(args.backbones),
-                        False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained,
-                        args.drop_rate, args.drop_path_rate)
+    pretrained = False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained
+    model = build_model(pretrained=pretrained, **model_args(args))
     trainable, total = freeze(model, args.freeze)
     train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
     config = run_config(args, model, run_dir, fold)

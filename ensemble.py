@@ -1,0 +1,135 @@
+"""Vote several runs or probability files into one submission.
+
+    python ensemble.py model/exp model/exp2 output/other_probs.csv --weights 2 1 1 --method soft
+    python ensemble.py model/exp_cv.json --per_head            # every fold of a k-fold run
+"""
+import argparse
+import glob
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dataset import SAMPLE_DIR, encode_multi_class
+from inference import eval_images, output_paths, predict_run, read_labels, report, write_submission
+from runs import PROB_COLUMNS, probability_frame, read_probabilities, write_csv, write_json
+
+
+def expand_inputs(inputs) -> list:
+    """Run folders, probability files, k-fold summaries (`<name>_cv.json`) and glob patterns ->
+    a flat list of run folders and probability files."""
+    expanded = []
+    for item in inputs:
+        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        if not matches:
+            raise FileNotFoundError(f"no input matches {item}")
+        for path in map(Path, matches):
+            if path.suffix == ".json" and path.is_file():
+                expanded.extend(Path(p) for p in json.loads(path.read_text())["folds"])
+            elif path.is_dir() or path.is_file():
+                expanded.append(path)
+            else:
+                raise FileNotFoundError(f"input not found: {path}")
+    return expanded
+
+
+def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp, num_workers) -> np.ndarray:
+    """A run folder's eval probabilities: read from `eval_probs.csv` when it was made for the same
+    eval folder and TTA, else computed with inference.py's `predict_run` and stored there."""
+    cache, source = run_dir / "eval_probs.csv", run_dir / "eval_probs.json"
+    key = dict(data_dir=str(Path(data_dir).resolve()), tta=tta, n_images=len(image_ids))
+    if cache.is_file() and source.is_file() and json.loads(source.read_text()) == key:
+        return aligned(read_probabilities(cache), image_ids, cache)
+    probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers)
+    write_csv(cache, probability_frame(image_ids, probs))
+    write_json(source, key)
+    return probs
+
+
+def aligned(frame, image_ids, name) -> np.ndarray:
+    """The 18 probability columns of `frame` in the order of `image_ids`; the ImageIDs must match."""
+    given, wanted = set(frame["ImageID"]), set(image_ids)
+    if given != wanted:
+        missing, extra = sorted(wanted - given), sorted(given - wanted)
+        raise ValueError(f"{name}: ImageIDs differ from the eval folder ({len(missing)} missing, e.g. "
+                         f"{missing[:2]}; {len(extra)} extra, e.g. {extra[:2]})")
+    return frame.set_index("ImageID").loc[list(image_ids), PROB_COLUMNS].to_numpy(dtype=np.float64)
+
+
+def vote(probs, weights, method="soft"):
+    """probs (K, N, C), weights (K,) -> (predicted classes (N,), weighted mean probabilities (N, C)).
+    soft: argmax of the weighted mean; hard: weighted majority of the inputs' argmax, ties broken by
+    the weighted mean probability of the tied classes."""
+    weights = np.asarray(weights, dtype=np.float64)
+    mean = np.tensordot(weights, probs, axes=1) / weights.sum()
+    if method == "soft":
+        return mean.argmax(1), mean
+    votes = np.zeros_like(mean)
+    for w, p in zip(weights, probs):
+        votes[np.arange(len(mean)), p.argmax(1)] += w
+    tied = votes == votes.max(1, keepdims=True)
+    return np.where(tied, mean, -np.inf).argmax(1), mean
+
+
+def ensemble(probs, weights, method="soft", per_head=False):
+    """Classes (N,) and probabilities (N, 18) of the ensemble; `per_head` votes mask, gender and
+    age separately (on each input's marginals) and combines the three winners."""
+    if not per_head:
+        return vote(probs, weights, method)
+    grid = probs.reshape(len(probs), -1, 3, 2, 3)
+    heads = [grid.sum((3, 4)), grid.sum((2, 4)), grid.sum((2, 3))]
+    (mask, mask_p), (gender, gender_p), (age, age_p) = (vote(h, weights, method) for h in heads)
+    combined = (mask_p[:, :, None, None] * gender_p[:, None, :, None] * age_p[:, None, None, :]).reshape(-1, 18)
+    return encode_multi_class(mask, gender, age), combined
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="run folders, probability CSVs, <name>_cv.json or globs")
+    parser.add_argument("--weights", type=float, nargs="*", default=None, help="one per input (default: equal)")
+    parser.add_argument("--method", default="soft", choices=["soft", "hard"])
+    parser.add_argument("--per_head", action="store_true", help="vote mask, gender and age separately")
+    parser.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_EVAL", str(SAMPLE_DIR / "eval")),
+                        help="eval folder: its info.csv gives the rows and their order")
+    parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"))
+    parser.add_argument("--name", default="ensemble.csv")
+    parser.add_argument("--tta", default="none", choices=["none", "hflip"], help="for run folders")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"])
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--labels", default=None, help="CSV with ImageID and ans: score the ensemble")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        inputs = expand_inputs(args.inputs)
+        weights = args.weights or [1.0] * len(inputs)
+        if len(weights) != len(inputs):
+            raise ValueError(f"--weights: {len(weights)} weights for {len(inputs)} inputs")
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError("--weights must be non-negative and not all zero")
+        submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
+        image_ids, paths, labels, info = eval_images(args.data_dir)
+        if args.labels:
+            labels = read_labels(args.labels, image_ids)
+        files = {path: aligned(read_probabilities(path), image_ids, path) for path in inputs if path.is_file()}
+        probs = np.stack([files[path] if path in files else
+                          run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size,
+                                            args.amp, args.num_workers) for path in inputs])
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
+        raise SystemExit(f"error: {error}")
+    classes, mean = ensemble(probs, weights, args.method, args.per_head)
+    write_submission(submission, probs_path, image_ids, mean, info, classes)
+    print(f"{args.method}{' per-head' if args.per_head else ''} vote of {len(inputs)} inputs -> {submission}")
+    if labels is not None:
+        report(labels, np.eye(18)[classes])
+    return classes
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Predict an eval folder with a trained run: submission.csv plus a probability file; with labels,
+score it locally.
+
+    python inference.py --model_dir model/exp --data_dir eval --tta hflip
+"""
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import (SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, create_transforms, fast_collate,
+                     scan_people)
+from metrics import class_report, score
+from model import model_from_config, predict
+from runs import probability_frame, read_run, write_csv, write_json
+
+DEFAULT_MODEL_DIR = os.environ.get("SM_MODEL_DIR", "./model")
+
+
+def newest_run(model_dir) -> Path:
+    """The most recently written run folder under `model_dir` (or `model_dir` itself if it is one)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    runs = [p.parent for p in model_dir.glob("*/config.json")] if model_dir.is_dir() else []
+    if not runs:
+        raise FileNotFoundError(f"no run folder (with config.json) in {model_dir}: train one with train.py first")
+    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
+
+
+def eval_images(data_dir):
+    """(image ids, paths, 18-class labels or None, info table or None) of an eval folder
+    (info.csv + images/) or of a labelled train-layout folder (a local hold-out)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"eval folder not found: {data_dir}")
+    if (data_dir / "info.csv").is_file():
+        dataset = TestDataset(data_dir)
+        return list(dataset.info["ImageID"]), dataset.paths, None, dataset.info
+    table = scan_people(data_dir, check_images=False)
+    root = Path(table["path"].iloc[0]).parents[1]
+    ids = [str(Path(p).relative_to(root)) for p in table["path"]]
+    return ids, list(table["path"]), table["class"].to_numpy(), None
+
+
+def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="off", tta="none", num_workers=2,
+                device=None) -> np.ndarray:
+    """18-class probabilities (N, 18) of the images at `paths` by a run folder's model; the model,
+    input size, crop and mean/std all come from the run's config.json."""
+    config, state = read_run(run_dir, checkpoint)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model_from_config(config)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    transform = create_transforms(config["augmentation"], config["resize"])[1]
+    loader = DataLoader(ImageFiles(paths, transform), batch_size, num_workers=num_workers, collate_fn=fast_collate,
+                        pin_memory=device.type == "cuda")
+    prep = config["preprocessing"]
+    probs, _ = predict(model, PrefetchLoader(loader, prep["mean"], prep["std"], device), amp, tta, progress=True)
+    return probs.numpy()
+
+
+def read_labels(path, image_ids) -> np.ndarray:
+    """18-class labels from a CSV with ImageID and ans, in the order of `image_ids`."""
+    labels = pd.read_csv(path)
+    if not {"ImageID", "ans"} <= set(labels):
+        raise ValueError(f"{path}: a labels file needs columns ImageID and ans")
+    found = labels.set_index("ImageID")["ans"].reindex(image_ids)
+    if found.isna().any():
+        raise ValueError(f"{path}: no label for {int(found.isna().sum())} images, e.g. {found[found.isna()].index[0]}")
+    return found.to_numpy().astype(int)
+
+
+def report(labels, probs) -> dict:
+    """Print macro F1, per-head accuracy and F1, and the per-class report; return the scores."""
+    scores = score(labels, probs)
+    print(f"macro F1 {scores['f1']:.4f}  accuracy {scores['acc']:.4f}  " + "  ".join(
+        f"{head} acc {scores[f'{head}_acc']:.4f} F1 {scores[f'{head}_f1']:.4f}" for head in ("mask", "gender", "age")))
+    print(class_report(labels, probs))
+    return scores
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_dir", default=DEFAULT_MODEL_DIR, help="a run folder (default: the newest run)")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    parser.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_EVAL", str(SAMPLE_DIR / "eval")),
+                        help="eval folder (info.csv + images/), or a labelled train-layout folder to score")
+    parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"))
+    parser.add_argument("--name", default="submission.csv", help="submission file name")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"])
+    parser.add_argument("--tta", default="none", choices=["none", "hflip"])
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--labels", default=None, help="CSV with ImageID and ans: score the predictions")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return parser
+
+
+def output_paths(output_dir, name, overwrite):
+    """(submission path, probability path); refuses to replace files unless `overwrite`."""
+    submission = Path(output_dir) / name
+    probs = submission.with_name(f"{submission.stem}_probs.csv")
+    for path in (submission, probs):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists: pass --overwrite or another --name")
+    return submission, probs
+
+
+def write_submission(submission_path, probs_path, image_ids, probs, info=None, classes=None):
+    """Write the submission (info.csv's rows, order and columns with `ans` = `classes`, by default
+    the argmax of `probs`) and the probability file, atomically."""
+    submission_path.parent.mkdir(parents=True, exist_ok=True)
+    preds = probs.argmax(1) if classes is None else classes
+    frame = info.assign(ans=preds) if info is not None else pd.DataFrame({"ImageID": image_ids, "ans": preds})
+    write_csv(submission_path, frame)
+    write_csv(probs_path, probability_frame(image_ids, probs))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run_dir = newest_run(args.model_dir)
+        read_run(run_dir, args.checkpoint)
+        submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
+        image_ids, paths, labels, info = eval_images(args.data_dir)
+        if args.labels:
+            labels = read_labels(args.labels, image_ids)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+    print(f"predicting {len(paths)} images of {args.data_dir} with {run_dir} ({args.checkpoint}.pth, tta {args.tta})")
+    probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers)
+    write_submission(submission, probs_path, image_ids, probs, info)
+    print(f"wrote {submission} and {probs_path}")
+    if labels is not None:
+        write_json(submission.with_name(f"{submission.stem}_scores.json"), report(labels, probs))
+    return probs
+
+
+if __name__ == "__main__":
+    main()

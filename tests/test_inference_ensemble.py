@@ -1,0 +1,172 @@
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import f1_score
+
+import ensemble
+import inference
+import train
+from runs import PROB_COLUMNS, probability_frame
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("runs")
+    train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(model_dir), "--model", "test_resnet",
+                "--resize", "64", "48", "--num_workers", "0", "--epochs", "2", "--batch_size", "32", "--lr", "3e-3"])
+    return model_dir / "exp"
+
+
+def predict(trained, tiny_data, out, *flags):
+    return inference.main(["--model_dir", str(trained), "--data_dir", str(tiny_data / "eval"), "--output_dir", str(out),
+                           "--num_workers", "0", *flags])
+
+
+def test_submission_matches_info(trained, tiny_data, tmp_path):
+    predict(trained, tiny_data, tmp_path)
+    info = pd.read_csv(tiny_data / "eval" / "info.csv")
+    submission = pd.read_csv(tmp_path / "submission.csv")
+    assert list(submission.columns) == list(info.columns)
+    assert submission["ImageID"].tolist() == info["ImageID"].tolist()
+    assert submission["ans"].dtype.kind == "i" and submission["ans"].between(0, 17).all()
+    probs = pd.read_csv(tmp_path / "submission_probs.csv")
+    assert probs["ImageID"].tolist() == info["ImageID"].tolist()
+    assert (probs[PROB_COLUMNS].to_numpy().argmax(1) == submission["ans"]).all()
+    assert {"mask_p2", "gender_p1", "age_p2"} <= set(probs.columns)
+    with pytest.raises(SystemExit, match="exists: pass --overwrite"):
+        predict(trained, tiny_data, tmp_path)
+    predict(trained, tiny_data, tmp_path, "--overwrite")
+
+
+def test_newest_run_is_the_default(trained, tiny_data, tmp_path):
+    assert inference.newest_run(trained.parent) == trained
+    with pytest.raises(FileNotFoundError, match="no run folder"):
+        inference.newest_run(tmp_path)
+
+
+def test_tta_is_the_mean_of_plain_and_flipped(trained, tiny_data, tmp_path):
+    plain = predict(trained, tiny_data, tmp_path, "--name", "plain.csv")
+    both = predict(trained, tiny_data, tmp_path, "--name", "tta.csv", "--tta", "hflip")
+    import torch
+    from dataset import ImageFiles, PrefetchLoader, create_transforms, fast_collate
+    from model import model_from_config, probs18
+    from runs import read_run
+    config, state = read_run(trained)
+    model = model_from_config(config)
+    model.load_state_dict(state["model"])
+    model.eval()
+    paths = inference.eval_images(tiny_data / "eval")[1]
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, create_transforms(config["augmentation"], config["resize"])[1]),
+                                         64, collate_fn=fast_collate)
+    prep = config["preprocessing"]
+    with torch.no_grad():
+        flipped = torch.cat([probs18(model(x.flip(3))) for x, _ in PrefetchLoader(loader, prep["mean"], prep["std"], "cpu")])
+    flipped = flipped.numpy()
+    assert np.allclose(both, (plain + flipped) / 2, atol=1e-6)
+    assert not np.allclose(plain, flipped, atol=1e-4)
+
+
+def test_missing_image_fails_before_work(trained, tiny_data, tmp_path):
+    shutil.copytree(tiny_data / "eval", tmp_path / "eval")
+    first = pd.read_csv(tiny_data / "eval" / "info.csv")["ImageID"][0]
+    (tmp_path / "eval" / "images" / first).unlink()
+    with pytest.raises(SystemExit, match=f"1 images listed in .*missing, e.g. .*{first}"):
+        inference.main(["--model_dir", str(trained), "--data_dir", str(tmp_path / "eval"),
+                        "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_folder_without_checkpoint_is_clear(trained, tiny_data, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(trained / "config.json", broken)
+    with pytest.raises(SystemExit, match="has no best.pth"):
+        predict(broken, tiny_data, tmp_path)
+
+
+def test_local_scoring_equals_sklearn(trained, tiny_data, tmp_path, capsys):
+    predict(trained, tiny_data, tmp_path, "--labels", str(tiny_data / "eval_labels.csv"))
+    truth = pd.read_csv(tiny_data / "eval_labels.csv").set_index("ImageID")["ans"]
+    submission = pd.read_csv(tmp_path / "submission.csv")
+    expected = f1_score(truth[submission["ImageID"]].to_numpy(), submission["ans"], average="macro")
+    scores = pd.read_json(tmp_path / "submission_scores.json", typ="series")
+    assert scores["f1"] == pytest.approx(expected)
+    assert f"macro F1 {expected:.4f}" in capsys.readouterr().out
+
+
+def test_train_layout_holdout_is_scored(trained, tiny_data, tmp_path, capsys):
+    inference.main(["--model_dir", str(trained), "--data_dir", str(tiny_data / "train"), "--output_dir", str(tmp_path),
+                    "--num_workers", "0"])
+    assert len(pd.read_csv(tmp_path / "submission.csv")) == 24 * 7
+    assert "macro F1" in capsys.readouterr().out
+
+
+def probs_file(path, ids, probs):
+    probability_frame(ids, np.asarray(probs, dtype=float)).to_csv(path, index=False)
+    return str(path)
+
+
+def eye(classes):
+    return np.eye(18)[classes] * 0.9 + 0.1 / 18
+
+
+def test_soft_voting_of_identical_inputs_returns_the_input():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(18), size=10)
+    classes, mean = ensemble.ensemble(np.stack([probs, probs, probs]), [1, 2, 3], "soft")
+    assert np.allclose(mean, probs) and (classes == probs.argmax(1)).all()
+
+
+def test_hard_voting_follows_the_majority_and_breaks_ties_by_probability():
+    a, b, c = eye([0, 5]), eye([0, 7]), eye([3, 7])
+    classes, _ = ensemble.vote(np.stack([a, b, c]), [1, 1, 1], "hard")
+    assert classes.tolist() == [0, 7]
+    strong = np.eye(18)[[4]] * 0.95
+    weak = np.eye(18)[[9]] * 0.5 + np.eye(18)[[4]] * 0.4
+    classes, _ = ensemble.vote(np.stack([strong, weak]), [1, 1], "hard")
+    assert classes.tolist() == [4]
+    classes, _ = ensemble.vote(np.stack([strong, weak]), [1, 2], "hard")
+    assert classes.tolist() == [9]
+
+
+def test_per_head_voting():
+    # three inputs agree on mask 2 / gender 1 by majority but each predicts a different 18-class id
+    a, b, c = eye([2 * 6 + 1 * 3 + 0]), eye([2 * 6 + 0 * 3 + 1]), eye([0 * 6 + 1 * 3 + 1])
+    assert ensemble.vote(np.stack([a, b, c]), [1, 1, 1], "hard")[0].tolist() != [2 * 6 + 1 * 3 + 1]
+    classes, probs = ensemble.ensemble(np.stack([a, b, c]), [1, 1, 1], "hard", per_head=True)
+    assert classes.tolist() == [2 * 6 + 1 * 3 + 1]
+    assert np.allclose(probs.sum(1), 1)
+
+
+def test_ensemble_cli_with_runs_files_and_folds(trained, tiny_data, tmp_path):
+    predict(trained, tiny_data, tmp_path, "--name", "one.csv")
+    out = tmp_path / "ens"
+    ensemble.main([str(trained), str(tmp_path / "one_probs.csv"), "--data_dir", str(tiny_data / "eval"),
+                   "--output_dir", str(out), "--num_workers", "0", "--weights", "1", "2"])
+    info = pd.read_csv(tiny_data / "eval" / "info.csv")
+    submission = pd.read_csv(out / "ensemble.csv")
+    assert submission["ImageID"].tolist() == info["ImageID"].tolist()
+    single = pd.read_csv(tmp_path / "one.csv")
+    assert (submission["ans"] == single["ans"]).all()
+    assert (trained / "eval_probs.csv").is_file()
+
+
+def test_mismatched_inputs_fail_clearly(tiny_data, tmp_path):
+    ids = pd.read_csv(tiny_data / "eval" / "info.csv")["ImageID"].tolist()
+    good = probs_file(tmp_path / "good.csv", ids, eye(np.zeros(len(ids), int)))
+    short = probs_file(tmp_path / "short.csv", ids[:-1], eye(np.zeros(len(ids) - 1, int)))
+    frame = pd.read_csv(good)
+    frame.drop(columns=["p17"]).to_csv(tmp_path / "classes.csv", index=False)
+    common = ["--data_dir", str(tiny_data / "eval"), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="short.csv: ImageIDs differ"):
+        ensemble.main([good, short, *common])
+    with pytest.raises(SystemExit, match="classes.csv: a probability file needs .*17 class columns"):
+        ensemble.main([good, str(tmp_path / "classes.csv"), *common])
+    with pytest.raises(SystemExit, match="--weights: 1 weights for 2 inputs"):
+        ensemble.main([good, good, "--weights", "1", *common])
+    shuffled = frame.sample(frac=1, random_state=0)
+    shuffled.to_csv(tmp_path / "shuffled.csv", index=False)
+    ensemble.main([good, str(tmp_path / "shuffled.csv"), *common])
+    assert pd.read_csv(tmp_path / "out" / "ensemble.csv")["ImageID"].tolist() == ids
