@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, UnidentifiedImageError
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
@@ -228,14 +230,21 @@ def fold_people(table: pd.DataFrame, n_folds: int, fold: int, seed: int):
 
 
 # ---------------------------------------------------------------- datasets
-def load_image(path, transform=None):
-    """Open an image and apply `transform` to it (still undecoded, so that a transform can reduce
-    the JPEG decode); without one, return it as a PIL RGB image. An unreadable file raises naming it."""
+def decode_image(path) -> torch.Tensor:
+    """Read and decode an image file (JPEG or PNG, any mode) to a uint8 RGB CHW tensor;
+    an unreadable file raises naming it."""
     try:
-        with Image.open(path) as image:
-            return transform(image) if transform else image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"unreadable image {path}: {error}") from None
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its (working) decoders for torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB)
+    except (RuntimeError, OSError) as error:
+        raise ValueError(f"unreadable image {path}: {str(error).splitlines()[0]}") from None
+
+
+def load_image(path, transform=None) -> torch.Tensor:
+    """Decode an image and apply `transform` (uint8 CHW in, uint8 CHW out)."""
+    image = decode_image(path)
+    return transform(image) if transform else image
 
 
 class MaskBaseDataset(Dataset):
@@ -376,38 +385,32 @@ def make_sampler(labels, seed=0) -> WeightedRandomSampler:
 
 
 # ---------------------------------------------------------------- augmentations
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> uint8 CHW tensor (no float conversion: that happens on the device)."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-
-def center_crop_box(width, height, crop_fraction=CROP_FRACTION):
+def center_crop_box(height, width, crop_fraction=CROP_FRACTION):
+    """(top, left, crop height, crop width) of the centre crop keeping `crop_fraction` of each side."""
     crop_h, crop_w = round(height * crop_fraction[0]), round(width * crop_fraction[1])
-    left, top = (width - crop_w) // 2, (height - crop_h) // 2
-    return left, top, left + crop_w, top + crop_h
-
-
-def crop_and_resize(image: Image.Image, resize, crop_fraction=None) -> Image.Image:
-    """Optional centre crop (as a fraction of the input's height and width), then resize to (H, W).
-    For JPEGs, decoding is first reduced (PIL draft) as far as the output size allows."""
-    height, width = resize
-    if image.format == "JPEG":
-        fraction = crop_fraction or (1.0, 1.0)
-        image.draft("RGB", (int(width / fraction[1]) + 1, int(height / fraction[0]) + 1))
-    image = image.convert("RGB")
-    box = center_crop_box(*image.size, crop_fraction) if crop_fraction else None
-    return image.resize((width, height), Image.BILINEAR, box=box)
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
 class BaseAugmentation:
-    """Resize only (the baseline's default)."""
+    """Resize only (the baseline's default). Every augmentation works on uint8 CHW tensors in two
+    steps: `prepare` (deterministic: crop and resize; what the decoded cache stores) and `augment`
+    (random, training only); calling it does both."""
     crop_fraction = None
 
     def __init__(self, resize=(128, 96), train=True, **options):
-        self.resize, self.train = tuple(resize), train
+        self.resize, self.train = [int(v) for v in resize], train
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return to_uint8_tensor(crop_and_resize(image, self.resize, self.crop_fraction))
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        if self.crop_fraction:
+            image = TF.crop(image, *center_crop_box(*image.shape[-2:], self.crop_fraction))
+        return TF.resize(image, self.resize, antialias=True)
+
+    def augment(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = self.prepare(image)
+        return self.augment(image) if self.train else image
 
 
 class CustomAugmentation(BaseAugmentation):
@@ -420,29 +423,25 @@ class CustomAugmentation(BaseAugmentation):
         super().__init__(resize, train)
         self.color_jitter, self.grayscale, self.sharpness, self.noise = color_jitter, grayscale, sharpness, noise
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = crop_and_resize(image, self.resize, self.crop_fraction)
-        if self.train:
-            if random.random() < 0.5:
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            if self.color_jitter:
-                for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-                    image = enhance(image).enhance(1 + random.uniform(-self.color_jitter, self.color_jitter))
-            if self.grayscale and random.random() < self.grayscale:
-                image = image.convert("L").convert("RGB")
-            if self.sharpness and random.random() < 0.5:
-                image = ImageEnhance.Sharpness(image).enhance(1 + self.sharpness)
-        tensor = to_uint8_tensor(image)
-        if self.train and self.noise:
-            noise = torch.randn(tensor.shape) * (self.noise * 255)
-            tensor = (tensor.float() + noise).clamp_(0, 255).to(torch.uint8)
-        return tensor
+    def augment(self, image: torch.Tensor) -> torch.Tensor:
+        if random.random() < 0.5:
+            image = image.flip(-1)
+        if self.color_jitter:
+            for adjust in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
+                image = adjust(image, 1 + random.uniform(-self.color_jitter, self.color_jitter))
+        if self.grayscale and random.random() < self.grayscale:
+            image = TF.rgb_to_grayscale(image, num_output_channels=3)
+        if self.sharpness and random.random() < 0.5:
+            image = TF.adjust_sharpness(image, 1 + self.sharpness)
+        if self.noise:
+            noise = torch.randn(image.shape) * (self.noise * 255)
+            image = (image.float() + noise).clamp_(0, 255).to(torch.uint8)
+        return image
 
 
-class AlbumentationsAugmentation(BaseAugmentation):
+class AlbumentationsAugmentation(CustomAugmentation):
     """Centre crop and resize, then in training albumentations' flip, shift-scale-rotate,
     brightness/contrast, hue/saturation and coarse dropout."""
-    crop_fraction = CROP_FRACTION
 
     def __init__(self, resize=(128, 96), train=True, **options):
         import albumentations as A
@@ -454,12 +453,10 @@ class AlbumentationsAugmentation(BaseAugmentation):
             A.HueSaturationValue(10, 15, 10, p=0.3),
             A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
                             hole_width_range=(0.05, 0.15), p=0.3),
-        ]) if train else None
+        ])
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        array = np.array(crop_and_resize(image, self.resize, self.crop_fraction), dtype=np.uint8)
-        if self.pipeline is not None:
-            array = self.pipeline(image=array)["image"]
+    def augment(self, image: torch.Tensor) -> torch.Tensor:
+        array = self.pipeline(image=image.permute(1, 2, 0).numpy())["image"]
         return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
 
 
@@ -471,6 +468,38 @@ def create_transforms(name, resize, **options):
     if name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {name!r}; choose from {', '.join(AUGMENTATIONS)}")
     return AUGMENTATIONS[name](resize, train=True, **options), AUGMENTATIONS[name](resize, train=False, **options)
+
+
+class DeviceAugment:
+    """Batch-wise augmentation with torch ops on whatever device the batch is on (GPU after the
+    prefetcher, or CPU): per-image horizontal flip, random resized crop (scale of the area) and
+    brightness / contrast. Input and output: float images in [0, 1], (N, 3, H, W)."""
+
+    def __init__(self, flip=0.5, crop_scale=(0.8, 1.0), brightness=0.2, contrast=0.2, generator=None):
+        self.flip, self.crop_scale, self.brightness, self.contrast = flip, crop_scale, brightness, contrast
+        self.generator = generator
+
+    def _rand(self, n, device):
+        return torch.rand(n, generator=self.generator).to(device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        n, device = len(images), images.device
+        if self.flip:
+            flipped = self._rand(n, device) < self.flip
+            images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+        if self.crop_scale and self.crop_scale != (1.0, 1.0):
+            scale = (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * self._rand(n, device)).sqrt()
+            shift_x, shift_y = (1 - scale) * (2 * self._rand(n, device) - 1), (1 - scale) * (2 * self._rand(n, device) - 1)
+            theta = torch.zeros(n, 2, 3, device=device, dtype=images.dtype)
+            theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = scale, scale, shift_x, shift_y
+            grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+            images = torch.nn.functional.grid_sample(images, grid, mode="bilinear", align_corners=False)
+        if self.brightness or self.contrast:
+            gain = 1 + self.contrast * (2 * self._rand(n, device) - 1)
+            offset = self.brightness * (2 * self._rand(n, device) - 1)
+            mean = images.mean((1, 2, 3), keepdim=True)
+            images = ((images - mean) * gain[:, None, None, None] + mean + offset[:, None, None, None]).clamp(0, 1)
+        return images
 
 
 # ---------------------------------------------------------------- collate and prefetch
@@ -491,8 +520,8 @@ class PrefetchLoader:
         self.loader = loader
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
-        self.mean = torch.tensor([255.0 * m for m in mean], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor([255.0 * s for s in std], device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.augment = augment
         self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
 
@@ -510,10 +539,10 @@ class PrefetchLoader:
     def _prepare(self, images, targets):
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        images = images.float().sub_(self.mean).div_(self.std).to(self.dtype)
+        images = images.float().div_(255)
         if self.augment is not None:
             images = self.augment(images)
-        return images, targets
+        return images.sub_(self.mean).div_(self.std).to(self.dtype), targets
 
     def __iter__(self):
         if self.stream is None:

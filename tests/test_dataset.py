@@ -157,10 +157,14 @@ def test_validation_never_gets_random_augmentation(tiny_data):
         create_transforms("Nope", (64, 48))
 
 
-def test_crop_follows_the_input_size(tiny_data):
-    path = next((tiny_data / "train" / "images").glob("*/normal.jpg"))
-    big = Image.open(path).resize((384, 512))
-    assert CustomAugmentation((64, 48), train=False)(big).shape == (3, 64, 48)
+def test_crop_follows_the_input_size():
+    image = torch.zeros(3, 512, 384, dtype=torch.uint8)
+    image[:, 96:416, 64:320] = 200
+    crop = CustomAugmentation((320, 256), train=False)(image)
+    assert crop.shape == (3, 320, 256) and (crop == 200).all()
+    small = torch.zeros(3, 160, 160, dtype=torch.uint8)
+    small[:, 30:130, 26:133] = 200
+    assert (CustomAugmentation((100, 106), train=False)(small) == 200).all()
 
 
 def test_test_dataset_order_and_missing(tiny_data, tmp_path):
