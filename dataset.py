@@ -1,6 +1,7 @@
 """Data layer: labels, the scan of a train folder into one table, splits and folds, datasets,
 augmentations, uint8 collate, the device prefetcher, and a generator of learnable sample data."""
 import argparse
+import math
 import os
 import random
 import re
@@ -255,12 +256,18 @@ class MaskBaseDataset(Dataset):
     multi_label = False
 
     def __init__(self, data_dir=SAMPLE_DIR / "train", val_ratio=0.2, seed=42, n_folds=0, fold=0,
-                 age_bins=DEFAULT_AGE_BINS, drop_ages=(), relabel=None, table=None, check_images=True):
-        self.table = table if table is not None else scan_people(data_dir, age_bins, relabel, check_images)
-        self.table = self.table.reset_index(drop=True)
+                 age_bins=DEFAULT_AGE_BINS, drop_ages=(), relabel=None, table=None, check_images=True,
+                 extra_table=None):
+        table = table if table is not None else scan_people(data_dir, age_bins, relabel, check_images)
+        self.real = table.reset_index(drop=True)  # the people that splits and folds are drawn from
+        self.table = pd.concat([self.real, extra_table], ignore_index=True) if extra_table is not None else self.real
         self.val_ratio, self.seed, self.n_folds, self.fold = val_ratio, seed, n_folds, fold
         self.drop_ages = set(int(a) for a in drop_ages)
         self.transform = None
+        self.cache = None  # an optional cache.DecodedCache of every row's prepared image
+        self.paths = self.table["path"].tolist()
+        self.class_targets = self.table["class"].to_numpy()
+        self.head_targets = self.table[["mask", "gender_label", "age_label"]].to_numpy()
 
     def __len__(self):
         return len(self.table)
@@ -269,29 +276,34 @@ class MaskBaseDataset(Dataset):
         self.transform = transform
 
     def get_target(self, index):
-        row = self.table.iloc[index]
         if self.multi_label:
-            return int(row["mask"]), int(row["gender_label"]), int(row["age_label"])
-        return int(row["class"])
+            return tuple(int(v) for v in self.head_targets[index])
+        return int(self.class_targets[index])
 
     def targets(self, kind="class"):
         """Per-image labels of one kind ('class', 'mask', 'gender_label', 'age_label')."""
         return self.table[kind].to_numpy()
 
+    def image(self, index, transform=None) -> torch.Tensor:
+        """Image `index` through `transform`, read from the decoded cache when there is one."""
+        if self.cache is not None and transform is not None:
+            return transform.from_prepared(self.cache[index])
+        return load_image(self.paths[index], transform)
+
     def __getitem__(self, index):
-        return load_image(self.table.at[index, "path"], self.transform), self.get_target(index)
+        return self.image(index, self.transform), self.get_target(index)
 
     def split_indices(self):
         """(train, val) image indices."""
         if self.n_folds and self.n_folds > 1:
-            return self._indices_of_people(*fold_people(self.table, self.n_folds, self.fold, self.seed))
+            return self._indices_of_people(*fold_people(self.real, self.n_folds, self.fold, self.seed))
         rng = np.random.default_rng(self.seed)
-        order = rng.permutation(len(self.table))
+        order = rng.permutation(len(self.real))
         n_val = int(len(order) * self.val_ratio)
         return self._drop(np.sort(order[n_val:])), np.sort(order[:n_val])
 
     def _indices_of_people(self, train_people, val_people):
-        person = self.table["person"]
+        person = self.real["person"]
         return (self._drop(np.flatnonzero(person.isin(train_people).to_numpy())),
                 np.flatnonzero(person.isin(val_people).to_numpy()))
 
@@ -299,12 +311,13 @@ class MaskBaseDataset(Dataset):
         """Leave the `drop_ages` people out of training only; validation keeps everyone."""
         if not self.drop_ages:
             return train_indices
-        keep = ~self.table["age"].iloc[train_indices].isin(self.drop_ages).to_numpy()
+        keep = ~self.real["age"].iloc[train_indices].isin(self.drop_ages).to_numpy()
         return train_indices[keep]
 
     def split_dataset(self, train_transform=None, val_transform=None):
-        """(train, val) subsets, each with its own transform."""
+        """(train, val) subsets, each with its own transform; extra (synthetic) people only train."""
         train, val = self.split_indices()
+        train = np.concatenate([train, np.arange(len(self.real), len(self.table))]).astype(int)
         return Subset(self, train, train_transform), Subset(self, val, val_transform)
 
 
@@ -314,7 +327,7 @@ class MaskSplitByProfileDataset(MaskBaseDataset):
     def split_indices(self):
         if self.n_folds and self.n_folds > 1:
             return super().split_indices()
-        return self._indices_of_people(*split_people(self.table, self.val_ratio, self.seed))
+        return self._indices_of_people(*split_people(self.real, self.val_ratio, self.seed))
 
 
 class MultiLabelDataset(MaskSplitByProfileDataset):
@@ -336,7 +349,7 @@ class Subset(Dataset):
 
     def __getitem__(self, i):
         index = int(self.indices[i])
-        return load_image(self.dataset.table.at[index, "path"], self.transform), self.dataset.get_target(index)
+        return self.dataset.image(index, self.transform), self.dataset.get_target(index)
 
     def targets(self, kind="class"):
         return self.dataset.targets(kind)[self.indices]
@@ -394,11 +407,14 @@ def center_crop_box(height, width, crop_fraction=CROP_FRACTION):
 class BaseAugmentation:
     """Resize only (the baseline's default). Every augmentation works on uint8 CHW tensors in two
     steps: `prepare` (deterministic: crop and resize; what the decoded cache stores) and `augment`
-    (random, training only); calling it does both."""
+    (random, training only); calling it does both. `crop_fraction` (height, width) overrides the
+    class's centre crop; (1, 1) keeps the whole image."""
     crop_fraction = None
 
-    def __init__(self, resize=(128, 96), train=True, **options):
+    def __init__(self, resize=(128, 96), train=True, crop_fraction=None, **options):
         self.resize, self.train = [int(v) for v in resize], train
+        if crop_fraction is not None:
+            self.crop_fraction = None if tuple(crop_fraction) == (1, 1) else tuple(crop_fraction)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         if self.crop_fraction:
@@ -408,9 +424,11 @@ class BaseAugmentation:
     def augment(self, image: torch.Tensor) -> torch.Tensor:
         return image
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        image = self.prepare(image)
+    def from_prepared(self, image: torch.Tensor) -> torch.Tensor:
         return self.augment(image) if self.train else image
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.from_prepared(self.prepare(image))
 
 
 class CustomAugmentation(BaseAugmentation):
@@ -418,9 +436,9 @@ class CustomAugmentation(BaseAugmentation):
     also horizontal flip and, optionally, colour jitter, grayscale, sharpness and gaussian noise."""
     crop_fraction = CROP_FRACTION
 
-    def __init__(self, resize=(128, 96), train=True, color_jitter=0.0, grayscale=0.0, sharpness=0.0,
-                 noise=0.0, **options):
-        super().__init__(resize, train)
+    def __init__(self, resize=(128, 96), train=True, crop_fraction=None, color_jitter=0.0, grayscale=0.0,
+                 sharpness=0.0, noise=0.0, **options):
+        super().__init__(resize, train, crop_fraction)
         self.color_jitter, self.grayscale, self.sharpness, self.noise = color_jitter, grayscale, sharpness, noise
 
     def augment(self, image: torch.Tensor) -> torch.Tensor:
@@ -443,9 +461,9 @@ class AlbumentationsAugmentation(CustomAugmentation):
     """Centre crop and resize, then in training albumentations' flip, shift-scale-rotate,
     brightness/contrast, hue/saturation and coarse dropout."""
 
-    def __init__(self, resize=(128, 96), train=True, **options):
+    def __init__(self, resize=(128, 96), train=True, crop_fraction=None, **options):
         import albumentations as A
-        super().__init__(resize, train)
+        super().__init__(resize, train, crop_fraction)
         self.pipeline = A.Compose([
             A.HorizontalFlip(p=0.5),
             A.Affine(translate_percent=0.05, scale=(0.9, 1.1), rotate=(-10, 10), p=0.5),
@@ -502,6 +520,26 @@ class DeviceAugment:
         return images
 
 
+def mix_batch(images: torch.Tensor, mixup_alpha=0.0, cutmix_alpha=0.0):
+    """Batch-level MixUp or CutMix (one of the two at random when both are on). Returns (images,
+    permutation, lam); the loss is lam * loss(targets) + (1 - lam) * loss(targets[permutation]),
+    so that every head of any model kind gets its own mixed target."""
+    n, height, width = len(images), images.shape[-2], images.shape[-1]
+    permutation = torch.randperm(n).to(images.device)
+    cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(1).item() < 0.5)
+    alpha = cutmix_alpha if cutmix else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if not cutmix:
+        return images * lam + images[permutation] * (1 - lam), permutation, lam
+    cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+    cy, cx = int(torch.randint(height, (1,))), int(torch.randint(width, (1,)))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    images = images.clone()
+    images[:, :, y0:y1, x0:x1] = images[permutation, :, y0:y1, x0:x1]
+    return images, permutation, 1 - (y1 - y0) * (x1 - x0) / (height * width)
+
+
 # ---------------------------------------------------------------- collate and prefetch
 def fast_collate(batch):
     """Stack uint8 images without converting to float; targets become an int64 tensor,
@@ -522,6 +560,7 @@ class PrefetchLoader:
         self.dtype = dtype
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.scale, self.bias = 1 / (255 * self.std), -self.mean / self.std  # uint8 -> normalised in one pass
         self.augment = augment
         self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
 
@@ -539,10 +578,11 @@ class PrefetchLoader:
     def _prepare(self, images, targets):
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        images = images.float().div_(255)
-        if self.augment is not None:
-            images = self.augment(images)
-        return images.sub_(self.mean).div_(self.std).to(self.dtype), targets
+        if self.augment is None:
+            images = images.float().mul_(self.scale).add_(self.bias)
+        else:
+            images = self.augment(images.float().div_(255)).sub(self.mean).div_(self.std)
+        return images.to(self.dtype), targets
 
     def __iter__(self):
         if self.stream is None:

@@ -56,7 +56,7 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="off", tt
     model = model_from_config(config)
     model.load_state_dict(state["model"])
     model.to(device)
-    transform = create_transforms(config["augmentation"], config["resize"])[1]
+    transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"))[1]
     loader = DataLoader(ImageFiles(paths, transform), batch_size, num_workers=num_workers, collate_fn=fast_collate,
                         pin_memory=device.type == "cuda")
     prep = config["preprocessing"]

@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import (AUGMENTATIONS, DATASETS, SAMPLE_DIR, PrefetchLoader, Subset, create_transforms,
-                     fast_collate, make_sampler, scan_people, to_class_targets)
+from cache import DecodedCache
+from dataset import (AUGMENTATIONS, DATASETS, SAMPLE_DIR, DeviceAugment, PrefetchLoader, Subset, create_transforms,
+                     fast_collate, make_sampler, mix_batch, scan_people, to_class_targets)
 from loss import create_criterion, create_multi_head_loss
 from metrics import save_confusion_png, score
 from model import HEADS, MODEL_KINDS, autocast, build_model, freeze, predict, preprocessing
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", default="MultiLabelDataset", choices=list(DATASETS))
     data.add_argument("--augmentation", default="CustomAugmentation", choices=list(AUGMENTATIONS))
     data.add_argument("--resize", type=int, nargs=2, default=[128, 96], metavar=("H", "W"))
+    data.add_argument("--crop", type=float, nargs=2, default=None, metavar=("H_FRAC", "W_FRAC"),
+                      help="centre crop as fractions of the input (default: the augmentation's; 1 1: none)")
     data.add_argument("--val_ratio", type=float, default=0.2)
     data.add_argument("--n_folds", type=int, default=0, help="K-fold over people (0: a single split)")
     data.add_argument("--fold", type=int, default=None, help="train only this fold (default: all folds)")
@@ -64,7 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--age_bins", type=int, nargs=2, default=[30, 60], metavar=("MIDDLE", "OLD"))
     data.add_argument("--drop_ages", type=int, nargs="*", default=[], help="ages left out of training, e.g. 57 58 59")
     data.add_argument("--relabel", default=None, help="CSV of label corrections (see README)")
+    data.add_argument("--extra_data", nargs="*", default=[], metavar="DIR",
+                      help="more train-layout folders (e.g. from synthesize.py) added to training only")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    data.add_argument("--cache", action="store_true",
+                      help="decode, crop and resize every image once into a cache file, reused by later epochs and runs")
+    data.add_argument("--cache_dir", default="./.cache/masktrain")
+    data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="batch MixUp (Beta alpha; 0: off)")
+    data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="batch CutMix (Beta alpha; 0: off)")
+    data.add_argument("--mix_prob", type=float, default=0.5, help="share of batches mixed when --mixup/--cutmix")
+    data.add_argument("--device_aug", action="store_true",
+                      help="flip, crop and colour batch-wise on the device (GPU) instead of per image on the CPU")
     model = parser.add_argument_group("model")
     model.add_argument("--kind", default="three_head", choices=list(MODEL_KINDS))
     model.add_argument("--model", default="resnet18", help="timm backbone name")
@@ -157,6 +170,8 @@ def validate(args):
         raise FlagError(f"--backbones: unknown heads {sorted(unknown_heads)}; heads are mask, gender, age")
     if args.optimizer.lower() not in timm.optim.list_optimizers() and args.optimizer.lower() != "sgd":
         raise FlagError(f"--optimizer: unknown optimizer {args.optimizer!r} (timm's: sgd, adam, adamw, lion, ...)")
+    if args.crop is not None and not all(0 < f <= 1 for f in args.crop):
+        raise FlagError(f"--crop fractions must be in (0, 1], got {args.crop}")
     if min(args.resize) <= 0:
         raise FlagError(f"--resize must be positive, got {args.resize}")
     if args.n_folds == 1 or args.n_folds < 0:
@@ -167,6 +182,9 @@ def validate(args):
         raise FlagError(f"--val_ratio must be between 0 and 1, got {args.val_ratio}")
     if args.epochs <= 0 or args.batch_size <= 0 or args.grad_accum <= 0:
         raise FlagError("--epochs, --batch_size and --grad_accum must be positive")
+    for folder in args.extra_data:
+        if not Path(folder).is_dir():
+            raise FlagError(f"--extra_data folder not found: {folder}")
     if args.relabel and not Path(args.relabel).is_file():
         raise FlagError(f"--relabel file not found: {args.relabel}")
     if args.pretrained not in ("none", "timm") and not Path(args.pretrained).is_file():
@@ -250,7 +268,11 @@ def model_args(args) -> dict:
 
 
 def make_loaders(args, dataset, model, rank, world, device):
-    train_tf, val_tf = create_transforms(args.augmentation, args.resize)
+    train_tf, val_tf = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop)
+    if args.device_aug:
+        train_tf = val_tf  # the device does the random part
+    if args.cache:
+        dataset.cache = DecodedCache.build(dataset.table["path"], val_tf, args.cache_dir, args.num_workers)
     train_set, val_set = dataset.split_dataset(train_tf, val_tf)
     if len(train_set) == 0 or len(val_set) == 0:
         raise FlagError(f"the split left {len(train_set)} training and {len(val_set)} validation images: "
@@ -258,6 +280,8 @@ def make_loaders(args, dataset, model, rank, world, device):
     generator = torch.Generator()
     sampler = None
     if args.sampler != "none":
+        if world > 1:
+            raise FlagError("--sampler does not work under torchrun yet: drop it or run one process")
         sampler = make_sampler(train_set.targets("class" if args.sampler == "class" else "age_label"), args.seed)
         generator = sampler.generator
     elif world > 1:
@@ -268,7 +292,8 @@ def make_loaders(args, dataset, model, rank, world, device):
                               generator=generator, drop_last=len(train_set) // world % args.batch_size == 1, **common)
     val_loader = DataLoader(val_shard, args.valid_batch_size, shuffle=False, **common)
     config = preprocessing(model)
-    return (PrefetchLoader(train_loader, config["mean"], config["std"], device), generator,
+    augment = DeviceAugment(generator=generator) if args.device_aug else None
+    return (PrefetchLoader(train_loader, config["mean"], config["std"], device, augment=augment), generator,
             PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard)
 
 
@@ -284,19 +309,20 @@ def evaluate(model, loader, val_shard, amp, world):
     return indices[order], probs, targets
 
 
-def train_run(args, table, fold, run_dir, rank, world, device) -> float:
+def train_run(args, table, extra_table, fold, run_dir, rank, world, device) -> float:
     """Train one model into `run_dir`; return its best validation macro F1."""
     seed_everything(args.seed)
     is_main = rank == 0
-    dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed,
-                                     n_folds=args.n_folds, fold=fold or 0, drop_ages=args.drop_ages)
+    dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed, n_folds=args.n_folds,
+                                     fold=fold or 0, drop_ages=args.drop_ages, extra_table=extra_table)
     pretrained = False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained
     model = build_model(pretrained=pretrained, **model_args(args))
     trainable, total = freeze(model, args.freeze)
     train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
     config = run_config(args, model, run_dir, fold)
+    n_val = sum(gather(len(val_shard), world))
     if is_main:
-        print(f"run {run_dir}: {len(train_loader.dataset)} train / {len(dataset) - len(train_loader.dataset)} val "
+        print(f"run {run_dir}: {len(train_loader.dataset)} train / {n_val} val "
               f"images, {trainable:,} of {total:,} parameters trainable, device {device}, {world} process(es)")
         write_json(run_dir / "config.json", config)
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
@@ -387,8 +413,16 @@ def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device
     for step, (images, targets) in enumerate(bar):
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        mixing = (args.mixup > 0 or args.cutmix > 0) and random.random() < args.mix_prob
+        if mixing:
+            images, permutation, lam = mix_batch(images, args.mixup, args.cutmix)
         with autocast(device, args.amp):
-            total, parts = criterion(model(images), targets)
+            outputs = model(images)
+            total, parts = criterion(outputs, targets)
+            if mixing:
+                total_b, parts_b = criterion(outputs, targets[permutation])
+                total = lam * total + (1 - lam) * total_b
+                parts = {head: lam * parts[head] + (1 - lam) * parts_b[head] for head in parts}
         scaler.scale(total / args.grad_accum).backward()
         if (step + 1) % args.grad_accum == 0 or step + 1 == len(loader):
             scaler.step(optimizer)
@@ -452,6 +486,8 @@ def main(argv=None) -> list:
     rank, world, device = setup_distributed()
     try:
         table = scan_people(args.data_dir, tuple(args.age_bins), args.relabel)
+        extra_table = pd.concat([scan_people(d, tuple(args.age_bins)) for d in args.extra_data],
+                                ignore_index=True) if args.extra_data else None
         folds = [args.fold] if args.fold is not None else list(range(args.n_folds)) if args.n_folds else [None]
         if args.resume:
             folds, run_dirs = [saved["fold"]], [run_dir]
@@ -460,7 +496,8 @@ def main(argv=None) -> list:
             base = new_run_dir(args.model_dir, args.name, suffixes) if rank == 0 else None
             base = gather(base, world)[0]
             run_dirs = [Path(args.model_dir) / f"{base}{s}" for s in suffixes]
-        scores = [train_run(args, table, fold, run_dir, rank, world, device) for fold, run_dir in zip(folds, run_dirs)]
+        scores = [train_run(args, table, extra_table, fold, run_dir, rank, world, device)
+                  for fold, run_dir in zip(folds, run_dirs)]
         if len(scores) > 1 and rank == 0:
             summary = dict(folds=[str(d) for d in run_dirs], f1=scores, mean=float(np.mean(scores)),
                            std=float(np.std(scores)))

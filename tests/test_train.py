@@ -100,12 +100,14 @@ def test_kfold_trains_every_fold(tmp_path, tiny_data):
 
 
 def test_amp_channels_last_sampler_and_freeze_on_cpu(tmp_path, tiny_data):
-    for i, flags in enumerate([["--amp", "fp16", "--channels_last", "--sampler", "age", "--grad_accum", "2"],
+    cache = ["--cache", "--cache_dir", str(tmp_path / "cache"), "--device_aug"]
+    for i, flags in enumerate([["--amp", "fp16", "--channels_last", "--sampler", "age", "--grad_accum", "2", *cache],
                                ["--amp", "bf16", "--freeze", "1", "--optimizer", "lion", "--scheduler", "step",
                                 "--criterion", "mask=cross_entropy", "age=focal:0.6+f1:0.4", "--head_weights", "age=1.5",
                                 "--warmup_epochs", "1", "--drop_ages", "58", "59", "--age_bins", "30", "58"]]):
         scores = run(tmp_path, tiny_data, "--epochs", "2", *flags, name=f"amp{i}")
         assert 0 <= scores[0] <= 1
+    assert len(list((tmp_path / "cache").glob("*.u8"))) == 1
 
 
 def test_config_file_sets_flags_and_the_command_line_wins(tmp_path, tiny_data):
@@ -167,3 +169,25 @@ def test_honest_learning_on_the_generated_sample(tmp_path):
     scores = run(tmp_path, data, "--epochs", "6", "--lr", "3e-3")
     print(f"learning test: F1 {scores[0]:.3f} in {time.time() - started:.1f}s")
     assert scores[0] >= 0.9
+
+
+def test_compile_with_channels_last_cache_and_device_aug(tmp_path, tiny_data):
+    """torch.compile (inductor on CPU) with every fast-path option; slow (~1 minute) but the only check."""
+    scores = run(tmp_path, tiny_data, "--epochs", "1", "--compile", "--channels_last", "--device_aug", "--cache",
+                 "--cache_dir", str(tmp_path / "cache"))
+    assert 0 <= scores[0] <= 1 and (tmp_path / "exp" / "best.pth").is_file()
+
+
+def test_mixing_synthetic_people_and_crop(tmp_path, tiny_data):
+    from synthesize import synthesize_people
+    people = synthesize_people(tiny_data / "train", tmp_path / "synthetic", age_group=2, n_people=3, seed=0)
+    assert len(people) == 3 and people["age"].ge(60).all()
+    assert all(len(list((tmp_path / "synthetic" / "images" / p).iterdir())) == 7 for p in people["path"])
+    with pytest.raises(FileExistsError):
+        synthesize_people(tiny_data / "train", tmp_path / "synthetic", n_people=1)
+    for i, kind in enumerate(["three_head", "single_head"]):
+        run(tmp_path, tiny_data, "--epochs", "1", "--kind", kind, "--mixup", "0.4", "--cutmix", "1.0", "--mix_prob", "1",
+            "--extra_data", str(tmp_path / "synthetic"), "--crop", "1", "1", name=f"mix{i}")
+        probs = pd.read_csv(tmp_path / f"mix{i}" / "val_probs.csv")
+        assert not probs["ImageID"].str.startswith("9000").any()
+    assert json.loads((tmp_path / "mix0" / "config.json").read_text())["crop"] == [1.0, 1.0]

@@ -1,0 +1,122 @@
+"""End-to-end CPU training throughput (data + step), the baseline's loop and loader against this
+toolkit's, with the same model, batch and optimizer.
+
+    python benchmarks/bench_train.py                        # resnet18 128x96, efficientnet_lite0 224x224
+    python benchmarks/bench_train.py --models test_resnet:64x48 --steps 2 --batch_size 8   # smoke run
+"""
+import argparse
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+from common import ROOT, BaselineDataset, MEAN, STD, bench_data_dir, machine
+from common import baseline_transform as reference_transform
+
+import train  # noqa: E402
+from cache import DecodedCache  # noqa: E402
+from dataset import MaskBaseDataset, PrefetchLoader, Subset, create_transforms, fast_collate  # noqa: E402
+from loss import create_multi_head_loss  # noqa: E402
+from model import build_model  # noqa: E402
+
+CONFIGS = {"reference": "baseline loop + loader, fp32",
+           "masktrain": "masktrain loop + uint8 loader, fp32",
+           "masktrain_fast": "masktrain, --amp bf16 --channels_last",
+           "masktrain_cache": "masktrain, --amp bf16 --channels_last --cache"}
+
+
+def reference_epoch(model, loader, criterion, optimizer):
+    """The baseline's training loop, as written there (per-step .item() calls included)."""
+    model.train()
+    loss_value, matches = 0.0, 0
+    for inputs, labels in loader:
+        optimizer.zero_grad()
+        outs = model(inputs)
+        preds = torch.argmax(outs, dim=-1)
+        loss = criterion(outs, labels)
+        loss.backward()
+        optimizer.step()
+        loss_value += loss.item()
+        matches += (preds == labels).sum().item()
+
+
+def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir):
+    """Seconds per image of `rows` images (after one warm-up batch)."""
+    torch.manual_seed(0)
+    if config == "reference":
+        model = timm.create_model(name, num_classes=18)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        criterion = torch.nn.CrossEntropyLoss()
+        dataset = BaselineDataset(table["path"], table["class"], reference_transform(resize))
+
+        def epoch(indices):
+            loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size, shuffle=True,
+                                num_workers=workers)
+            reference_epoch(model, loader, criterion, optimizer)
+    else:
+        fast = config != "masktrain"
+        model = build_model("single_head", name)
+        if fast:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.0)
+        criterion = create_multi_head_loss("cross_entropy", {"class": 18})
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        dataset = MaskBaseDataset(table=table)
+        train_tf, val_tf = create_transforms("CustomAugmentation", resize)
+        if config == "masktrain_cache":
+            dataset.cache = DecodedCache.build(table["path"], val_tf, cache_dir, workers)
+        args = Namespace(epochs=1, grad_accum=1, amp="bf16" if fast else "off", channels_last=fast, log_interval=50)
+
+        def epoch(indices):
+            loader = DataLoader(Subset(dataset, indices, train_tf), batch_size, shuffle=True, num_workers=workers,
+                                collate_fn=fast_collate)
+            train.train_epoch(model, PrefetchLoader(loader, MEAN, STD, "cpu"), criterion, optimizer, scaler, args,
+                              0, torch.device("cpu"), is_main=False)
+    epoch(list(range(batch_size)))
+    started = time.perf_counter()
+    epoch(list(range(batch_size, batch_size + rows)))
+    return (time.perf_counter() - started) / rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18:128x96", "efficientnet_lite0:224x224"],
+                        metavar="NAME:HxW")
+    parser.add_argument("--people", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=8, help="timed batches per configuration")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="loader workers (the baseline's default: cores // 2)")
+    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "masktrain_bench"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_train.md"))
+    args = parser.parse_args(argv)
+    data_dir = bench_data_dir(args.people, args.work_dir)
+    table = MaskBaseDataset(data_dir, check_images=False).table
+    rows = args.steps * args.batch_size
+    if len(table) < rows + args.batch_size:
+        raise SystemExit(f"error: {len(table)} images are too few for {args.steps} steps of {args.batch_size}")
+    lines = [f"End-to-end CPU training, batch {args.batch_size}, {args.steps} timed steps, {args.workers} loader "
+             f"worker(s), AdamW, {machine()}", "",
+             "| model | input | configuration | images/s | ratio to reference |", "| --- | --- | --- | --- | --- |"]
+    for spec in args.models:
+        name, size = spec.split(":")
+        resize = [int(v) for v in size.split("x")]
+        speeds = {}
+        for config in CONFIGS:
+            speeds[config] = 1 / run_config(config, name, resize, table, rows, args.batch_size, args.workers,
+                                            Path(args.work_dir) / "cache")
+            print(f"{name} {size} {config}: {speeds[config]:.1f} img/s", flush=True)
+            lines.append(f"| {name} | {size} | {CONFIGS[config]} | {speeds[config]:.1f} | "
+                         f"{speeds[config] / speeds['reference']:.2f}x |")
+    table_text = "\n".join(lines)
+    print(table_text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table_text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_bench(script, tmp_path, *flags):
+    out = tmp_path / "result.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--work_dir", str(tmp_path),
+                             "--out", str(out), "--people", "6", *flags], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out.read_text()
+
+
+def test_bench_data_smoke(tmp_path):
+    table = run_bench("bench_data.py", tmp_path, "--workers", "0", "--epochs", "1", "--batch_size", "8",
+                      "--resize", "64", "48")
+    assert table.count("| 0 |") == 5 and "ratio to (a)" in table and "Peak memory with the cache" in table
+
+
+def test_bench_train_smoke(tmp_path):
+    table = run_bench("bench_train.py", tmp_path, "--models", "test_resnet:64x48", "--steps", "2",
+                      "--batch_size", "8", "--workers", "0")
+    assert table.count("| test_resnet |") == 4 and "1.00x" in table
