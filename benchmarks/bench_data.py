@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from common import ROOT, BaselineDataset, MEAN, STD, baseline_transform, bench_data_dir, machine, peak_rss_mb
+from common import (MEAN, ROOT, STD, BaselineDataset, baseline_transform, bench_data_dir, machine, peak_rss_mb,
+                    report)
 
 from cache import DecodedCache  # noqa: E402
 from dataset import MaskBaseDataset, PrefetchLoader, Subset, create_transforms, fast_collate  # noqa: E402
@@ -99,11 +100,7 @@ def main(argv=None):
     for workers in args.workers:
         lines.append(f"\nPeak memory with the cache / without, {workers} workers: "
                      f"{peak[('c_cpu', workers)] / peak[('b_cpu', workers)]:.2f}x")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

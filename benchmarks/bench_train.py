@@ -7,15 +7,13 @@ toolkit's, with the same model, batch and optimizer.
 import argparse
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import timm
 import torch
 from torch.utils.data import DataLoader
 
-from common import ROOT, BaselineDataset, MEAN, STD, bench_data_dir, machine
-from common import baseline_transform as reference_transform
+from common import MEAN, ROOT, STD, BaselineDataset, baseline_transform, bench_data_dir, machine, report
 
 import train  # noqa: E402
 from cache import DecodedCache  # noqa: E402
@@ -51,7 +49,7 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
         model = timm.create_model(name, num_classes=18)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         criterion = torch.nn.CrossEntropyLoss()
-        dataset = BaselineDataset(table["path"], table["class"], reference_transform(resize))
+        dataset = BaselineDataset(table["path"], table["class"], baseline_transform(resize))
 
         def epoch(indices):
             loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size, shuffle=True,
@@ -69,7 +67,8 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
         train_tf, val_tf = create_transforms("CustomAugmentation", resize)
         if config == "masktrain_cache":
             dataset.cache = DecodedCache.build(table["path"], val_tf, cache_dir, workers)
-        args = Namespace(epochs=1, grad_accum=1, amp="bf16" if fast else "off", channels_last=fast, log_interval=50)
+        args = train.parse_args(["--epochs", "1", "--amp", "bf16" if fast else "off", "--log_interval", "50"]
+                                + (["--channels_last"] if fast else []))
 
         def epoch(indices):
             loader = DataLoader(Subset(dataset, indices, train_tf), batch_size, shuffle=True, num_workers=workers,
@@ -111,11 +110,7 @@ def main(argv=None):
             print(f"{name} {size} {config}: {speeds[config]:.1f} img/s", flush=True)
             lines.append(f"| {name} | {size} | {CONFIGS[config]} | {speeds[config]:.1f} | "
                          f"{speeds[config] / speeds['reference']:.2f}x |")
-    table_text = "\n".join(lines)
-    print(table_text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table_text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

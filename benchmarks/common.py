@@ -66,3 +66,11 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def report(lines, out):
+    """Print the table and write it to `out`."""
+    text = "\n".join(lines)
+    print(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text + "\n")
