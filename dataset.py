@@ -99,7 +99,8 @@ def check_image(path: Path) -> None:
 
 
 def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("_")
+    """Hidden files and folders (`.*`, `._*` from macOS, `.ipynb_checkpoints`) and `__MACOSX`."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=True) -> pd.DataFrame:
@@ -148,7 +149,7 @@ def add_labels(table: pd.DataFrame, age_bins=DEFAULT_AGE_BINS) -> pd.DataFrame:
         raise ValueError(f"age bins must be two increasing positive edges, got {age_bins}")
     table = table.copy()
     table["gender_label"] = table["gender"].map(lambda g: GenderLabels.from_str(g).value)
-    table["age_label"] = np.select([table["age"] < age_bins[0], table["age"] < age_bins[1]], [0, 1], 2)
+    table["age_label"] = table["age"].map(lambda age: AgeLabels.from_number(age, age_bins).value)
     table["class"] = encode_multi_class(table["mask"], table["gender_label"], table["age_label"])
     return table
 

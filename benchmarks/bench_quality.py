@@ -1,6 +1,7 @@
 """Quality on real faces: train recipes on ../shared/data/utkmask (UTKFace crops in the competition
 layout) with the shared pretrained efficientnet_lite0, predict its eval folder with inference.py,
-score against eval_labels.csv, and print macro F1, per-head accuracy, age macro F1 and wall time.
+score against eval_labels.csv (without and with flip TTA), and print macro F1, per-head accuracy,
+age macro F1 and wall time (training + that inference).
 
     python benchmarks/bench_quality.py                                  # the two references + recommended
     python benchmarks/bench_quality.py --recipes recommended --seeds 0 1
@@ -26,50 +27,54 @@ COMMON = ["--model", "efficientnet_lite0", "--pretrained", str(WEIGHTS), "--resi
           "--batch_size", "64", "--optimizer", "adamw", "--scheduler", "cosine", "--lr", "1e-3",
           "--amp", "bf16", "--channels_last", "--cache", "--num_workers", "0"]
 THREE_HEADS = ["--kind", "three_head", "--dataset", "MultiLabelDataset"]
+FOCAL = THREE_HEADS + ["--criterion", "focal", "--head_weights", "age=1.5"]
+NO_CROP = ["--crop", "1", "1"]
 RECIPES = {
     # the two references of the issue
-    "ref_18class_ce_image_split": (["--kind", "single_head", "--criterion", "cross_entropy",
-                                    "--dataset", "MaskBaseDataset"], "none"),
-    "ref_3head_focal_age1.5": (THREE_HEADS + ["--criterion", "focal", "--head_weights", "age=1.5"], "none"),
-    # candidates, each one change on top of the focal three-head reference unless named otherwise
-    "3head_focal_nocrop": (THREE_HEADS + ["--criterion", "focal", "--head_weights", "age=1.5", "--crop", "1", "1"],
-                           "none"),
-    "3head_focal_nocrop_tta": (THREE_HEADS + ["--criterion", "focal", "--head_weights", "age=1.5",
-                                              "--crop", "1", "1"], "hflip"),
-    "3head_ce_nocrop_tta": (THREE_HEADS + ["--criterion", "cross_entropy", "--crop", "1", "1"], "hflip"),
-    "3head_ls_nocrop_lr3e-3_tta": (THREE_HEADS + ["--criterion", "label_smoothing", "--head_weights", "age=1.5",
-                                                  "--crop", "1", "1", "--lr", "3e-3", "--warmup_epochs", "0"], "hflip"),
-    "3head_focal_nocrop_lr3e-3_tta": (THREE_HEADS + ["--criterion", "focal", "--head_weights", "age=1.5",
-                                                     "--crop", "1", "1", "--lr", "3e-3"], "hflip"),
-    "3head_focal_nocrop_agesampler_tta": (THREE_HEADS + ["--criterion", "focal", "--head_weights", "age=1.5",
-                                                         "--crop", "1", "1", "--sampler", "age"], "hflip"),
+    "ref_18class_ce_image_split": ["--kind", "single_head", "--criterion", "cross_entropy",
+                                   "--dataset", "MaskBaseDataset"],
+    "ref_3head_focal_age1.5": FOCAL,
+    # candidates: one change at a time on top of the focal three-head reference
+    "3head_focal_nocrop": FOCAL + NO_CROP,
+    "3head_ce_nocrop": THREE_HEADS + ["--criterion", "cross_entropy"] + NO_CROP,
+    "3head_focal_nocrop_lr3e-3": FOCAL + NO_CROP + ["--lr", "3e-3"],
+    "3head_focal_nocrop_agesampler": FOCAL + NO_CROP + ["--sampler", "age"],
+    "3head_focal+f1_nocrop": THREE_HEADS + ["--criterion", "focal:0.6+f1:0.4", "--head_weights", "age=1.5"] + NO_CROP,
+    "3head_ls_nocrop": THREE_HEADS + ["--criterion", "label_smoothing", "--head_weights", "age=1.5"] + NO_CROP,
 }
-RECOMMENDED = "3head_focal_nocrop_tta"
+RECOMMENDED = "3head_focal_nocrop"
 
 
-def run_recipe(name, seed, work_dir) -> dict:
-    flags, tta = RECIPES[name]
+def run_recipe(name, seed, work_dir) -> list:
+    """Train recipe `name` once; score the eval folder without and with flip TTA (two rows)."""
     run_name = f"{name}_s{seed}"
     model_dir = Path(work_dir) / "runs"
     started = time.time()
     subprocess.run([sys.executable, str(ROOT / "train.py"), "--data_dir", str(UTKMASK / "train"),
                     "--model_dir", str(model_dir), "--name", run_name, "--seed", str(seed),
-                    "--cache_dir", str(Path(work_dir) / "cache"), *COMMON, *flags], check=True,
+                    "--cache_dir", str(Path(work_dir) / "cache"), *COMMON, *RECIPES[name]], check=True,
                    stdout=subprocess.DEVNULL)
-    train_seconds = time.time() - started
+    train_minutes = (time.time() - started) / 60
     run_dir = max(model_dir.glob(f"{run_name}*/config.json"), key=lambda p: p.stat().st_mtime).parent
     out = Path(work_dir) / "predictions"
-    subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_dir", str(run_dir),
-                    "--data_dir", str(UTKMASK / "eval"), "--output_dir", str(out), "--name", f"{run_dir.name}.csv",
-                    "--labels", str(UTKMASK / "eval_labels.csv"), "--tta", tta, "--amp", "bf16", "--num_workers", "0",
-                    "--overwrite"], check=True, stdout=subprocess.DEVNULL)
-    scores = json.loads((out / f"{run_dir.name}_scores.json").read_text())
-    return dict(recipe=name, seed=seed, f1=scores["f1"], mask_acc=scores["mask_acc"],
-                gender_acc=scores["gender_acc"], age_acc=scores["age_acc"], age_f1=scores["age_f1"],
-                minutes=(time.time() - started) / 60, train_minutes=train_seconds / 60, tta=tta, run=str(run_dir))
+    rows = []
+    for tta in ("none", "hflip"):
+        started = time.time()
+        name_tta = f"{run_dir.name}_{tta}.csv"
+        subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_dir", str(run_dir),
+                        "--data_dir", str(UTKMASK / "eval"), "--output_dir", str(out), "--name", name_tta,
+                        "--labels", str(UTKMASK / "eval_labels.csv"), "--tta", tta, "--amp", "bf16",
+                        "--num_workers", "0", "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+        scores = json.loads((out / name_tta.replace(".csv", "_scores.json")).read_text())
+        rows.append(dict(recipe=name, seed=seed, tta=tta, f1=scores["f1"], mask_acc=scores["mask_acc"],
+                         gender_acc=scores["gender_acc"], age_acc=scores["age_acc"], age_f1=scores["age_f1"],
+                         minutes=train_minutes + (time.time() - started) / 60, train_minutes=train_minutes,
+                         run=str(run_dir)))
+    return rows
 
 
 def summary(results: pd.DataFrame) -> str:
+    results = results.assign(recipe=results["recipe"] + results["tta"].map({"none": "", "hflip": " + TTA hflip"}))
     table = results.groupby("recipe").agg(seeds=("seed", "count"), f1=("f1", "mean"), f1_std=("f1", "std"),
                                           mask_acc=("mask_acc", "mean"), gender_acc=("gender_acc", "mean"),
                                           age_f1=("age_f1", "mean"), minutes=("minutes", "mean"))
@@ -92,8 +97,8 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args(argv)
     if args.list:
-        for name, (flags, tta) in RECIPES.items():
-            print(f"{name}: {' '.join(COMMON + flags)}  (inference --tta {tta})")
+        for name, flags in RECIPES.items():
+            print(f"{name}: train.py {' '.join(COMMON + flags)}")
         return
     if not (UTKMASK / "eval_labels.csv").is_file() or not WEIGHTS.is_file():
         raise SystemExit(f"error: needs {UTKMASK} and {WEIGHTS} (the shared benchmark data)")
@@ -101,10 +106,10 @@ def main(argv=None):
     results_path.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for name in args.recipes:
-            row = run_recipe(name, seed, args.work_dir)
-            print(json.dumps(row), flush=True)
+            rows = run_recipe(name, seed, args.work_dir)
+            print("\n".join(json.dumps(row) for row in rows), flush=True)
             previous = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame()
-            pd.concat([previous, pd.DataFrame([row])], ignore_index=True).to_csv(results_path, index=False)
+            pd.concat([previous, pd.DataFrame(rows)], ignore_index=True).to_csv(results_path, index=False)
     table = summary(pd.read_csv(results_path))
     print(table)
     results_path.with_suffix(".md").write_text(table + "\n")

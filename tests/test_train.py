@@ -191,3 +191,8 @@ def test_mixing_synthetic_people_and_crop(tmp_path, tiny_data):
         probs = pd.read_csv(tmp_path / f"mix{i}" / "val_probs.csv")
         assert not probs["ImageID"].str.startswith("9000").any()
     assert json.loads((tmp_path / "mix0" / "config.json").read_text())["crop"] == [1.0, 1.0]
+
+
+def test_early_stop(tmp_path, tiny_data):
+    run(tmp_path, tiny_data, "--epochs", "6", "--lr", "0", "--early_stop", "2", "--scheduler", "none")
+    assert list(pd.read_csv(tmp_path / "exp" / "log.csv")["epoch"]) == [1, 2, 3]
