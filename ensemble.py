@@ -95,7 +95,7 @@ def build_parser():
                         help="eval folder: its info.csv gives the rows and their order")
     parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"))
     parser.add_argument("--name", default="ensemble.csv")
-    parser.add_argument("--tta", default="none", choices=["none", "hflip"], help="for run folders")
+    parser.add_argument("--tta", default="hflip", choices=["none", "hflip"], help="for run folders")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"])
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))

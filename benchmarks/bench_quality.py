@@ -82,7 +82,7 @@ def summary(results: pd.DataFrame) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for recipe, r in table.sort_values("f1").iterrows():
         spread = f" +- {r.f1_std:.3f}" if r.seeds > 1 else ""
-        lines.append(f"| {recipe} | {r.seeds} | {r.f1:.3f}{spread} | {r.mask_acc:.3f} | {r.gender_acc:.3f} | "
+        lines.append(f"| {recipe} | {int(r.seeds)} | {r.f1:.3f}{spread} | {r.mask_acc:.3f} | {r.gender_acc:.3f} | "
                      f"{r.age_f1:.3f} | {r.minutes:.1f} |")
     return "\n".join(lines)
 

@@ -47,7 +47,7 @@ def test_newest_run_is_the_default(trained, tiny_data, tmp_path):
 
 
 def test_tta_is_the_mean_of_plain_and_flipped(trained, tiny_data, tmp_path):
-    plain = predict(trained, tiny_data, tmp_path, "--name", "plain.csv")
+    plain = predict(trained, tiny_data, tmp_path, "--name", "plain.csv", "--tta", "none")
     both = predict(trained, tiny_data, tmp_path, "--name", "tta.csv", "--tta", "hflip")
     import torch
     from dataset import ImageFiles, PrefetchLoader, create_transforms, fast_collate
