@@ -13,6 +13,7 @@ import numpy as np
 
 from dataset import SAMPLE_DIR, encode_multi_class
 from inference import eval_images, output_paths, predict_run, read_labels, report, write_submission
+from model import combine_heads, head_probs
 from runs import PROB_COLUMNS, probability_frame, read_probabilities, write_csv, write_json
 
 
@@ -36,9 +37,10 @@ def expand_inputs(inputs) -> list:
 
 def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp, num_workers) -> np.ndarray:
     """A run folder's eval probabilities: read from `eval_probs.csv` when it was made for the same
-    eval folder and TTA, else computed with inference.py's `predict_run` and stored there."""
+    eval folder, TTA and checkpoint, else computed with inference.py's `predict_run` and stored there."""
     cache, source = run_dir / "eval_probs.csv", run_dir / "eval_probs.json"
-    key = dict(data_dir=str(Path(data_dir).resolve()), tta=tta, n_images=len(image_ids))
+    key = dict(data_dir=str(Path(data_dir).resolve()), tta=tta, n_images=len(image_ids),
+               checkpoint_mtime_ns=(run_dir / "best.pth").stat().st_mtime_ns)
     if cache.is_file() and source.is_file() and json.loads(source.read_text()) == key:
         return aligned(read_probabilities(cache), image_ids, cache)
     probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers)
@@ -77,11 +79,8 @@ def ensemble(probs, weights, method="soft", per_head=False):
     age separately (on each input's marginals) and combines the three winners."""
     if not per_head:
         return vote(probs, weights, method)
-    grid = probs.reshape(len(probs), -1, 3, 2, 3)
-    heads = [grid.sum((3, 4)), grid.sum((2, 4)), grid.sum((2, 3))]
-    (mask, mask_p), (gender, gender_p), (age, age_p) = (vote(h, weights, method) for h in heads)
-    combined = (mask_p[:, :, None, None] * gender_p[:, None, :, None] * age_p[:, None, None, :]).reshape(-1, 18)
-    return encode_multi_class(mask, gender, age), combined
+    (mask, mask_p), (gender, gender_p), (age, age_p) = (vote(p, weights, method) for p in head_probs(probs).values())
+    return encode_multi_class(mask, gender, age), combine_heads(mask_p, gender_p, age_p)
 
 
 def build_parser():

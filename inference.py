@@ -16,7 +16,7 @@ from dataset import (SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, create
                      scan_people)
 from metrics import class_report, score
 from model import model_from_config, predict
-from runs import probability_frame, read_run, write_csv, write_json
+from runs import check_run, probability_frame, read_run, write_csv, write_json
 
 DEFAULT_MODEL_DIR = os.environ.get("SM_MODEL_DIR", "./model")
 
@@ -127,7 +127,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run_dir = newest_run(args.model_dir)
-        read_run(run_dir, args.checkpoint)
+        check_run(run_dir, args.checkpoint)
         submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
         image_ids, paths, labels, info = eval_images(args.data_dir)
         if args.labels:

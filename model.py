@@ -113,14 +113,21 @@ def probs18(outputs: dict) -> torch.Tensor:
     three heads the product of their softmaxes (class = mask*6 + gender*3 + age)."""
     if "class" in outputs:
         return F.softmax(outputs["class"].float(), dim=1)
-    mask, gender, age = (F.softmax(outputs[head].float(), dim=1) for head in HEADS)
-    return (mask[:, :, None, None] * gender[:, None, :, None] * age[:, None, None, :]).flatten(1)
+    return combine_heads(*(F.softmax(outputs[head].float(), dim=1) for head in HEADS))
 
 
-def head_probs(probs: torch.Tensor) -> dict:
-    """Per-head probabilities (mask 3, gender 2, age 3) as marginals of 18-class probabilities."""
-    grid = probs.reshape(-1, 3, 2, 3)
-    return {"mask": grid.sum((2, 3)), "gender": grid.sum((1, 3)), "age": grid.sum((1, 2))}
+def combine_heads(mask, gender, age):
+    """18-class probabilities as the product of per-head ones (class = mask*6 + gender*3 + age);
+    tensors or numpy arrays, any leading dimensions."""
+    product = mask[..., :, None, None] * gender[..., None, :, None] * age[..., None, None, :]
+    return product.reshape(*product.shape[:-3], 18)
+
+
+def head_probs(probs) -> dict:
+    """Per-head probabilities (mask 3, gender 2, age 3) as marginals of 18-class probabilities;
+    tensors or numpy arrays, any leading dimensions."""
+    grid = probs.reshape(*probs.shape[:-1], 3, 2, 3)
+    return {"mask": grid.sum((-2, -1)), "gender": grid.sum((-3, -1)), "age": grid.sum((-3, -2))}
 
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model import HEADS
+from model import HEADS, head_probs
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -62,22 +62,29 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def check_run(run_dir, checkpoint="best") -> Path:
+    """The run folder, after checking it holds config.json and `<checkpoint>.pth`."""
+    run_dir = Path(run_dir)
+    for name in ("config.json", f"{checkpoint}.pth"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"run folder {run_dir} has no {name}: is it a finished train.py run?")
+    return run_dir
+
+
+def read_config(run_dir, checkpoint="best") -> dict:
+    return json.loads((check_run(run_dir, checkpoint) / "config.json").read_text())
+
+
 def read_run(run_dir, checkpoint="best"):
     """(config, checkpoint state) of a run folder, with clear errors for missing files."""
-    run_dir = Path(run_dir)
-    config_path, weights_path = run_dir / "config.json", run_dir / f"{checkpoint}.pth"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"run folder {run_dir} has no {path.name}: is it a finished train.py run?")
-    config = json.loads(config_path.read_text())
-    return config, torch.load(weights_path, map_location="cpu", weights_only=False)
+    config = read_config(run_dir, checkpoint)
+    return config, torch.load(Path(run_dir) / f"{checkpoint}.pth", map_location="cpu", weights_only=False)
 
 
 def probability_frame(image_ids, probs: np.array) -> pd.DataFrame:
     """The shared probability file: ImageID, pred (argmax class), p0..p17, and the per-head
     marginals mask_p0..2, gender_p0..1, age_p0..2."""
-    grid = probs.reshape(-1, 3, 2, 3)
-    heads = np.concatenate([grid.sum((2, 3)), grid.sum((1, 3)), grid.sum((1, 2))], axis=1)
+    heads = np.concatenate(list(head_probs(probs).values()), axis=1)
     frame = pd.DataFrame(np.concatenate([probs, heads], axis=1), columns=PROB_COLUMNS + HEAD_COLUMNS)
     frame.insert(0, "pred", probs.argmax(1))
     frame.insert(0, "ImageID", list(image_ids))

@@ -29,7 +29,8 @@ from dataset import (AUGMENTATIONS, DATASETS, SAMPLE_DIR, DeviceAugment, Prefetc
 from loss import create_criterion, create_multi_head_loss
 from metrics import save_confusion_png, score
 from model import HEADS, MODEL_KINDS, autocast, build_model, freeze, predict, preprocessing
-from runs import atomic_write, new_run_dir, probability_frame, read_run, save_checkpoint, write_csv, write_json
+from runs import (atomic_write, new_run_dir, probability_frame, read_config, save_checkpoint, write_csv,
+                  write_json)
 
 
 class FlagError(Exception):
@@ -476,7 +477,7 @@ def main(argv=None) -> list:
         run_dir = resume if resume.is_dir() else resume.parent
         if not (run_dir / "last.pth").is_file():
             raise SystemExit(f"error: --resume: {run_dir} has no last.pth")
-        saved, _ = read_run(run_dir, "last")
+        saved = read_config(run_dir, "last")
         keep = {k: getattr(args, k) for k in RESUME_OVERRIDES | {"resume"} if k in given_flags(argv) | {"resume"}}
         args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if hasattr(args, k)}, **keep})
     try:
