@@ -93,7 +93,7 @@ def check_image(path: Path) -> None:
     """A cheap check (header only) that a file is a readable image; raises naming the file."""
     try:
         with Image.open(path) as image:
-            image.size
+            image.verify()
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"unreadable image {path}: {error}") from None
 
@@ -238,7 +238,8 @@ def decode_image(path) -> torch.Tensor:
     try:
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its (working) decoders for torchcodec
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB)
+            return torchvision.io.decode_image(torchvision.io.read_file(str(path)),
+                                               mode=torchvision.io.ImageReadMode.RGB)
     except (RuntimeError, OSError) as error:
         raise ValueError(f"unreadable image {path}: {str(error).splitlines()[0]}") from None
 
@@ -508,7 +509,8 @@ class DeviceAugment:
             images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
         if self.crop_scale and self.crop_scale != (1.0, 1.0):
             scale = (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * self._rand(n, device)).sqrt()
-            shift_x, shift_y = (1 - scale) * (2 * self._rand(n, device) - 1), (1 - scale) * (2 * self._rand(n, device) - 1)
+            shift_x = (1 - scale) * (2 * self._rand(n, device) - 1)
+            shift_y = (1 - scale) * (2 * self._rand(n, device) - 1)
             theta = torch.zeros(n, 2, 3, device=device, dtype=images.dtype)
             theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = scale, scale, shift_x, shift_y
             grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)

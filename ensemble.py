@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset import SAMPLE_DIR, encode_multi_class
-from inference import eval_images, output_paths, predict_run, read_labels, report, write_submission
+from inference import add_precision_flags, eval_images, output_paths, predict_run, read_labels, report, write_submission
 from model import combine_heads, head_probs
 from runs import PROB_COLUMNS, probability_frame, read_probabilities, write_csv, write_json
 
@@ -35,7 +35,8 @@ def expand_inputs(inputs) -> list:
     return expanded
 
 
-def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp, num_workers) -> np.ndarray:
+def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp, num_workers,
+                      channels_last="auto") -> np.ndarray:
     """A run folder's eval probabilities: read from `eval_probs.csv` when it was made for the same
     eval folder, TTA and checkpoint, else computed with inference.py's `predict_run` and stored there."""
     cache, source = run_dir / "eval_probs.csv", run_dir / "eval_probs.json"
@@ -43,7 +44,7 @@ def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp,
                checkpoint_mtime_ns=(run_dir / "best.pth").stat().st_mtime_ns)
     if cache.is_file() and source.is_file() and json.loads(source.read_text()) == key:
         return aligned(read_probabilities(cache), image_ids, cache)
-    probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers)
+    probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers, channels_last=channels_last)
     write_csv(cache, probability_frame(image_ids, probs))
     write_json(source, key)
     return probs
@@ -68,7 +69,7 @@ def vote(probs, weights, method="soft"):
     if method == "soft":
         return mean.argmax(1), mean
     votes = np.zeros_like(mean)
-    for w, p in zip(weights, probs):
+    for w, p in zip(weights, probs, strict=True):
         votes[np.arange(len(mean)), p.argmax(1)] += w
     tied = votes == votes.max(1, keepdims=True)
     return np.where(tied, mean, -np.inf).argmax(1), mean
@@ -96,7 +97,7 @@ def build_parser():
     parser.add_argument("--name", default="ensemble.csv")
     parser.add_argument("--tta", default="hflip", choices=["none", "hflip"], help="for run folders")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"])
+    add_precision_flags(parser)
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--labels", default=None, help="CSV with ImageID and ans: score the ensemble")
     parser.add_argument("--overwrite", action="store_true")
@@ -119,9 +120,9 @@ def main(argv=None):
         files = {path: aligned(read_probabilities(path), image_ids, path) for path in inputs if path.is_file()}
         probs = np.stack([files[path] if path in files else
                           run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size,
-                                            args.amp, args.num_workers) for path in inputs])
+                                            args.amp, args.num_workers, args.channels_last) for path in inputs])
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error}") from None
     classes, mean = ensemble(probs, weights, args.method, args.per_head)
     write_submission(submission, probs_path, image_ids, mean, info, classes)
     print(f"{args.method}{' per-head' if args.per_head else ''} vote of {len(inputs)} inputs -> {submission}")

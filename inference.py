@@ -12,10 +12,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import (SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, create_transforms, fast_collate,
-                     scan_people)
+from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, create_transforms, fast_collate, scan_people
 from metrics import class_report, score
-from model import model_from_config, predict
+from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, model_from_config, predict, resolve_amp, resolve_channels_last
 from runs import check_run, probability_frame, read_run, write_csv, write_json
 
 DEFAULT_MODEL_DIR = os.environ.get("SM_MODEL_DIR", "./model")
@@ -47,20 +46,26 @@ def eval_images(data_dir):
     return ids, list(table["path"]), table["class"].to_numpy(), None
 
 
-def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="off", tta="none", num_workers=2,
-                device=None) -> np.ndarray:
+def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", tta="none", num_workers=2,
+                device=None, channels_last="auto") -> np.ndarray:
     """18-class probabilities (N, 18) of the images at `paths` by a run folder's model; the model,
-    input size, crop and mean/std all come from the run's config.json."""
+    input size, crop and mean/std all come from the run's config.json. `amp` and `channels_last`
+    take train.py's choices (auto: what this device and model run fastest with)."""
     config, state = read_run(run_dir, checkpoint)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model_from_config(config)
     model.load_state_dict(state["model"])
-    model.to(device)
+    amp_used, amp_reason = resolve_amp(amp, device)
+    layout, layout_reason = resolve_channels_last(channels_last, model)
+    print(f"{Path(run_dir).name}: amp {amp} -> {amp_used}: {amp_reason}; channels_last {channels_last} -> "
+          f"{'on' if layout else 'off'}: {layout_reason}")
+    model.to(device, memory_format=torch.channels_last if layout else torch.preserve_format)
     transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"))[1]
     loader = DataLoader(ImageFiles(paths, transform), batch_size, num_workers=num_workers, collate_fn=fast_collate,
                         pin_memory=device.type == "cuda")
     prep = config["preprocessing"]
-    probs, _ = predict(model, PrefetchLoader(loader, prep["mean"], prep["std"], device), amp, tta, progress=True)
+    probs, _ = predict(model, PrefetchLoader(loader, prep["mean"], prep["std"], device), amp_used, tta, progress=True,
+                       channels_last=layout)
     return probs.numpy()
 
 
@@ -84,6 +89,14 @@ def report(labels, probs) -> dict:
     return scores
 
 
+def add_precision_flags(parser):
+    """--amp and --channels_last, as in train.py (auto: the fastest right choice for this machine)."""
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                        help="auto: bf16 on GPUs (8.0+) and CPUs with native bf16, fp16 on older GPUs, else off")
+    parser.add_argument("--channels_last", nargs="?", const="on", default="auto", choices=CHANNELS_LAST_CHOICES,
+                        help="auto: on for convolutional models")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -94,7 +107,7 @@ def build_parser():
     parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"))
     parser.add_argument("--name", default="submission.csv", help="submission file name")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"])
+    add_precision_flags(parser)
     parser.add_argument("--tta", default="hflip", choices=["none", "hflip"],
                         help="hflip averages plain and flipped predictions (+0.01 to +0.03 macro F1 on utkmask)")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -133,9 +146,10 @@ def main(argv=None):
         if args.labels:
             labels = read_labels(args.labels, image_ids)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error}") from None
     print(f"predicting {len(paths)} images of {args.data_dir} with {run_dir} ({args.checkpoint}.pth, tta {args.tta})")
-    probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers)
+    probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
+                        channels_last=args.channels_last)
     write_submission(submission, probs_path, image_ids, probs, info)
     print(f"wrote {submission} and {probs_path}")
     if labels is not None:

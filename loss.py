@@ -66,7 +66,7 @@ class MixLoss(nn.Module):
         self.criteria, self.weights = nn.ModuleList(criteria), list(weights)
 
     def forward(self, logits, target):
-        return sum(w * c(logits, target) for c, w in zip(self.criteria, self.weights))
+        return sum(w * c(logits, target) for c, w in zip(self.criteria, self.weights, strict=True))
 
 
 CRITERIA = {"cross_entropy": CrossEntropyLoss, "focal": FocalLoss, "label_smoothing": LabelSmoothingLoss,
@@ -88,7 +88,8 @@ def create_criterion(name, num_classes, gamma=2.0, smoothing=0.1, class_weights=
         return MixLoss([create_criterion(p[0], num_classes, gamma, smoothing, class_weights) for p in parts],
                        [float(p[1]) for p in parts])
     if name not in CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)} or a mix like focal:0.6+f1:0.4")
+        raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)} "
+                         "or a mix like focal:0.6+f1:0.4")
     if name == "focal":
         return FocalLoss(gamma, weight)
     if name == "label_smoothing":

@@ -16,7 +16,7 @@ def score(targets, probs) -> dict:
     """18-class targets (N,) and probabilities (N, 18) -> f1, acc, and <head>_acc / <head>_f1."""
     targets, preds = np.asarray(targets), np.asarray(probs).argmax(1)
     result = {"f1": macro_f1(targets, preds), "acc": float((preds == targets).mean()) if len(targets) else 0.0}
-    for head, true, pred in zip(HEADS, decode_multi_class(targets), decode_multi_class(preds)):
+    for head, true, pred in zip(HEADS, decode_multi_class(targets), decode_multi_class(preds), strict=True):
         result[f"{head}_acc"] = float((true == pred).mean()) if len(targets) else 0.0
         result[f"{head}_f1"] = macro_f1(true, pred)
     return result

@@ -63,7 +63,7 @@ def main(argv=None):
         people = synthesize_people(args.data_dir, args.out_dir, args.age_group, args.n_people, args.seed,
                                    tuple(args.age_bins))
     except (FileExistsError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error}") from None
     print(f"wrote {len(people)} synthetic people to {args.out_dir}; train with --extra_data {args.out_dir}")
 
 

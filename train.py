@@ -24,13 +24,36 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cache import DecodedCache
-from dataset import (AUGMENTATIONS, DATASETS, SAMPLE_DIR, DeviceAugment, PrefetchLoader, Subset, create_transforms,
-                     fast_collate, make_sampler, mix_batch, scan_people, to_class_targets)
+from dataset import (
+    AUGMENTATIONS,
+    DATASETS,
+    SAMPLE_DIR,
+    DeviceAugment,
+    PrefetchLoader,
+    Subset,
+    create_transforms,
+    fast_collate,
+    make_sampler,
+    mix_batch,
+    scan_people,
+    to_class_targets,
+)
 from loss import create_criterion, create_multi_head_loss
 from metrics import save_confusion_png, score
-from model import HEADS, MODEL_KINDS, autocast, build_model, freeze, predict, preprocessing
-from runs import (atomic_write, new_run_dir, probability_frame, read_config, save_checkpoint, write_csv,
-                  write_json)
+from model import (
+    AMP_CHOICES,
+    CHANNELS_LAST_CHOICES,
+    HEADS,
+    MODEL_KINDS,
+    autocast,
+    build_model,
+    freeze,
+    predict,
+    preprocessing,
+    resolve_amp,
+    resolve_channels_last,
+)
+from runs import atomic_write, new_run_dir, probability_frame, read_config, save_checkpoint, write_csv, write_json
 
 
 class FlagError(Exception):
@@ -72,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="more train-layout folders (e.g. from synthesize.py) added to training only")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     data.add_argument("--cache", action="store_true",
-                      help="decode, crop and resize every image once into a cache file, reused by later epochs and runs")
+                      help="decode, crop and resize every image once into a cache file, reused by later epochs "
+                           "and runs")
     data.add_argument("--cache_dir", default="./.cache/masktrain")
     data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="batch MixUp (Beta alpha; 0: off)")
     data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="batch CutMix (Beta alpha; 0: off)")
@@ -101,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr_gamma", type=float, default=0.5, help="step: decay factor")
     optim.add_argument("--warmup_epochs", type=int, default=0)
     optim.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step")
-    optim.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"])
-    optim.add_argument("--channels_last", action="store_true")
+    optim.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                       help="mixed precision; auto: bf16 on GPUs (8.0+) and CPUs with native bf16, fp16 on older "
+                            "GPUs (V100, T4), else off")
+    optim.add_argument("--channels_last", nargs="?", const="on", default="auto", choices=CHANNELS_LAST_CHOICES,
+                       help="channels-last memory format (bare flag: on); auto: on for convolutional models")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
     optim.add_argument("--early_stop", type=int, default=0, help="stop after N epochs without a better F1 (0: off)")
     losses = parser.add_argument_group("loss")
@@ -289,8 +316,10 @@ def make_loaders(args, dataset, model, rank, world, device):
         sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     val_shard = Subset(val_set.dataset, val_set.indices[rank::world], val_tf)
     common = dict(num_workers=args.num_workers, collate_fn=fast_collate, pin_memory=device.type == "cuda")
+    remainder = len(train_set) // world % args.batch_size  # a last batch of 1 breaks batch norm; of another
+    drop_last = remainder == 1 or (args.compile and remainder > 0)  # size, a recompile under --compile
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
-                              generator=generator, drop_last=len(train_set) // world % args.batch_size == 1, **common)
+                              generator=generator, drop_last=drop_last, **common)
     val_loader = DataLoader(val_shard, args.valid_batch_size, shuffle=False, **common)
     config = preprocessing(model)
     augment = DeviceAugment(generator=generator) if args.device_aug else None
@@ -298,9 +327,19 @@ def make_loaders(args, dataset, model, rank, world, device):
             PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard)
 
 
-def evaluate(model, loader, val_shard, amp, world):
+def resolve_precision(args, model, device):
+    """`args` with --amp and --channels_last resolved for this model and device (what the loop
+    uses), and the one-line explanation the run header prints."""
+    amp, amp_reason = resolve_amp(args.amp, device)
+    channels_last, layout_reason = resolve_channels_last(args.channels_last, model)
+    line = (f"amp {args.amp} -> {amp}: {amp_reason}; channels_last {args.channels_last} -> "
+            f"{'on' if channels_last else 'off'}: {layout_reason}")
+    return argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last}), line
+
+
+def evaluate(model, loader, val_shard, args, world):
     """Predictions over the *whole* validation set, gathered from every rank, in image order."""
-    probs, targets = predict(model, loader, amp)
+    probs, targets = predict(model, loader, args.amp, channels_last=args.channels_last)
     targets = to_class_targets(targets)
     parts = gather((val_shard.indices.tolist(), probs.numpy(), targets.numpy()), world)
     indices = np.concatenate([p[0] for p in parts]).astype(int)
@@ -320,11 +359,14 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device) -> f
     model = build_model(pretrained=pretrained, **model_args(args))
     trainable, total = freeze(model, args.freeze)
     train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
-    config = run_config(args, model, run_dir, fold)
+    asked, (args, precision) = args, resolve_precision(args, model, device)
+    config = run_config(asked, model, run_dir, fold)
+    config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last)
     n_val = sum(gather(len(val_shard), world))
     if is_main:
         print(f"run {run_dir}: {len(train_loader.dataset)} train / {n_val} val "
               f"images, {trainable:,} of {total:,} parameters trainable, device {device}, {world} process(es)")
+        print(precision)
         write_json(run_dir / "config.json", config)
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     optimizer = timm.optim.create_optimizer_v2(model, opt=args.optimizer, lr=args.lr,
@@ -370,7 +412,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device) -> f
             row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, device, is_main)
             if scheduler is not None:
                 scheduler.step(epoch + 1)
-            indices, probs, targets = evaluate(model, val_loader, val_shard, args.amp, world)
+            indices, probs, targets = evaluate(model, val_loader, val_shard, args, world)
             row.update(val_loss=val_loss(probs, targets), **{f"val_{k}": v for k, v in score(targets, probs).items()})
             log.append(row)
             improved = row["val_f1"] > best_f1
@@ -483,7 +525,7 @@ def main(argv=None) -> list:
     try:
         validate(args)
     except FlagError as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error}") from None
     rank, world, device = setup_distributed()
     try:
         table = scan_people(args.data_dir, tuple(args.age_bins), args.relabel)
@@ -498,7 +540,7 @@ def main(argv=None) -> list:
             base = gather(base, world)[0]
             run_dirs = [Path(args.model_dir) / f"{base}{s}" for s in suffixes]
         scores = [train_run(args, table, extra_table, fold, run_dir, rank, world, device)
-                  for fold, run_dir in zip(folds, run_dirs)]
+                  for fold, run_dir in zip(folds, run_dirs, strict=True)]
         if len(scores) > 1 and rank == 0:
             summary = dict(folds=[str(d) for d in run_dirs], f1=scores, mean=float(np.mean(scores)),
                            std=float(np.std(scores)))
@@ -506,7 +548,7 @@ def main(argv=None) -> list:
             print(f"{len(scores)} folds: macro F1 {summary['mean']:.4f} +- {summary['std']:.4f}")
         return scores
     except (FlagError, FloatingPointError, ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error}") from None
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from common import (MEAN, ROOT, STD, BaselineDataset, baseline_transform, bench_data_dir, machine, peak_rss_mb,
-                    report)
+from common import MEAN, ROOT, STD, BaselineDataset, baseline_transform, bench_data_dir, machine, peak_rss_mb, report
 
 from cache import DecodedCache  # noqa: E402
 from dataset import MaskBaseDataset, PrefetchLoader, Subset, create_transforms, fast_collate  # noqa: E402

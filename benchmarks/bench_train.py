@@ -1,8 +1,9 @@
 """End-to-end CPU training throughput (data + step), the baseline's loop and loader against this
-toolkit's, with the same model, batch and optimizer.
+toolkit's, with the same model, batch and optimizer; explicit precisions beside the `auto` defaults.
 
     python benchmarks/bench_train.py                        # resnet18 128x96, efficientnet_lite0 224x224
     python benchmarks/bench_train.py --models test_resnet:64x48 --steps 2 --batch_size 8   # smoke run
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_train.py ...  # as an AVX2-only CPU
 """
 import argparse
 import tempfile
@@ -21,10 +22,12 @@ from dataset import MaskBaseDataset, PrefetchLoader, Subset, create_transforms, 
 from loss import create_multi_head_loss  # noqa: E402
 from model import build_model  # noqa: E402
 
-CONFIGS = {"reference": "baseline loop + loader, fp32",
-           "masktrain": "masktrain loop + uint8 loader, fp32",
-           "masktrain_fast": "masktrain, --amp bf16 --channels_last",
-           "masktrain_cache": "masktrain, --amp bf16 --channels_last --cache"}
+CONFIGS = {"reference": ("baseline loop + loader, fp32", None),
+           "fp32": ("masktrain, --amp off --channels_last off", ["--amp", "off", "--channels_last", "off"]),
+           "fp32_cl": ("masktrain, --amp off --channels_last", ["--amp", "off", "--channels_last"]),
+           "bf16_cl": ("masktrain, --amp bf16 --channels_last", ["--amp", "bf16", "--channels_last"]),
+           "auto": ("masktrain, defaults (--amp auto --channels_last auto)", []),
+           "auto_cache": ("masktrain, defaults + --cache", ["--cache"])}
 
 
 def reference_epoch(model, loader, criterion, optimizer):
@@ -43,8 +46,9 @@ def reference_epoch(model, loader, criterion, optimizer):
 
 
 def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir):
-    """Seconds per image of `rows` images (after one warm-up batch)."""
+    """(seconds per image of `rows` images after one warm-up batch, resolved precision)."""
     torch.manual_seed(0)
+    precision = "fp32"
     if config == "reference":
         model = timm.create_model(name, num_classes=18)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -56,19 +60,18 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
                                 num_workers=workers)
             reference_epoch(model, loader, criterion, optimizer)
     else:
-        fast = config != "masktrain"
         model = build_model("single_head", name)
-        if fast:
-            model = model.to(memory_format=torch.channels_last)
+        args, _ = train.resolve_precision(train.parse_args(["--epochs", "1", "--log_interval", "50"]
+                                                                   + CONFIGS[config][1]), model, torch.device("cpu"))
+        model = model.to(memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.0)
         criterion = create_multi_head_loss("cross_entropy", {"class": 18})
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         dataset = MaskBaseDataset(table=table)
         train_tf, val_tf = create_transforms("CustomAugmentation", resize)
-        if config == "masktrain_cache":
+        precision = ("fp32" if args.amp == "off" else args.amp) + (", channels_last" if args.channels_last else "")
+        if args.cache:
             dataset.cache = DecodedCache.build(table["path"], val_tf, cache_dir, workers)
-        args = train.parse_args(["--epochs", "1", "--amp", "bf16" if fast else "off", "--log_interval", "50"]
-                                + (["--channels_last"] if fast else []))
 
         def epoch(indices):
             loader = DataLoader(Subset(dataset, indices, train_tf), batch_size, shuffle=True, num_workers=workers,
@@ -78,13 +81,14 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
     epoch(list(range(batch_size)))
     started = time.perf_counter()
     epoch(list(range(batch_size, batch_size + rows)))
-    return (time.perf_counter() - started) / rows
+    return (time.perf_counter() - started) / rows, precision
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18:128x96", "efficientnet_lite0:224x224"],
                         metavar="NAME:HxW")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--people", type=int, default=200)
     parser.add_argument("--steps", type=int, default=8, help="timed batches per configuration")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -99,17 +103,22 @@ def main(argv=None):
         raise SystemExit(f"error: {len(table)} images are too few for {args.steps} steps of {args.batch_size}")
     lines = [f"End-to-end CPU training, batch {args.batch_size}, {args.steps} timed steps, {args.workers} loader "
              f"worker(s), AdamW, {machine()}", "",
-             "| model | input | configuration | images/s | ratio to reference |", "| --- | --- | --- | --- | --- |"]
+             "| model | input | configuration | resolved precision | images/s | ratio to reference | "
+             "ratio to fp32 + channels_last |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for spec in args.models:
         name, size = spec.split(":")
         resize = [int(v) for v in size.split("x")]
-        speeds = {}
-        for config in CONFIGS:
-            speeds[config] = 1 / run_config(config, name, resize, table, rows, args.batch_size, args.workers,
-                                            Path(args.work_dir) / "cache")
-            print(f"{name} {size} {config}: {speeds[config]:.1f} img/s", flush=True)
-            lines.append(f"| {name} | {size} | {CONFIGS[config]} | {speeds[config]:.1f} | "
-                         f"{speeds[config] / speeds['reference']:.2f}x |")
+        speeds, precisions = {}, {}
+        for config in args.configs:
+            seconds, precisions[config] = run_config(config, name, resize, table, rows, args.batch_size, args.workers,
+                                                     Path(args.work_dir) / "cache")
+            speeds[config] = 1 / seconds
+            print(f"{name} {size} {config} ({precisions[config]}): {speeds[config]:.1f} img/s", flush=True)
+        for config in args.configs:
+            ratios = [f"{speeds[config] / speeds[base]:.2f}x" if base in speeds else "-"
+                      for base in ("reference", "fp32_cl")]
+            lines.append(f"| {name} | {size} | {CONFIGS[config][0]} | {precisions[config]} | {speeds[config]:.1f} | "
+                         + " | ".join(ratios) + " |")
     report(lines, args.out)
 
 

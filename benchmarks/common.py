@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import make_sample  # noqa: E402
+from model import cpu_flags  # noqa: E402
 
 MEAN, STD = (0.548, 0.504, 0.479), (0.237, 0.247, 0.246)  # the baseline's defaults
 
@@ -65,7 +66,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def report(lines, out):

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -21,4 +22,12 @@ def test_bench_data_smoke(tmp_path):
 def test_bench_train_smoke(tmp_path):
     table = run_bench("bench_train.py", tmp_path, "--models", "test_resnet:64x48", "--steps", "2",
                       "--batch_size", "8", "--workers", "0")
-    assert table.count("| test_resnet |") == 4 and "1.00x" in table
+    assert table.count("| test_resnet |") == 6 and "1.00x" in table and "kernels" in table
+    assert "defaults (--amp auto --channels_last auto)" in table
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "gpu_check: no CUDA device on this machine; nothing to check (exit 0)"

@@ -3,8 +3,7 @@ import os
 import torch
 
 from cache import DecodedCache
-from dataset import (CustomAugmentation, DeviceAugment, MultiLabelDataset, create_transforms, decode_image,
-                     scan_people)
+from dataset import CustomAugmentation, DeviceAugment, MultiLabelDataset, create_transforms, decode_image, scan_people
 
 
 def test_cache_is_byte_identical_and_rebuilds_on_change(tiny_data, tmp_path):

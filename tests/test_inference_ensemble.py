@@ -47,9 +47,11 @@ def test_newest_run_is_the_default(trained, tiny_data, tmp_path):
 
 
 def test_tta_is_the_mean_of_plain_and_flipped(trained, tiny_data, tmp_path):
-    plain = predict(trained, tiny_data, tmp_path, "--name", "plain.csv", "--tta", "none")
-    both = predict(trained, tiny_data, tmp_path, "--name", "tta.csv", "--tta", "hflip")
+    exact = ["--amp", "off", "--channels_last", "off"]  # compared with a plain fp32 forward below
+    plain = predict(trained, tiny_data, tmp_path, "--name", "plain.csv", "--tta", "none", *exact)
+    both = predict(trained, tiny_data, tmp_path, "--name", "tta.csv", "--tta", "hflip", *exact)
     import torch
+
     from dataset import ImageFiles, PrefetchLoader, create_transforms, fast_collate
     from model import model_from_config, probs18
     from runs import read_run
@@ -58,11 +60,12 @@ def test_tta_is_the_mean_of_plain_and_flipped(trained, tiny_data, tmp_path):
     model.load_state_dict(state["model"])
     model.eval()
     paths = inference.eval_images(tiny_data / "eval")[1]
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, create_transforms(config["augmentation"], config["resize"])[1]),
-                                         64, collate_fn=fast_collate)
+    transform = create_transforms(config["augmentation"], config["resize"])[1]
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), 64, collate_fn=fast_collate)
     prep = config["preprocessing"]
     with torch.no_grad():
-        flipped = torch.cat([probs18(model(x.flip(3))) for x, _ in PrefetchLoader(loader, prep["mean"], prep["std"], "cpu")])
+        batches = PrefetchLoader(loader, prep["mean"], prep["std"], "cpu")
+        flipped = torch.cat([probs18(model(x.flip(3))) for x, _ in batches])
     flipped = flipped.numpy()
     assert np.allclose(both, (plain + flipped) / 2, atol=1e-6)
     assert not np.allclose(plain, flipped, atol=1e-4)

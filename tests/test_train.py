@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-import train
 from conftest import ROOT
+
+import train
 from dataset import make_sample
 
 FAST = ["--resize", "64", "48", "--num_workers", "0", "--batch_size", "32", "--model", "test_resnet"]
@@ -103,7 +104,8 @@ def test_amp_channels_last_sampler_and_freeze_on_cpu(tmp_path, tiny_data):
     cache = ["--cache", "--cache_dir", str(tmp_path / "cache"), "--device_aug"]
     for i, flags in enumerate([["--amp", "fp16", "--channels_last", "--sampler", "age", "--grad_accum", "2", *cache],
                                ["--amp", "bf16", "--freeze", "1", "--optimizer", "lion", "--scheduler", "step",
-                                "--criterion", "mask=cross_entropy", "age=focal:0.6+f1:0.4", "--head_weights", "age=1.5",
+                                "--criterion", "mask=cross_entropy", "age=focal:0.6+f1:0.4",
+                                "--head_weights", "age=1.5",
                                 "--warmup_epochs", "1", "--drop_ages", "58", "59", "--age_bins", "30", "58"]]):
         scores = run(tmp_path, tiny_data, "--epochs", "2", *flags, name=f"amp{i}")
         assert 0 <= scores[0] <= 1
@@ -186,8 +188,8 @@ def test_mixing_synthetic_people_and_crop(tmp_path, tiny_data):
     with pytest.raises(FileExistsError):
         synthesize_people(tiny_data / "train", tmp_path / "synthetic", n_people=1)
     for i, kind in enumerate(["three_head", "single_head"]):
-        run(tmp_path, tiny_data, "--epochs", "1", "--kind", kind, "--mixup", "0.4", "--cutmix", "1.0", "--mix_prob", "1",
-            "--extra_data", str(tmp_path / "synthetic"), "--crop", "1", "1", name=f"mix{i}")
+        run(tmp_path, tiny_data, "--epochs", "1", "--kind", kind, "--mixup", "0.4", "--cutmix", "1.0",
+            "--mix_prob", "1", "--extra_data", str(tmp_path / "synthetic"), "--crop", "1", "1", name=f"mix{i}")
         probs = pd.read_csv(tmp_path / f"mix{i}" / "val_probs.csv")
         assert not probs["ImageID"].str.startswith("9000").any()
     assert json.loads((tmp_path / "mix0" / "config.json").read_text())["crop"] == [1.0, 1.0]

@@ -1,0 +1,90 @@
+"""--amp auto and --channels_last auto: the resolution rules on every kind of machine (faked), and
+what a run records."""
+import json
+
+import pytest
+import torch
+
+import model
+import train
+from model import build_model, resolve_amp, resolve_channels_last
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Fake the CPU: native bf16 or not."""
+    def fake(native):
+        monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
+    return fake
+
+
+@pytest.mark.parametrize("capability,expected",
+                         [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp16"), ((7, 5), "fp16")])
+def test_auto_on_cuda_is_bf16_from_ampere_else_fp16(monkeypatch, capability, expected):
+    monkeypatch.setattr(model, "cuda_capability", lambda device: capability)
+    amp, reason = resolve_amp("auto", torch.device("cuda", 0))
+    assert amp == expected and f"{capability[0]}.{capability[1]}" in reason
+    assert ("grad scaler" in reason) == (expected == "fp16")
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "off")])
+def test_auto_on_cpu_is_bf16_only_with_native_bf16(cpu_bf16, native, expected):
+    cpu_bf16(native)
+    amp, reason = resolve_amp("auto", "cpu")
+    assert amp == expected
+    assert reason.startswith("CPU with native bf16" if native else "CPU without native bf16")
+
+
+def test_explicit_choices_stay_and_emulated_bf16_warns(cpu_bf16, capsys):
+    cpu_bf16(False)
+    for choice in ("off", "fp16", "bf16"):
+        assert resolve_amp(choice, "cpu")[0] == choice
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: --amp bf16 on a CPU without native bf16" in err
+    cpu_bf16(True)
+    resolve_amp("bf16", "cpu")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="--amp"):
+        resolve_amp("fp8", "cpu")
+
+
+def test_forced_avx2_kernels_are_not_native_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not model.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not model.cpu_has_native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert model.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not model.cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize("name,expected", [("test_resnet", True), ("test_efficientnet", True),
+                                           ("test_convnext", True), ("test_vit", False)])
+def test_channels_last_auto_is_on_for_convolutional_models(name, expected):
+    net = build_model("three_head", name)
+    assert resolve_channels_last("auto", net)[0] is expected
+    assert resolve_channels_last("on", net)[0] is True and resolve_channels_last("off", net)[0] is False
+    assert resolve_channels_last(True, net)[0] is True  # config.json of older runs: a bool
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "off")])
+def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf16, capsys, native, expected):
+    cpu_bf16(native)
+    train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
+                "--resize", "32", "24", "--num_workers", "0", "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert f"amp auto -> {expected}: CPU with{'' if native else 'out'} native bf16" in out
+    assert "channels_last auto -> on: convolutional model" in out
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert (config["amp"], config["amp_resolved"]) == ("auto", expected)
+    assert (config["channels_last"], config["channels_last_resolved"]) == ("auto", True)
+
+
+def test_bare_channels_last_flag_means_on():
+    assert train.parse_args(["--channels_last"]).channels_last == "on"
+    assert train.parse_args([]).channels_last == "auto" and train.parse_args([]).amp == "auto"
