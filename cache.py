@@ -1,22 +1,113 @@
-"""The decoded-image cache: each image is decoded once, centre-cropped and resized (a transform's
-deterministic `prepare` step) and stored as uint8 CHW in one flat file with a small JSON index.
-Reads use `os.pread` of one fixed-size record, so a worker's memory stays flat whatever the file size.
-The file name is a hash of the preprocessing settings and of every image's path, size and mtime:
-a change of either builds a new cache instead of reading a stale one."""
+"""Every image decoded once before the work: the full check of a set of image files (remembered per
+file by path, size and mtime, so that unchanged files are not decoded again), and the decoded-image
+cache, whose build is that check too.
+
+The cache: each image is decoded once, centre-cropped and resized (a transform's deterministic
+`prepare` step) and stored as uint8 CHW in one flat file with a small JSON index. Reads use
+`os.pread` of one fixed-size record, so a worker's memory stays flat whatever the file size. The file
+name is a hash of the preprocessing settings and of every image's path, size and mtime: a change of
+either builds a new cache instead of reading a stale one. Two processes building the same cache at
+once take turns (a file lock): the second finds the first one's cache."""
+import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import ImageFiles, fast_collate
+from dataset import load_image
 from runs import atomic_write, write_json
 
 CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = "./.cache/masktrain"
+CHECKED_FILE = "checked_images.json"
+
+
+class BadImagesError(ValueError):
+    """Images that do not decode; `bad` lists every one as (path, reason)."""
+
+    def __init__(self, bad, listing=None):
+        self.bad, self.listing = list(bad), listing
+        shown = "; ".join(f"{path} ({reason})" for path, reason in self.bad[:10])
+        where = f", all listed in {listing}" if listing else ""
+        super().__init__(f"{len(self.bad)} unreadable image(s){where}: {shown}" + (" ..." if len(bad) > 10 else ""))
+
+
+def file_stamp(path) -> str:
+    stat = os.stat(path)
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+@contextmanager
+def locked(lock_path):
+    """An exclusive lock on `lock_path` (created if needed) for the `with` block."""
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class DecodeAll(Dataset):
+    """Item i: (image through `transform`, or None without one or when unreadable; i; error text)."""
+
+    def __init__(self, paths, transform=None):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            image = load_image(self.paths[index], self.transform)
+        except ValueError as error:
+            return None, index, str(error).split(": ", 1)[-1]
+        return (image if self.transform is not None else None), index, ""
+
+
+def collate_decoded(batch):
+    images = [item[0] for item in batch if item[0] is not None]
+    return torch.stack(images) if images else None, [item[1] for item in batch], [item[2] for item in batch]
+
+
+def decode_all(paths, transform=None, num_workers=0, batch_size=32, desc="checking"):
+    """Decode every image of `paths` in parallel, with a progress bar; yields (readable images through
+    `transform` stacked, or None; indices; error texts) per batch."""
+    loader = DataLoader(DecodeAll(paths, transform), batch_size, num_workers=num_workers, collate_fn=collate_decoded)
+    yield from tqdm(loader, desc=f"{desc} {len(paths)} images", leave=False, dynamic_ncols=True,
+                    disable=len(paths) == 0)
+
+
+def remember_good(cache_dir, paths):
+    """Add `paths` (decoded without error) to the record of checked files in `cache_dir`."""
+    record = Path(cache_dir) / CHECKED_FILE
+    with locked(record.with_suffix(".lock")):
+        checked = json.loads(record.read_text()) if record.is_file() else {}
+        checked.update({str(p): file_stamp(p) for p in paths})
+        write_json(record, checked)
+
+
+def check_images(paths, cache_dir=DEFAULT_CACHE_DIR, num_workers=0) -> list:
+    """Fully decode every image of `paths` not already known good (same path, size and mtime); return
+    all unreadable ones as (path, reason)."""
+    paths = [str(p) for p in paths]
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    record = Path(cache_dir) / CHECKED_FILE
+    checked = json.loads(record.read_text()) if record.is_file() else {}
+    todo = [p for p in paths if checked.get(p) != file_stamp(p)]
+    bad = []
+    for _, indices, errors in decode_all(todo, num_workers=num_workers):
+        bad += [(todo[i], error) for i, error in zip(indices, errors, strict=True) if error]
+    if todo:
+        failed = {path for path, _ in bad}
+        remember_good(cache_dir, [p for p in todo if p not in failed])
+    return bad
 
 
 def cache_key(paths, transform) -> str:
@@ -40,25 +131,38 @@ class DecodedCache:
 
     @classmethod
     def build(cls, paths, transform, cache_dir, num_workers=0, batch_size=64) -> "DecodedCache":
-        """Open the cache of `paths` prepared by `transform`, building it first if needed."""
+        """Open the cache of `paths` prepared by `transform`, building it first if needed. The build
+        decodes every image, so it is their check too: it raises BadImagesError listing every
+        unreadable one, and leaves no cache behind then."""
         paths = [str(p) for p in paths]
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
         key = cache_key(paths, transform)
         data_path, index_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
         shape = (3, *transform.resize)
-        if index_path.is_file() and data_path.is_file():
-            return cls(data_path, shape, len(paths))
-        loader = DataLoader(ImageFiles(paths, transform.prepare), batch_size, num_workers=num_workers,
-                            collate_fn=fast_collate)
+        bad = []
 
         def write(tmp):
             with open(tmp, "wb") as file:
-                for images, _ in tqdm(loader, desc=f"caching {len(paths)} images", leave=False, dynamic_ncols=True):
-                    file.write(images.numpy().tobytes())
+                for images, indices, errors in decode_all(paths, transform.prepare, num_workers, batch_size,
+                                                          desc="caching"):
+                    bad.extend((paths[i], error) for i, error in zip(indices, errors, strict=True) if error)
+                    if not bad:
+                        file.write(images.numpy().tobytes())
+            if bad:
+                raise BadImagesError(bad)
 
-        atomic_write(data_path, write)
-        write_json(index_path, dict(paths=paths, shape=shape, settings=type(transform).__name__))
+        with locked(cache_dir / f"{key}.lock"):
+            if index_path.is_file() and data_path.is_file():
+                return cls(data_path, shape, len(paths))
+            try:
+                atomic_write(data_path, write)
+            except BadImagesError:
+                failed = {path for path, _ in bad}
+                remember_good(cache_dir, [p for p in paths if p not in failed])
+                raise
+            remember_good(cache_dir, paths)
+            write_json(index_path, dict(paths=paths, shape=shape, settings=type(transform).__name__))
         return cls(data_path, shape, len(paths))
 
     def __len__(self):

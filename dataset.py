@@ -241,7 +241,12 @@ def decode_image(path) -> torch.Tensor:
             return torchvision.io.decode_image(torchvision.io.read_file(str(path)),
                                                mode=torchvision.io.ImageReadMode.RGB)
     except (RuntimeError, OSError) as error:
-        raise ValueError(f"unreadable image {path}: {str(error).splitlines()[0]}") from None
+        raise ValueError(f"unreadable image {path}: {without_source_locations(str(error).splitlines()[0])}") from None
+
+
+def without_source_locations(text: str) -> str:
+    """`text` without a library's source file locations (torchvision's `/__w/vision/.../decode_jpeg.cpp:171,`)."""
+    return " ".join(re.sub(r"\s*[^\s,]*\.(?:cpp|cc|cu|h|hpp):\d+,?", "", text).split())
 
 
 def load_image(path, transform=None) -> torch.Tensor:
@@ -406,46 +411,47 @@ def center_crop_box(height, width, crop_fraction=CROP_FRACTION):
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
+def check_augment_options(color_jitter=0.0, grayscale=0.0, sharpness=0.0, noise=0.0, randaugment=None):
+    """Raise ValueError (naming the flag) for an out-of-range augmentation option."""
+    if not 0 <= color_jitter < 1:
+        raise ValueError(f"--color_jitter must be in [0, 1), got {color_jitter}")
+    if not 0 <= grayscale <= 1:
+        raise ValueError(f"--grayscale is a probability in [0, 1], got {grayscale}")
+    if sharpness < 0:
+        raise ValueError(f"--sharpness must be >= 0, got {sharpness}")
+    if not 0 <= noise <= 1:
+        raise ValueError(f"--noise is a standard deviation in [0, 1] (of the 0..255 range), got {noise}")
+    if randaugment is not None and not (len(randaugment) == 2 and randaugment[0] >= 1 and 0 <= randaugment[1] <= 30):
+        raise ValueError(f"--randaugment N M needs N >= 1 operations and magnitude 0 <= M <= 30, got {randaugment}")
+
+
 class BaseAugmentation:
     """Resize only (the baseline's default). Every augmentation works on uint8 CHW tensors in two
     steps: `prepare` (deterministic: crop and resize; what the decoded cache stores) and `augment`
     (random, training only); calling it does both. `crop_fraction` (height, width) overrides the
-    class's centre crop; (1, 1) keeps the whole image."""
+    class's centre crop; (1, 1) keeps the whole image. Every augmentation also takes the optional
+    training-only options: `color_jitter` (brightness, contrast and saturation factors in 1 +- S),
+    `grayscale` (probability), `sharpness` (factor 1 + S, half the images), `noise` (gaussian, sigma
+    as a fraction of 255) and `randaugment` ((N, M): torchvision's RandAugment on uint8)."""
     crop_fraction = None
 
-    def __init__(self, resize=(128, 96), train=True, crop_fraction=None, **options):
+    def __init__(self, resize=(128, 96), train=True, crop_fraction=None, color_jitter=0.0, grayscale=0.0,
+                 sharpness=0.0, noise=0.0, randaugment=None, **options):
         self.resize, self.train = [int(v) for v in resize], train
         if crop_fraction is not None:
             self.crop_fraction = None if tuple(crop_fraction) == (1, 1) else tuple(crop_fraction)
-
-    def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        if self.crop_fraction:
-            image = TF.crop(image, *center_crop_box(*image.shape[-2:], self.crop_fraction))
-        return TF.resize(image, self.resize, antialias=True)
-
-    def augment(self, image: torch.Tensor) -> torch.Tensor:
-        return image
-
-    def from_prepared(self, image: torch.Tensor) -> torch.Tensor:
-        return self.augment(image) if self.train else image
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.from_prepared(self.prepare(image))
-
-
-class CustomAugmentation(BaseAugmentation):
-    """Centre crop (320x256 on a 512x384 image: the same fraction of any input), resize; in training
-    also horizontal flip and, optionally, colour jitter, grayscale, sharpness and gaussian noise."""
-    crop_fraction = CROP_FRACTION
-
-    def __init__(self, resize=(128, 96), train=True, crop_fraction=None, color_jitter=0.0, grayscale=0.0,
-                 sharpness=0.0, noise=0.0, **options):
-        super().__init__(resize, train, crop_fraction)
+        check_augment_options(color_jitter, grayscale, sharpness, noise, randaugment)
         self.color_jitter, self.grayscale, self.sharpness, self.noise = color_jitter, grayscale, sharpness, noise
+        self.randaugment = None
+        if randaugment:
+            from torchvision.transforms import v2
+            self.randaugment = v2.RandAugment(num_ops=int(randaugment[0]), magnitude=int(randaugment[1]))
 
-    def augment(self, image: torch.Tensor) -> torch.Tensor:
-        if random.random() < 0.5:
-            image = image.flip(-1)
+    def options(self, image: torch.Tensor) -> torch.Tensor:
+        """The optional training augmentations, in order: RandAugment, colour jitter, grayscale,
+        sharpness, noise."""
+        if self.randaugment is not None:
+            image = self.randaugment(image)
         if self.color_jitter:
             for adjust in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
                 image = adjust(image, 1 + random.uniform(-self.color_jitter, self.color_jitter))
@@ -458,6 +464,31 @@ class CustomAugmentation(BaseAugmentation):
             image = (image.float() + noise).clamp_(0, 255).to(torch.uint8)
         return image
 
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        if self.crop_fraction:
+            image = TF.crop(image, *center_crop_box(*image.shape[-2:], self.crop_fraction))
+        return TF.resize(image, self.resize, antialias=True)
+
+    def augment(self, image: torch.Tensor) -> torch.Tensor:
+        return self.options(image)
+
+    def from_prepared(self, image: torch.Tensor) -> torch.Tensor:
+        return self.augment(image) if self.train else image
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.from_prepared(self.prepare(image))
+
+
+class CustomAugmentation(BaseAugmentation):
+    """Centre crop (320x256 on a 512x384 image: the same fraction of any input), resize; in training
+    also horizontal flip, then the optional augmentations (see BaseAugmentation)."""
+    crop_fraction = CROP_FRACTION
+
+    def augment(self, image: torch.Tensor) -> torch.Tensor:
+        if random.random() < 0.5:
+            image = image.flip(-1)
+        return self.options(image)
+
 
 class AlbumentationsAugmentation(CustomAugmentation):
     """Centre crop and resize, then in training albumentations' flip, shift-scale-rotate,
@@ -465,7 +496,7 @@ class AlbumentationsAugmentation(CustomAugmentation):
 
     def __init__(self, resize=(128, 96), train=True, crop_fraction=None, **options):
         import albumentations as A
-        super().__init__(resize, train, crop_fraction)
+        super().__init__(resize, train, crop_fraction, **options)
         self.pipeline = A.Compose([
             A.HorizontalFlip(p=0.5),
             A.Affine(translate_percent=0.05, scale=(0.9, 1.1), rotate=(-10, 10), p=0.5),
@@ -477,7 +508,7 @@ class AlbumentationsAugmentation(CustomAugmentation):
 
     def augment(self, image: torch.Tensor) -> torch.Tensor:
         array = self.pipeline(image=image.permute(1, 2, 0).numpy())["image"]
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+        return self.options(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous())
 
 
 AUGMENTATIONS = {cls.__name__: cls for cls in (BaseAugmentation, CustomAugmentation, AlbumentationsAugmentation)}

@@ -12,9 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from dataset import SAMPLE_DIR, encode_multi_class
-from inference import add_precision_flags, eval_images, output_paths, predict_run, read_labels, report, write_submission
+from inference import (
+    USER_ERRORS,
+    add_precision_flags,
+    check_eval_images,
+    eval_images,
+    output_paths,
+    predict_run,
+    read_labels,
+    report,
+    write_submission,
+)
 from model import combine_heads, head_probs
-from runs import PROB_COLUMNS, probability_frame, read_probabilities, write_csv, write_json
+from runs import PROB_COLUMNS, one_line, probability_frame, read_probabilities, write_csv, write_json
 
 
 def expand_inputs(inputs) -> list:
@@ -118,11 +128,15 @@ def main(argv=None):
         if args.labels:
             labels = read_labels(args.labels, image_ids)
         files = {path: aligned(read_probabilities(path), image_ids, path) for path in inputs if path.is_file()}
+        if len(files) < len(inputs):
+            check_eval_images(paths, args.output_dir, args.num_workers)
         probs = np.stack([files[path] if path in files else
                           run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size,
                                             args.amp, args.num_workers, args.channels_last) for path in inputs])
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
-        raise SystemExit(f"error: {error}") from None
+    except (*USER_ERRORS, KeyError) as error:
+        if os.environ.get("MASKTRAIN_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {one_line(error)}") from None
     classes, mean = ensemble(probs, weights, args.method, args.per_head)
     write_submission(submission, probs_path, image_ids, mean, info, classes)
     print(f"{args.method}{' per-head' if args.per_head else ''} vote of {len(inputs)} inputs -> {submission}")

@@ -12,23 +12,39 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images
 from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, create_transforms, fast_collate, scan_people
 from metrics import class_report, score
 from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, model_from_config, predict, resolve_amp, resolve_channels_last
-from runs import check_run, probability_frame, read_run, write_csv, write_json
+from runs import check_run, one_line, probability_frame, read_run, write_csv, write_json
 
 DEFAULT_MODEL_DIR = os.environ.get("SM_MODEL_DIR", "./model")
+USER_ERRORS = (ValueError, OSError, RuntimeError)  # reported as one line, no traceback
 
 
-def newest_run(model_dir) -> Path:
-    """The most recently written run folder under `model_dir` (or `model_dir` itself if it is one)."""
+def newest_run(model_dir, checkpoint="best") -> Path:
+    """The most recently written finished run folder under `model_dir` (or `model_dir` itself if it
+    is one): folders without `<checkpoint>.pth` (a run that failed or was stopped before its first
+    epoch) are passed over."""
     model_dir = Path(model_dir)
     if (model_dir / "config.json").is_file():
         return model_dir
-    runs = [p.parent for p in model_dir.glob("*/config.json")] if model_dir.is_dir() else []
+    runs = [p.parent for p in model_dir.glob("*/config.json") if (p.parent / f"{checkpoint}.pth").is_file()]
     if not runs:
-        raise FileNotFoundError(f"no run folder (with config.json) in {model_dir}: train one with train.py first")
-    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
+        raise FileNotFoundError(f"no finished run folder (config.json and {checkpoint}.pth) in {model_dir}: "
+                                "train one with train.py first")
+    return max(runs, key=lambda p: (p / f"{checkpoint}.pth").stat().st_mtime)
+
+
+def check_eval_images(paths, output_dir, num_workers):
+    """Decode every eval image once before predicting (remembered for unchanged files); any unreadable
+    one stops the command with the list, written to `output_dir/bad_images.csv`: no image is dropped."""
+    bad = check_images(paths, DEFAULT_CACHE_DIR, num_workers)
+    if bad:
+        listing = Path(output_dir) / "bad_images.csv"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(listing, pd.DataFrame(bad, columns=["path", "reason"]))
+        raise BadImagesError(bad, f"{listing}; every eval image needs a prediction: fix or replace them")
 
 
 def eval_images(data_dir):
@@ -139,18 +155,22 @@ def write_submission(submission_path, probs_path, image_ids, probs, info=None, c
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        run_dir = newest_run(args.model_dir)
+        run_dir = newest_run(args.model_dir, args.checkpoint)
         check_run(run_dir, args.checkpoint)
         submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
         image_ids, paths, labels, info = eval_images(args.data_dir)
         if args.labels:
             labels = read_labels(args.labels, image_ids)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
-    print(f"predicting {len(paths)} images of {args.data_dir} with {run_dir} ({args.checkpoint}.pth, tta {args.tta})")
-    probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
-                        channels_last=args.channels_last)
-    write_submission(submission, probs_path, image_ids, probs, info)
+        check_eval_images(paths, args.output_dir, args.num_workers)
+        print(f"predicting {len(paths)} images of {args.data_dir} with {run_dir} ({args.checkpoint}.pth, "
+              f"tta {args.tta})")
+        probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
+                            channels_last=args.channels_last)
+        write_submission(submission, probs_path, image_ids, probs, info)
+    except USER_ERRORS as error:
+        if os.environ.get("MASKTRAIN_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {one_line(error)}") from None
     print(f"wrote {submission} and {probs_path}")
     if labels is not None:
         write_json(submission.with_name(f"{submission.stem}_scores.json"), report(labels, probs))

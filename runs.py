@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dataset import without_source_locations
 from model import HEADS, head_probs
 
 UMASK = os.umask(0)
@@ -37,7 +38,8 @@ def new_run_dir(model_dir, name, suffixes=("",)) -> str:
 
 
 def atomic_write(path, write):
-    """Call `write(tmp_path)`, then rename the temporary file onto `path`."""
+    """Call `write(tmp_path)`, then rename the temporary file onto `path`: `path` is the old file or
+    the new one, never a part. A failing write (a full disk) raises OSError naming `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -45,9 +47,21 @@ def atomic_write(path, write):
         write(tmp)
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
+    except OSError as error:
+        raise OSError(error.errno, f"could not write {path}: {error.strerror or error}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def one_line(error) -> str:
+    """An error as one line for the user: a loader worker's original error rather than its traceback,
+    and no library source locations (e.g. torchvision's `/__w/vision/.../decode_jpeg.cpp:171`)."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", text.strip())
+    return without_source_locations(re.sub(r"^\[Errno \d+\] ", "", text))
 
 
 def write_json(path, data):
@@ -60,6 +74,12 @@ def write_csv(path, frame: pd.DataFrame):
 
 def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def remove_stale_temporaries(run_dir):
+    """Delete the temporary files of writes that a killed process left behind."""
+    for tmp in Path(run_dir).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def check_run(run_dir, checkpoint="best") -> Path:

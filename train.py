@@ -8,7 +8,9 @@ import math
 import os
 import platform
 import random
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cache import DecodedCache
+from cache import BadImagesError, DecodedCache, check_images
 from dataset import (
     AUGMENTATIONS,
     DATASETS,
@@ -31,6 +33,7 @@ from dataset import (
     DeviceAugment,
     PrefetchLoader,
     Subset,
+    check_augment_options,
     create_transforms,
     fast_collate,
     make_sampler,
@@ -53,7 +56,17 @@ from model import (
     resolve_amp,
     resolve_channels_last,
 )
-from runs import atomic_write, new_run_dir, probability_frame, read_config, save_checkpoint, write_csv, write_json
+from runs import (
+    atomic_write,
+    new_run_dir,
+    one_line,
+    probability_frame,
+    read_config,
+    remove_stale_temporaries,
+    save_checkpoint,
+    write_csv,
+    write_json,
+)
 
 
 class FlagError(Exception):
@@ -93,11 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--relabel", default=None, help="CSV of label corrections (see README)")
     data.add_argument("--extra_data", nargs="*", default=[], metavar="DIR",
                       help="more train-layout folders (e.g. from synthesize.py) added to training only")
+    data.add_argument("--skip_bad_images", action="store_true",
+                      help="leave unreadable images out (with a warning) instead of stopping before the run")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     data.add_argument("--cache", action="store_true",
                       help="decode, crop and resize every image once into a cache file, reused by later epochs "
                            "and runs")
     data.add_argument("--cache_dir", default="./.cache/masktrain")
+    augment = parser.add_argument_group("training augmentation (never applied to validation or inference)")
+    augment.add_argument("--color_jitter", type=float, default=0.0, metavar="S",
+                         help="brightness, contrast and saturation factors drawn in 1 +- S")
+    augment.add_argument("--grayscale", type=float, default=0.0, metavar="P", help="probability of grayscale")
+    augment.add_argument("--sharpness", type=float, default=0.0, metavar="S",
+                         help="sharpness factor 1 + S, half the images")
+    augment.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
+                         help="gaussian noise, sigma as a fraction of the 0..255 range")
+    augment.add_argument("--randaugment", type=int, nargs=2, default=None, metavar=("N", "M"),
+                         help="torchvision RandAugment: N operations of magnitude M (0..30)")
     data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="batch MixUp (Beta alpha; 0: off)")
     data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="batch CutMix (Beta alpha; 0: off)")
     data.add_argument("--mix_prob", type=float, default=0.5, help="share of batches mixed when --mixup/--cutmix")
@@ -152,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     logging.add_argument("--wandb_entity", default=None)
     logging.add_argument("--wandb_name", default=None, help="default: the run folder name")
     logging.add_argument("--wandb_mode", default="online", choices=["online", "offline"])
+    logging.add_argument("--wandb_group", default=None, help="group runs in wandb (search.py: the study)")
     return parser
 
 
@@ -180,6 +206,43 @@ def given_flags(argv=None) -> set:
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def check_data(args, table, extra_table):
+    """Decode every image once before the run (the decoded cache build is the check with --cache;
+    files already checked unchanged cost nothing). Unreadable ones stop the run with their list, or
+    with --skip_bad_images are left out: returns (table, extra table, [(path, reason)] left out)."""
+    tables = [t for t in (table, extra_table) if t is not None]
+    paths = pd.concat([t["path"] for t in tables], ignore_index=True).tolist()
+    if args.cache:
+        try:
+            DecodedCache.build(paths, create_transforms(args.augmentation, args.resize, crop_fraction=args.crop)[1],
+                               args.cache_dir, args.num_workers)
+            bad = []
+        except BadImagesError as error:
+            bad = error.bad
+    else:
+        bad = check_images(paths, args.cache_dir, args.num_workers)
+    if not bad:
+        return table, extra_table, []
+    listing = Path(args.model_dir) / "bad_images.csv"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(listing, pd.DataFrame(bad, columns=["path", "reason"]))
+    if not args.skip_bad_images:
+        raise BadImagesError(bad, f"{listing}; fix or remove them, or pass --skip_bad_images")
+    print(f"warning: leaving out {len(bad)} unreadable image(s) (--skip_bad_images), listed in {listing}",
+          file=sys.stderr)
+    dropped = {path for path, _ in bad}
+    keep = [t[~t["path"].isin(dropped)].reset_index(drop=True) for t in tables]
+    if len(keep[0]) == 0:
+        raise FlagError(f"no readable images left in {args.data_dir}")
+    return keep[0], keep[1] if extra_table is not None else None, bad
+
+
+def augment_options(args) -> dict:
+    """The optional training augmentations set by flags."""
+    return dict(color_jitter=args.color_jitter, grayscale=args.grayscale, sharpness=args.sharpness, noise=args.noise,
+                randaugment=args.randaugment)
 
 
 def heads_of(kind) -> dict:
@@ -225,6 +288,10 @@ def validate(args):
         freeze_spec = str(args.freeze)
         if freeze_spec not in ("none", "all") and not freeze_spec.isdigit():
             raise ValueError(f"--freeze must be none, all or a number of last stages, got {freeze_spec!r}")
+    except ValueError as error:
+        raise FlagError(str(error)) from None
+    try:
+        check_augment_options(**augment_options(args))
     except ValueError as error:
         raise FlagError(str(error)) from None
     if isinstance(criteria, dict) and args.kind == "single_head":
@@ -296,7 +363,8 @@ def model_args(args) -> dict:
 
 
 def make_loaders(args, dataset, model, rank, world, device):
-    train_tf, val_tf = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop)
+    train_tf, val_tf = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop,
+                                         **augment_options(args))
     if args.device_aug:
         train_tf = val_tf  # the device does the random part
     if args.cache:
@@ -349,8 +417,9 @@ def evaluate(model, loader, val_shard, args, world):
     return indices[order], probs, targets
 
 
-def train_run(args, table, extra_table, fold, run_dir, rank, world, device) -> float:
-    """Train one model into `run_dir`; return its best validation macro F1."""
+def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped=(), on_epoch=None) -> float:
+    """Train one model into `run_dir`; return its best validation macro F1. `skipped`: the
+    unreadable images left out, recorded in the run."""
     seed_everything(args.seed)
     is_main = rank == 0
     dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed, n_folds=args.n_folds,
@@ -361,13 +430,12 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device) -> f
     train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
     asked, (args, precision) = args, resolve_precision(args, model, device)
     config = run_config(asked, model, run_dir, fold)
-    config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last)
+    config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last, skipped_images=len(skipped))
     n_val = sum(gather(len(val_shard), world))
     if is_main:
-        print(f"run {run_dir}: {len(train_loader.dataset)} train / {n_val} val "
-              f"images, {trainable:,} of {total:,} parameters trainable, device {device}, {world} process(es)")
-        print(precision)
         write_json(run_dir / "config.json", config)
+        if skipped:
+            write_csv(run_dir / "skipped_images.csv", pd.DataFrame(list(skipped), columns=["path", "reason"]))
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     optimizer = timm.optim.create_optimizer_v2(model, opt=args.optimizer, lr=args.lr,
                                                weight_decay=args.weight_decay, momentum=args.momentum)
@@ -390,6 +458,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device) -> f
         if scheduler is not None:  # timm's schedulers are a function of the epoch: this also allows more --epochs
             scheduler.step(start_epoch)
         if is_main:
+            remove_stale_temporaries(run_dir)
             print(f"resumed at epoch {start_epoch + 1} (best F1 so far {best_f1:.4f})")
     train_model = torch.compile(model) if args.compile else model
     if world > 1:
@@ -401,6 +470,12 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device) -> f
                     since_best=since_best, log=log, config=config,
                     rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
 
+    if is_main:
+        if not args.resume:  # from here on the run folder can always be resumed, even after a kill
+            save_checkpoint(run_dir / "last.pth", checkpoint(0))
+        print(f"run {run_dir}: {len(train_loader.dataset)} train / {n_val} val "
+              f"images, {trainable:,} of {total:,} parameters trainable, device {device}, {world} process(es)")
+        print(precision, flush=True)
     wandb_run = start_wandb(args, config, run_dir) if args.wandb and is_main else None
     epoch = start_epoch
     try:
@@ -430,6 +505,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device) -> f
                 save_checkpoint(run_dir / "last.pth", checkpoint(epoch + 1))
                 if wandb_run is not None:
                     wandb_run.log(row, step=epoch + 1)
+                if on_epoch is not None:
+                    on_epoch(epoch + 1, row, fold)
             if args.early_stop and since_best >= args.early_stop:
                 if is_main:
                     print(f"early stop: no better F1 for {since_best} epochs")
@@ -508,11 +585,14 @@ def save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch):
 def start_wandb(args, config, run_dir):
     import wandb
     return wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.wandb_name or run_dir.name,
-                      mode=args.wandb_mode, dir=str(run_dir), config=config)
+                      mode=args.wandb_mode, dir=str(run_dir), config=config, group=args.wandb_group)
 
 
 # ---------------------------------------------------------------- main
-def main(argv=None) -> list:
+def main(argv=None, on_epoch=None) -> list:
+    """Run train.py with `argv`; return the best validation macro F1 of each fold. `on_epoch(epoch,
+    log_row, fold)` (the hook of tools such as search.py) is called after every saved epoch; an
+    exception it raises stops the run, its checkpoints kept."""
     args = parse_args(argv)
     if args.resume:
         resume = Path(args.resume)
@@ -527,10 +607,12 @@ def main(argv=None) -> list:
     except FlagError as error:
         raise SystemExit(f"error: {error}") from None
     rank, world, device = setup_distributed()
+    run_dirs = []
     try:
         table = scan_people(args.data_dir, tuple(args.age_bins), args.relabel)
         extra_table = pd.concat([scan_people(d, tuple(args.age_bins)) for d in args.extra_data],
                                 ignore_index=True) if args.extra_data else None
+        table, extra_table, skipped = check_data(args, table, extra_table)
         folds = [args.fold] if args.fold is not None else list(range(args.n_folds)) if args.n_folds else [None]
         if args.resume:
             folds, run_dirs = [saved["fold"]], [run_dir]
@@ -539,7 +621,7 @@ def main(argv=None) -> list:
             base = new_run_dir(args.model_dir, args.name, suffixes) if rank == 0 else None
             base = gather(base, world)[0]
             run_dirs = [Path(args.model_dir) / f"{base}{s}" for s in suffixes]
-        scores = [train_run(args, table, extra_table, fold, run_dir, rank, world, device)
+        scores = [train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped, on_epoch)
                   for fold, run_dir in zip(folds, run_dirs, strict=True)]
         if len(scores) > 1 and rank == 0:
             summary = dict(folds=[str(d) for d in run_dirs], f1=scores, mean=float(np.mean(scores)),
@@ -547,11 +629,25 @@ def main(argv=None) -> list:
             write_json(Path(args.model_dir) / f"{base}_cv.json", summary)
             print(f"{len(scores)} folds: macro F1 {summary['mean']:.4f} +- {summary['std']:.4f}")
         return scores
-    except (FlagError, FloatingPointError, ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    except Exception as error:
+        if rank == 0 and not args.resume:
+            remove_unfinished(run_dirs)
+        if os.environ.get("MASKTRAIN_TRACEBACK") or not isinstance(error, USER_ERRORS):
+            raise
+        raise SystemExit(f"error: {one_line(error)}") from None
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+USER_ERRORS = (FlagError, FloatingPointError, ValueError, OSError, RuntimeError)  # one line, no traceback
+
+
+def remove_unfinished(run_dirs):
+    """Delete the run folders of a failed run that never saved a best checkpoint (nothing to lose)."""
+    for run_dir in run_dirs:
+        if run_dir.is_dir() and not (run_dir / "best.pth").is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import train  # noqa: E402
 from cache import DecodedCache  # noqa: E402
 from dataset import MaskBaseDataset, PrefetchLoader, Subset, create_transforms, fast_collate  # noqa: E402
 from loss import create_multi_head_loss  # noqa: E402
-from model import build_model  # noqa: E402
+from model import build_model, predict  # noqa: E402
 
 CONFIGS = {"reference": ("baseline loop + loader, fp32", None),
            "fp32": ("masktrain, --amp off --channels_last off", ["--amp", "off", "--channels_last", "off"]),
@@ -84,11 +84,28 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
     return (time.perf_counter() - started) / rows, precision
 
 
+def inference_speed(config, name, resize, table, rows, batch_size, workers):
+    """(forward passes per second of `predict` with flip TTA over `rows` images, resolved precision):
+    inference.py's path, before (fp32, channels first) and after (the auto defaults)."""
+    model = build_model("single_head", name).eval()
+    args, _ = train.resolve_precision(train.parse_args(CONFIGS[config][1]), model, torch.device("cpu"))
+    model = model.to(memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    _, val_tf = create_transforms("CustomAugmentation", resize)
+    loader = DataLoader(Subset(MaskBaseDataset(table=table), range(rows), val_tf), batch_size, num_workers=workers,
+                        collate_fn=fast_collate)
+    predict(model, PrefetchLoader(loader, MEAN, STD, "cpu"), args.amp, "hflip", channels_last=args.channels_last)
+    started = time.perf_counter()
+    predict(model, PrefetchLoader(loader, MEAN, STD, "cpu"), args.amp, "hflip", channels_last=args.channels_last)
+    precision = ("fp32" if args.amp == "off" else args.amp) + (", channels_last" if args.channels_last else "")
+    return 2 * rows / (time.perf_counter() - started), precision
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18:128x96", "efficientnet_lite0:224x224"],
                         metavar="NAME:HxW")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--inference", action="store_true", help="also time inference before / after auto")
     parser.add_argument("--people", type=int, default=200)
     parser.add_argument("--steps", type=int, default=8, help="timed batches per configuration")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -119,6 +136,20 @@ def main(argv=None):
                       for base in ("reference", "fp32_cl")]
             lines.append(f"| {name} | {size} | {CONFIGS[config][0]} | {precisions[config]} | {speeds[config]:.1f} | "
                          + " | ".join(ratios) + " |")
+    if args.inference:
+        lines += ["", f"Inference (`predict` with flip TTA, batch {args.batch_size}, {rows} images), forward passes/s:",
+                  "", "| model | input | configuration | resolved precision | passes/s | ratio to fp32 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for spec in args.models:
+            name, size = spec.split(":")
+            resize = [int(v) for v in size.split("x")]
+            speeds = {}
+            for config in ("fp32", "auto"):
+                speeds[config], precision = inference_speed(config, name, resize, table, rows, args.batch_size,
+                                                            args.workers)
+                print(f"inference {name} {size} {config} ({precision}): {speeds[config]:.1f} passes/s", flush=True)
+                lines.append(f"| {name} | {size} | {CONFIGS[config][0]} | {precision} | {speeds[config]:.1f} | "
+                             f"{speeds[config] / speeds['fp32']:.2f}x |")
     report(lines, args.out)
 
 

@@ -42,7 +42,7 @@ def test_submission_matches_info(trained, tiny_data, tmp_path):
 
 def test_newest_run_is_the_default(trained, tiny_data, tmp_path):
     assert inference.newest_run(trained.parent) == trained
-    with pytest.raises(FileNotFoundError, match="no run folder"):
+    with pytest.raises(FileNotFoundError, match="no finished run folder"):
         inference.newest_run(tmp_path)
 
 

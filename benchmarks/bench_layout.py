@@ -1,0 +1,70 @@
+"""Pure model-step speed (forward + backward + AdamW on one resident batch, no data loading) by
+precision and memory layout: the measurement behind `--amp auto` and `--channels_last auto`.
+
+    python benchmarks/bench_layout.py                                             # this CPU as it is
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_layout.py --out ...  # as AVX2-only
+"""
+import argparse
+import time
+
+import torch
+
+from common import ROOT, machine, report
+
+from model import autocast, build_model  # noqa: E402
+
+
+def step_speed(name, size, amp, channels_last, batch_size, steps) -> float:
+    """Images/s of training steps of a three-head model on a random batch (after 2 warm-up steps)."""
+    torch.manual_seed(0)
+    model = build_model("three_head", name)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    images = torch.randn(batch_size, 3, *size).contiguous(memory_format=layout)
+    targets = [torch.randint(0, n, (batch_size,)) for n in (3, 2, 3)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device = torch.device("cpu")
+
+    def step():
+        with autocast(device, amp):
+            outputs = model(images)
+            loss = sum(torch.nn.functional.cross_entropy(outputs[h].float(), t)
+                       for h, t in zip(("mask", "gender", "age"), targets, strict=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch_size * steps / (time.perf_counter() - started)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18:128x96", "efficientnet_lite0:128x128"],
+                        metavar="NAME:HxW")
+    parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=["off", "bf16"])
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_layout.md"))
+    args = parser.parse_args(argv)
+    lines = [f"Model step only (three heads, AdamW, batch {args.batch_size}, {args.steps} timed steps), "
+             f"{machine()}", "",
+             "| model | input | precision | channels first img/s | channels_last img/s | channels_last speed-up |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for spec in args.models:
+        name, size = spec.split(":")
+        size = [int(v) for v in size.split("x")]
+        for amp in args.amp:
+            first, last = (step_speed(name, size, amp, cl, args.batch_size, args.steps) for cl in (False, True))
+            print(f"{name} {amp}: {first:.1f} / {last:.1f} img/s", flush=True)
+            lines.append(f"| {name} | {size[0]}x{size[1]} | {'fp32' if amp == 'off' else amp} | {first:.1f} | "
+                         f"{last:.1f} | {last / first:.2f}x |")
+    report(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()

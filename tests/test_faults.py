@@ -1,0 +1,216 @@
+"""Bad data and broken runs: unreadable images are found before any run folder exists, errors are one
+line, a killed or failing run never loses its checkpoints, and concurrent cache builds agree."""
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+
+import inference
+import runs
+import train
+from cache import DecodedCache, check_images
+from dataset import CustomAugmentation, ImageFiles, fast_collate, scan_people
+
+FAST = ["--model", "test_resnet", "--resize", "32", "24", "--num_workers", "0", "--batch_size", "32"]
+
+
+def copy_data(tiny_data, tmp_path):
+    shutil.copytree(tiny_data, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def truncate(path):
+    """Cut a JPEG short with its header intact: the cheap header check passes, decoding fails."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def train_main(data, tmp_path, *flags):
+    return train.main(["--data_dir", str(data / "train"), "--model_dir", str(tmp_path / "runs"),
+                       "--cache_dir", str(tmp_path / "cache"), *FAST, *flags])
+
+
+@pytest.fixture
+def broken_data(tiny_data, tmp_path):
+    data = copy_data(tiny_data, tmp_path)
+    people = sorted((data / "train" / "images").iterdir())
+    bad = [people[0] / "mask1.jpg", people[3] / "normal.jpg"]
+    for path in bad:
+        truncate(path)
+    return data, bad
+
+
+@pytest.mark.parametrize("cache", [[], ["--cache"]])
+def test_unreadable_train_images_stop_before_any_run_folder(broken_data, tmp_path, capsys, cache):
+    data, bad = broken_data
+    with pytest.raises(SystemExit) as stop:
+        train_main(data, tmp_path, "--epochs", "1", *cache)
+    message = str(stop.value.code)
+    assert message.startswith("error: 2 unreadable image(s), all listed in") and "\n" not in message
+    assert all(str(path) in message for path in bad) and "/__w/" not in message and ".cpp" not in message
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["bad_images.csv"]
+    listed = pd.read_csv(tmp_path / "runs" / "bad_images.csv")
+    assert sorted(listed["path"]) == sorted(map(str, bad)) and listed["reason"].str.len().gt(0).all()
+
+
+def test_skip_bad_images_trains_without_them_and_names_them(broken_data, tmp_path, capsys):
+    data, bad = broken_data
+    train_main(data, tmp_path, "--epochs", "1", "--skip_bad_images")
+    assert "leaving out 2 unreadable image(s)" in capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "exp"
+    assert sorted(pd.read_csv(run_dir / "skipped_images.csv")["path"]) == sorted(map(str, bad))
+    assert pd.read_json(run_dir / "config.json", typ="series")["skipped_images"] == 2
+    assert (run_dir / "best.pth").is_file()
+
+
+def test_the_check_is_remembered_for_unchanged_files(tiny_data, tmp_path, monkeypatch):
+    import cache
+    paths = list(scan_people(tiny_data / "train")["path"])
+    assert check_images(paths, tmp_path) == []
+    decoded = []
+    original = cache.load_image
+    monkeypatch.setattr(cache, "load_image", lambda path, transform=None: decoded.append(path) or original(path))
+    assert check_images(paths, tmp_path) == [] and decoded == []
+    stat = os.stat(paths[2])
+    os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert check_images(paths, tmp_path) == [] and decoded == [paths[2]]
+
+
+def test_the_cache_build_counts_as_the_check(tiny_data, tmp_path, monkeypatch):
+    import cache
+    paths = list(scan_people(tiny_data / "train")["path"])
+    DecodedCache.build(paths, CustomAugmentation((32, 24), train=False), tmp_path)
+    monkeypatch.setattr(cache, "load_image", lambda *args: pytest.fail("decoded again"))
+    assert check_images(paths, tmp_path) == []
+
+
+def test_unreadable_eval_image_stops_inference_with_one_line(tiny_data, tmp_path):
+    data = copy_data(tiny_data, tmp_path)
+    train_main(data, tmp_path, "--epochs", "1")
+    image = sorted((data / "eval" / "images").iterdir())[4]
+    truncate(image)
+    result = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_dir", str(tmp_path / "runs"),
+                             "--data_dir", str(data / "eval"), "--output_dir", str(tmp_path / "out"),
+                             "--num_workers", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 1 unreadable image(s)") and image.name in lines[0]
+    assert "Traceback" not in result.stderr and "/__w/" not in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bad_images.csv"]
+
+
+def test_an_error_inside_a_loader_worker_is_one_clean_line(broken_data):
+    _, bad = broken_data
+    loader = torch.utils.data.DataLoader(ImageFiles([bad[0]]), num_workers=1, collate_fn=fast_collate)
+    with pytest.raises(ValueError) as raised:
+        next(iter(loader))
+    assert "Traceback" in str(raised.value)
+    line = runs.one_line(raised.value)
+    assert line.startswith(f"unreadable image {bad[0]}: ") and "\n" not in line
+    assert "/__w/" not in line and ".cpp" not in line
+
+
+def test_a_failed_run_leaves_no_run_folder_and_inference_skips_half_made_ones(tiny_data, tmp_path, monkeypatch):
+    train_main(tiny_data, tmp_path, "--epochs", "1", "--name", "good")
+    monkeypatch.setattr(train, "train_epoch", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(SystemExit, match="error: boom"):
+        train_main(tiny_data, tmp_path, "--epochs", "1", "--name", "bad")
+    assert not (tmp_path / "runs" / "bad").exists()
+    half = tmp_path / "runs" / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    assert inference.newest_run(tmp_path / "runs") == tmp_path / "runs" / "good"
+
+
+def test_a_failing_write_keeps_the_previous_checkpoints(tiny_data, tmp_path, monkeypatch):
+    saves = []
+    original = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) > 3:  # last.pth at start, then best and last of epoch 1; epoch 2 cannot write
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        train_main(tiny_data, tmp_path, "--epochs", "3", "--lr", "3e-3")
+    message = str(stop.value.code)
+    assert "\n" not in message and "could not write" in message and "No space left on device" in message
+    run_dir = tmp_path / "runs" / "exp"
+    assert torch.load(run_dir / "last.pth", weights_only=False)["epoch"] == 1
+    assert torch.load(run_dir / "best.pth", weights_only=False)["epoch"] == 1
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+KILLER = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import train
+if {during_save}:  # die half-way through the second checkpoint write of epoch 1
+    original, calls = torch.save, []
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            open(path, "wb").write(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(obj, path, *args, **kwargs)
+    torch.save = save
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, "during_save"])
+def test_sigkill_at_any_moment_leaves_a_resumable_run(tiny_data, tmp_path, seed):
+    flags = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path / "runs"), "--cache_dir",
+             str(tmp_path / "cache"), *FAST, "--epochs", "4"]
+    script = KILLER.format(root=str(ROOT), during_save=seed == "during_save")
+    process = subprocess.Popen([sys.executable, "-c", script, *flags], stdout=subprocess.PIPE, text=True,
+                               stderr=subprocess.DEVNULL)
+    for line in process.stdout:  # the run header: config.json and a first last.pth exist from here on
+        if line.startswith("amp "):
+            break
+    if seed != "during_save":
+        time.sleep(random.Random(seed).uniform(0, 1.5))
+        process.send_signal(signal.SIGKILL)
+    process.wait(timeout=120)
+    run_dir = tmp_path / "runs" / "exp"
+    train.main(["--resume", str(run_dir), "--num_workers", "0"])
+    last = torch.load(run_dir / "last.pth", weights_only=False)
+    assert last["epoch"] == 4 and len(pd.read_csv(run_dir / "log.csv")) == 4
+    assert torch.load(run_dir / "best.pth", weights_only=False)["f1"] == pytest.approx(last["best_f1"])
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+BUILDER = """
+import sys
+sys.path.insert(0, {root!r})
+from cache import DecodedCache
+from dataset import CustomAugmentation, scan_people
+paths = list(scan_people({data!r})["path"])
+cache = DecodedCache.build(paths, CustomAugmentation((48, 32), train=False), {cache!r})
+print(cache.data_path)
+"""
+
+
+def test_two_processes_building_one_cache_at_once(tiny_data, tmp_path):
+    script = BUILDER.format(root=str(ROOT), data=str(tiny_data / "train"), cache=str(tmp_path / "cache"))
+    processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0].strip() for p in processes]
+    assert all(p.returncode == 0 for p in processes) and outputs[0] == outputs[1]
+    assert len(list((tmp_path / "cache").glob("*.u8"))) == 1 and not list((tmp_path / "cache").glob(".*.tmp"))
+    paths = list(scan_people(tiny_data / "train")["path"])
+    transform = CustomAugmentation((48, 32), train=False)
+    fresh = DecodedCache.build(paths, transform, tmp_path / "fresh")
+    assert open(outputs[0], "rb").read() == open(fresh.data_path, "rb").read()
