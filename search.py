@@ -29,6 +29,10 @@ from runs import atomic_write, one_line, write_csv
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, matplotlib plots
+warnings.filterwarnings("ignore", message="Target and region quantiles", category=UserWarning)  # tiny studies
+
+
+RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
 
 
 class SearchError(Exception):
@@ -115,12 +119,18 @@ def suggest(trial, space) -> dict:
 
 def open_study(args, space):
     """Load or create the study; the process that creates a grid study queues every grid point once."""
-    try:
-        storage = optuna.storages.RDBStorage(
-            args.storage, heartbeat_interval=max(1, args.grace_period // 3), grace_period=args.grace_period,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
-    except Exception as error:
-        raise SearchError(f"--storage: cannot open {args.storage}: {one_line(error)}") from None
+    sqlite = args.storage.startswith("sqlite")  # several processes on one SQLite file wait for its lock
+    for attempt in range(5):  # processes starting together race to create the tables: the loser retries
+        try:
+            storage = optuna.storages.RDBStorage(
+                args.storage, engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else None,
+                heartbeat_interval=max(1, args.grace_period // 3), grace_period=args.grace_period,
+                heartbeat_stale_trial_callback=RETRY(max_retry=3))
+            break
+        except Exception as error:
+            if attempt == 4:
+                raise SearchError(f"--storage: cannot open {args.storage}: {one_line(error)}") from None
+            time.sleep(0.2 * (attempt + 1))
     is_grid = all(isinstance(v, list) for v in space.values())
     try:
         study = optuna.create_study(study_name=args.study, storage=storage, direction="maximize",

@@ -1,0 +1,159 @@
+"""Augmentation flags and search.py: grids into run folders, resuming, two processes on one study,
+pruning, and one-line errors for bad spaces and databases."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+
+import search
+import train
+from dataset import AUGMENTATIONS, create_transforms
+
+OPTIONS = {"color_jitter": 0.4, "grayscale": 1.0, "sharpness": 2.0, "noise": 0.1, "randaugment": (2, 15)}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("name", list(AUGMENTATIONS))
+def test_each_option_changes_training_images_and_never_validation_ones(option, name):
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
+    plain_train, _ = create_transforms(name, (40, 30), crop_fraction=(1, 1))
+    train_tf, val_tf = create_transforms(name, (40, 30), crop_fraction=(1, 1), **{option: OPTIONS[option]})
+    prepared = val_tf.prepare(image)
+    assert torch.equal(val_tf(image), prepared)
+    torch.manual_seed(1)
+    without = [plain_train(image) for _ in range(6)]
+    torch.manual_seed(1)
+    with_option = [train_tf(image) for _ in range(6)]
+    assert any(not torch.equal(a, b) for a, b in zip(with_option, without, strict=True))
+
+
+def test_augmentation_flags_are_recorded_and_checked(tmp_path, tiny_data):
+    flags = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
+             "--resize", "32", "24", "--num_workers", "0", "--epochs", "1"]
+    train.main(flags + ["--color_jitter", "0.2", "--grayscale", "0.3", "--sharpness", "1", "--noise", "0.05",
+                        "--randaugment", "2", "9"])
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert (config["color_jitter"], config["grayscale"], config["sharpness"], config["noise"], config["randaugment"]) \
+        == (0.2, 0.3, 1.0, 0.05, [2, 9])
+    for bad, flag in ((["--grayscale", "1.5"], "--grayscale"), (["--randaugment", "2", "40"], "--randaugment"),
+                      (["--noise", "-1"], "--noise"), (["--color_jitter", "1"], "--color_jitter")):
+        with pytest.raises(SystemExit, match=f"error: {flag}"):
+            train.main(flags + bad)
+
+
+def search_command(tmp_path, data, *own, fixed=()):
+    return [sys.executable, str(ROOT / "search.py"), str(tmp_path / "space.yaml"), *own, "--",
+            "--data_dir", str(data / "train"), "--model_dir", str(tmp_path / "model"), "--model", "test_resnet",
+            "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", *fixed]
+
+
+def run_search(tmp_path, data, capsys, *own, fixed=()):
+    """search.py in this process; returns what it printed."""
+    capsys.readouterr()
+    search.main(search_command(tmp_path, data, *own, fixed=fixed)[2:])
+    return capsys.readouterr().out
+
+
+def trial_folders(tmp_path):
+    return sorted(p.name for p in (tmp_path / "model").iterdir() if p.is_dir())
+
+
+def test_grid_runs_each_point_once_resumes_and_writes_results(tmp_path, tiny_data, capsys):
+    (tmp_path / "space.yaml").write_text("lr: [0.003, 0.001]\nbatch_size: [16, 32]\n")
+    printed = run_search(tmp_path, tiny_data, capsys, "--top", "2")
+    assert trial_folders(tmp_path) == [f"space_t{i}" for i in range(4)]
+    results = pd.read_csv(tmp_path / "model" / "space_results.csv")
+    assert len(results) == 4 and set(zip(results["lr"], results["batch_size"], strict=True)) == {
+        (0.003, 16), (0.003, 32), (0.001, 16), (0.001, 32)}
+    assert results["f1"].is_monotonic_decreasing and (results["state"] == "complete").all()
+    assert {"mask_acc", "gender_acc", "age_acc", "minutes", "run_dir"} <= set(results)
+    assert (tmp_path / "model" / "space_results.md").read_text().startswith("| trial | lr | batch_size | f1 |")
+    assert (tmp_path / "model" / "space_history.png").is_file()
+    assert "python ensemble.py" in printed
+    for run_dir in results["run_dir"]:
+        assert (tmp_path / "model" / run_dir.split("/")[-1] / "best.pth").is_file()
+    again = run_search(tmp_path, tiny_data, capsys)
+    assert "\ntrial " not in "\n" + again and trial_folders(tmp_path) == [f"space_t{i}" for i in range(4)]
+
+
+def test_a_killed_search_finishes_the_grid_when_run_again(tmp_path, tiny_data, capsys):
+    (tmp_path / "space.yaml").write_text("lr: [0.003, 0.002, 0.001]\n")
+    own = ["--grace_period", "3"]
+    process = subprocess.Popen(search_command(tmp_path, tiny_data, *own, fixed=["--epochs", "3"]),
+                               stdout=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL)
+    started = 0
+    for line in process.stdout:
+        started += line.startswith("trial ")
+        if started == 2:  # the first trial is finished, the second is running
+            time.sleep(1)
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    run_search(tmp_path, tiny_data, capsys, *own, fixed=["--epochs", "3"])
+    results = pd.read_csv(tmp_path / "model" / "space_results.csv")
+    complete = results[results["state"] == "complete"]
+    assert sorted(complete["lr"]) == [0.001, 0.002, 0.003] and len(complete) == 3
+    assert (results["state"] == "fail").sum() == 1  # the killed trial, retried as a new one
+
+
+def test_two_processes_share_one_study_without_repeating_a_trial(tmp_path, tiny_data):
+    (tmp_path / "space.yaml").write_text("lr: [0.003, 0.001]\nbatch_size: [16, 32]\n")
+    processes = [subprocess.Popen(search_command(tmp_path, tiny_data), stdout=subprocess.PIPE, text=True,
+                                  stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-1500:] for _, err in outputs]
+    ran = [line for out, _ in outputs for line in out.splitlines() if line.startswith("trial ")]
+    assert len(ran) == 4 and len(set(line.split(": ", 1)[1] for line in ran)) == 4
+    results = pd.read_csv(tmp_path / "model" / "space_results.csv")
+    assert len(results[results["state"] == "complete"]) == 4
+
+
+def test_pruning_stops_a_trial_that_is_behind(tmp_path, tiny_data, capsys):
+    (tmp_path / "space.yaml").write_text("lr: [0.003, 0.0]\n")
+    run_search(tmp_path, tiny_data, capsys, "--prune", "--prune_startup", "1",
+               fixed=["--epochs", "3", "--scheduler", "none", "--seed", "1"])
+    results = pd.read_csv(tmp_path / "model" / "space_results.csv").set_index("lr")
+    assert results.loc[0.003, "state"] == "complete" and results.loc[0.0, "state"] == "pruned"
+    assert len(pd.read_csv(tmp_path / "model" / "space_t1" / "log.csv")) < 3
+
+
+@pytest.mark.parametrize("space,own,message", [
+    ("learning_rate: [0.1]\n", [], "unknown train.py flag 'learning_rate'"),
+    ("model: [resnet18, no_such_model]\n", [], "model='no_such_model': --model: unknown timm model"),
+    ("lr: [0.1]\ncriterion: [[nope]]\n", [], "criterion=['nope']"),
+    ("", [], "the search space is empty"),
+    ("lr: {low: 0.1}\n", [], "a range needs low and high"),
+    ("lr: [0.1]\n", ["--storage", "sqlite:////no/such/folder/x.db"], "--storage: cannot open"),
+])
+def test_bad_spaces_and_storages_are_one_line_errors(tmp_path, tiny_data, capsys, space, own, message):
+    (tmp_path / "space.yaml").write_text(space)
+    with pytest.raises(SystemExit) as stop:
+        search.main(search_command(tmp_path, tiny_data, *own)[2:])
+    line = str(stop.value.code)
+    assert "\n" not in line and line.startswith("error: ") and message in line
+    assert capsys.readouterr().err == ""
+    assert not (tmp_path / "model").exists() or not [p for p in (tmp_path / "model").iterdir() if p.is_dir()]
+
+
+def test_a_crashing_trial_is_recorded_and_the_search_goes_on(tmp_path, tiny_data, monkeypatch):
+    (tmp_path / "space.yaml").write_text("lr: [0.003, 0.001]\n")
+    original = train.train_epoch
+
+    def crash_for_small_lr(model, loader, criterion, optimizer, *args):
+        if optimizer.param_groups[0]["lr"] < 0.002:
+            raise RuntimeError("simulated crash")
+        return original(model, loader, criterion, optimizer, *args)
+
+    monkeypatch.setattr(train, "train_epoch", crash_for_small_lr)
+    search.main(search_command(tmp_path, tiny_data, fixed=["--scheduler", "none"])[2:])
+    results = pd.read_csv(tmp_path / "model" / "space_results.csv").set_index("lr")
+    assert results.loc[0.003, "state"] == "complete"
+    assert results.loc[0.001, "state"] == "fail" and "simulated crash" in results.loc[0.001, "error"]
