@@ -25,7 +25,7 @@ WEIGHTS = SHARED / "weights" / "efficientnet_lite0.safetensors"
 
 COMMON = ["--model", "efficientnet_lite0", "--pretrained", str(WEIGHTS), "--resize", "128", "128", "--epochs", "3",
           "--batch_size", "64", "--optimizer", "adamw", "--scheduler", "cosine", "--lr", "1e-3",
-          "--amp", "bf16", "--channels_last", "--cache", "--num_workers", "0"]
+          "--amp", "auto", "--channels_last", "auto", "--cache", "--num_workers", "0"]
 THREE_HEADS = ["--kind", "three_head", "--dataset", "MultiLabelDataset"]
 FOCAL = THREE_HEADS + ["--criterion", "focal", "--head_weights", "age=1.5"]
 NO_CROP = ["--crop", "1", "1"]
@@ -63,7 +63,7 @@ def run_recipe(name, seed, work_dir) -> list:
         name_tta = f"{run_dir.name}_{tta}.csv"
         subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_dir", str(run_dir),
                         "--data_dir", str(UTKMASK / "eval"), "--output_dir", str(out), "--name", name_tta,
-                        "--labels", str(UTKMASK / "eval_labels.csv"), "--tta", tta, "--amp", "bf16",
+                        "--labels", str(UTKMASK / "eval_labels.csv"), "--tta", tta, "--amp", "auto",
                         "--num_workers", "0", "--overwrite"], check=True, stdout=subprocess.DEVNULL)
         scores = json.loads((out / name_tta.replace(".csv", "_scores.json")).read_text())
         rows.append(dict(recipe=name, seed=seed, tta=tta, f1=scores["f1"], mask_acc=scores["mask_acc"],
