@@ -38,26 +38,32 @@ def check_prefetcher(table, rows):
                  f"tolerance {tolerance:g}"))
 
 
-def train_steps(name, kind, amp, steps=12):
-    """(first loss, last loss, all finite) of `steps` steps on one fixed random batch."""
-    torch.manual_seed(0)
-    heads = {"class": 18} if kind == "single_head" else {"mask": 3, "gender": 2, "age": 3}
-    model = build_model(kind, name).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+def make_step(model, heads, amp, lr=1e-3):
+    """A training step function (images, targets) -> loss tensor, with AdamW and, for fp16, a grad scaler."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     criterion = create_multi_head_loss("cross_entropy", heads).cuda()
-    images = torch.randn(32, 3, 224, 224, device="cuda")
-    targets = (torch.randint(0, 18, (32,), device="cuda") if kind == "single_head" else
-               torch.stack([torch.randint(0, n, (32,), device="cuda") for n in heads.values()], 1))
-    losses = []
-    for _ in range(steps):
+
+    def step(images, targets):
         with autocast(torch.device("cuda"), amp):
             loss, _ = criterion(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        losses.append(loss.item())
+        return loss.detach()
+    return step
+
+
+def train_steps(name, kind, amp, steps=12):
+    """(first loss, last loss, all finite) of `steps` steps on one fixed random batch."""
+    torch.manual_seed(0)
+    heads = {"class": 18} if kind == "single_head" else {"mask": 3, "gender": 2, "age": 3}
+    step = make_step(build_model(kind, name).cuda(), heads, amp)
+    images = torch.randn(32, 3, 224, 224, device="cuda")
+    targets = (torch.randint(0, 18, (32,), device="cuda") if kind == "single_head" else
+               torch.stack([torch.randint(0, n, (32,), device="cuda") for n in heads.values()], 1))
+    losses = [step(images, targets).item() for _ in range(steps)]
     return losses[0], losses[-1], all(map(torch.isfinite, map(torch.tensor, losses)))
 
 
@@ -85,20 +91,10 @@ def timed(function, repeats):
 
 def step_speed(model, images, targets, amp, channels_last=False):
     """Images/s of training steps on one resident batch (the pure model step)."""
-    criterion = create_multi_head_loss("cross_entropy", {"class": 18}).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    step = make_step(model, {"class": 18}, amp, lr=1e-4)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        with autocast(torch.device("cuda"), amp):
-            loss, _ = criterion(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return len(images) / timed(step, 10)
+    return len(images) / timed(lambda: step(images, targets), 10)
 
 
 def check_speed(table, rows, amp):
@@ -117,18 +113,11 @@ def check_speed(table, rows, amp):
     images = torch.randn(64, 3, 224, 224, device="cuda")
     targets = torch.randint(0, 18, (64,), device="cuda")
     model_speed = step_speed(model, images, targets, amp, channels_last=True)
-    criterion = create_multi_head_loss("cross_entropy", {"class": 18}).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    step = make_step(model, {"class": 18}, amp, lr=1e-4)
     torch.cuda.synchronize()
     started, seen = time.perf_counter(), 0
     for batch, target in loader:
-        with autocast(torch.device("cuda"), amp):
-            loss, _ = criterion(model(batch.contiguous(memory_format=torch.channels_last)), target % 18)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        step(batch.contiguous(memory_format=torch.channels_last), target % 18)
         seen += len(batch)
     torch.cuda.synchronize()
     epoch_speed = seen / (time.perf_counter() - started)
