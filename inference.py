@@ -12,8 +12,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from augment import create_transforms
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images
-from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, create_transforms, fast_collate, scan_people
+from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, scan_people
 from metrics import class_report, score
 from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, model_from_config, predict, resolve_amp, resolve_channels_last
 from runs import check_run, one_line, probability_frame, read_run, write_csv, write_json

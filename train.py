@@ -25,19 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from augment import AUGMENTATIONS, DeviceAugment, check_augment_options, create_transforms, mix_batch
 from cache import BadImagesError, DecodedCache, check_images
 from dataset import (
-    AUGMENTATIONS,
     DATASETS,
     SAMPLE_DIR,
-    DeviceAugment,
     PrefetchLoader,
     Subset,
-    check_augment_options,
-    create_transforms,
     fast_collate,
     make_sampler,
-    mix_batch,
     scan_people,
     to_class_targets,
 )

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 
 from common import MEAN, ROOT, STD, BaselineDataset, baseline_transform, bench_data_dir, machine, peak_rss_mb, report
 
+from augment import create_transforms  # noqa: E402
 from cache import DecodedCache  # noqa: E402
-from dataset import MaskBaseDataset, PrefetchLoader, Subset, create_transforms, fast_collate  # noqa: E402
+from dataset import MaskBaseDataset, PrefetchLoader, Subset, fast_collate  # noqa: E402
 
 LOADERS = {"a": "baseline: PIL, float ToTensor+Normalize per image, float collate",
            "b": "masktrain: uint8 decode/crop/resize/flip, uint8 collate (normalised on the GPU)",

@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 from common import MEAN, ROOT, STD, BaselineDataset, baseline_transform, bench_data_dir, machine, report
 
 import train  # noqa: E402
+from augment import create_transforms  # noqa: E402
 from cache import DecodedCache  # noqa: E402
-from dataset import MaskBaseDataset, PrefetchLoader, Subset, create_transforms, fast_collate  # noqa: E402
+from dataset import MaskBaseDataset, PrefetchLoader, Subset, fast_collate  # noqa: E402
 from loss import create_multi_head_loss  # noqa: E402
 from model import build_model, predict  # noqa: E402
 

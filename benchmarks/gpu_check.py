@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from common import ROOT, bench_data_dir, machine, report
 
-from dataset import MaskBaseDataset, PrefetchLoader, Subset, create_transforms, fast_collate  # noqa: E402
+from augment import create_transforms  # noqa: E402
+from dataset import MaskBaseDataset, PrefetchLoader, Subset, fast_collate  # noqa: E402
 from loss import create_multi_head_loss  # noqa: E402
 from model import autocast, build_model, cuda_capability, resolve_amp  # noqa: E402
 

@@ -7,15 +7,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from augment import CustomAugmentation, create_transforms
 from dataset import (
     AgeLabels,
-    CustomAugmentation,
     MaskBaseDataset,
     MaskSplitByProfileDataset,
     MultiLabelDataset,
     PrefetchLoader,
     TestDataset,
-    create_transforms,
     decode_multi_class,
     encode_multi_class,
     fast_collate,

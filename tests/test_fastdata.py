@@ -2,8 +2,9 @@ import os
 
 import torch
 
+from augment import CustomAugmentation, DeviceAugment, create_transforms
 from cache import DecodedCache
-from dataset import CustomAugmentation, DeviceAugment, MultiLabelDataset, create_transforms, decode_image, scan_people
+from dataset import MultiLabelDataset, decode_image, scan_people
 
 
 def test_cache_is_byte_identical_and_rebuilds_on_change(tiny_data, tmp_path):
@@ -61,7 +62,7 @@ def test_device_augment_crop_and_colour_keep_range_and_identity():
 
 
 def test_mixup_and_cutmix_mix_images_and_report_the_share():
-    from dataset import mix_batch
+    from augment import mix_batch
     torch.manual_seed(0)
     a = torch.zeros(2, 3, 20, 10)
     a[1] = 1.0

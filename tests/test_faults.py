@@ -19,8 +19,9 @@ from conftest import ROOT
 import inference
 import runs
 import train
+from augment import CustomAugmentation
 from cache import DecodedCache, check_images
-from dataset import CustomAugmentation, ImageFiles, fast_collate, scan_people
+from dataset import ImageFiles, fast_collate, scan_people
 
 FAST = ["--model", "test_resnet", "--resize", "32", "24", "--num_workers", "0", "--batch_size", "32"]
 
@@ -197,7 +198,8 @@ BUILDER = """
 import sys
 sys.path.insert(0, {root!r})
 from cache import DecodedCache
-from dataset import CustomAugmentation, scan_people
+from dataset import scan_people
+from augment import CustomAugmentation
 paths = list(scan_people({data!r})["path"])
 cache = DecodedCache.build(paths, CustomAugmentation((48, 32), train=False), {cache!r})
 print(cache.data_path)

@@ -52,7 +52,8 @@ def test_tta_is_the_mean_of_plain_and_flipped(trained, tiny_data, tmp_path):
     both = predict(trained, tiny_data, tmp_path, "--name", "tta.csv", "--tta", "hflip", *exact)
     import torch
 
-    from dataset import ImageFiles, PrefetchLoader, create_transforms, fast_collate
+    from augment import create_transforms
+    from dataset import ImageFiles, PrefetchLoader, fast_collate
     from model import model_from_config, probs18
     from runs import read_run
     config, state = read_run(trained)

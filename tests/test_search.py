@@ -14,7 +14,7 @@ from conftest import ROOT
 
 import search
 import train
-from dataset import AUGMENTATIONS, create_transforms
+from augment import AUGMENTATIONS, create_transforms
 
 OPTIONS = {"color_jitter": 0.4, "grayscale": 1.0, "sharpness": 2.0, "noise": 0.1, "randaugment": (2, 15)}
 
