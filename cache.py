@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import load_image
-from runs import atomic_write, write_json
+from dataset import ImageFiles
+from runs import atomic_write, write_csv, write_json
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = "./.cache/masktrain"
@@ -36,6 +37,13 @@ class BadImagesError(ValueError):
         shown = "; ".join(f"{path} ({reason})" for path, reason in self.bad[:10])
         where = f", all listed in {listing}" if listing else ""
         super().__init__(f"{len(self.bad)} unreadable image(s){where}: {shown}" + (" ..." if len(bad) > 10 else ""))
+
+
+def write_bad_images(bad, path) -> Path:
+    """The full list of unreadable images as a CSV (path, reason) at `path`; returns `path`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_csv(path, pd.DataFrame(bad, columns=["path", "reason"]))
+    return Path(path)
 
 
 def file_stamp(path) -> str:
@@ -54,18 +62,13 @@ def locked(lock_path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-class DecodeAll(Dataset):
-    """Item i: (image through `transform`, or None without one or when unreadable; i; error text)."""
-
-    def __init__(self, paths, transform=None):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self):
-        return len(self.paths)
+class DecodeAll(ImageFiles):
+    """ImageFiles that reports instead of raising. Item i: (image through `transform`, or None without
+    one (a check only) or when unreadable; i; error text)."""
 
     def __getitem__(self, index):
         try:
-            image = load_image(self.paths[index], self.transform)
+            image, _ = super().__getitem__(index)
         except ValueError as error:
             return None, index, str(error).split(": ", 1)[-1]
         return (image if self.transform is not None else None), index, ""
@@ -116,8 +119,7 @@ def cache_key(paths, transform) -> str:
                     crop_fraction=transform.crop_fraction)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
     for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path}\0{file_stamp(path)}\n".encode())
     return digest.hexdigest()[:20]
 
 

@@ -13,7 +13,6 @@ import numpy as np
 
 from dataset import SAMPLE_DIR, encode_multi_class
 from inference import (
-    USER_ERRORS,
     add_precision_flags,
     check_eval_images,
     eval_images,
@@ -24,7 +23,7 @@ from inference import (
     write_submission,
 )
 from model import combine_heads, head_probs
-from runs import PROB_COLUMNS, one_line, probability_frame, read_probabilities, write_csv, write_json
+from runs import PROB_COLUMNS, one_line_errors, probability_frame, read_probabilities, write_csv, write_json
 
 
 def expand_inputs(inputs) -> list:
@@ -116,7 +115,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors(KeyError):
         inputs = expand_inputs(args.inputs)
         weights = args.weights or [1.0] * len(inputs)
         if len(weights) != len(inputs):
@@ -133,10 +132,6 @@ def main(argv=None):
         probs = np.stack([files[path] if path in files else
                           run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size,
                                             args.amp, args.num_workers, args.channels_last) for path in inputs])
-    except (*USER_ERRORS, KeyError) as error:
-        if os.environ.get("MASKTRAIN_TRACEBACK"):
-            raise
-        raise SystemExit(f"error: {one_line(error)}") from None
     classes, mean = ensemble(probs, weights, args.method, args.per_head)
     write_submission(submission, probs_path, image_ids, mean, info, classes)
     print(f"{args.method}{' per-head' if args.per_head else ''} vote of {len(inputs)} inputs -> {submission}")

@@ -13,14 +13,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from augment import create_transforms
-from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images
+from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
 from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, scan_people
 from metrics import class_report, score
 from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, model_from_config, predict, resolve_amp, resolve_channels_last
-from runs import check_run, one_line, probability_frame, read_run, write_csv, write_json
+from runs import check_run, one_line_errors, probability_frame, read_run, write_csv, write_json
 
 DEFAULT_MODEL_DIR = os.environ.get("SM_MODEL_DIR", "./model")
-USER_ERRORS = (ValueError, OSError, RuntimeError)  # reported as one line, no traceback
 
 
 def newest_run(model_dir, checkpoint="best") -> Path:
@@ -42,9 +41,7 @@ def check_eval_images(paths, output_dir, num_workers):
     one stops the command with the list, written to `output_dir/bad_images.csv`: no image is dropped."""
     bad = check_images(paths, DEFAULT_CACHE_DIR, num_workers)
     if bad:
-        listing = Path(output_dir) / "bad_images.csv"
-        listing.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(listing, pd.DataFrame(bad, columns=["path", "reason"]))
+        listing = write_bad_images(bad, Path(output_dir) / "bad_images.csv")
         raise BadImagesError(bad, f"{listing}; every eval image needs a prediction: fix or replace them")
 
 
@@ -155,7 +152,7 @@ def write_submission(submission_path, probs_path, image_ids, probs, info=None, c
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors():
         run_dir = newest_run(args.model_dir, args.checkpoint)
         check_run(run_dir, args.checkpoint)
         submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
@@ -168,10 +165,6 @@ def main(argv=None):
         probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
                             channels_last=args.channels_last)
         write_submission(submission, probs_path, image_ids, probs, info)
-    except USER_ERRORS as error:
-        if os.environ.get("MASKTRAIN_TRACEBACK"):
-            raise
-        raise SystemExit(f"error: {one_line(error)}") from None
     print(f"wrote {submission} and {probs_path}")
     if labels is not None:
         write_json(submission.with_name(f"{submission.stem}_scores.json"), report(labels, probs))

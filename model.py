@@ -201,8 +201,9 @@ def is_convolutional(model: nn.Module) -> bool:
 
 
 def resolve_channels_last(asked: str, model: nn.Module) -> tuple:
-    """(bool, reason) for `--channels_last asked`: auto is on for convolutional models (1.2x to 1.8x
-    measured on CPUs with and without AVX-512, and the layout tensor cores want), off otherwise."""
+    """(bool, reason) for `--channels_last asked`: auto is on for convolutional models (1.00x to 1.55x
+    for the model step with native and with AVX2-only kernels, benchmarks/bench_layout.py; the layout
+    tensor cores want), off otherwise."""
     if asked in (True, "on"):
         return True, "asked for"
     if asked in (False, None, "off"):

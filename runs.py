@@ -1,5 +1,6 @@
 """Run folders and the files several tools share: new run folders that never overwrite, atomic
 writes, reading a run's config and checkpoint, and the probability file format."""
+import contextlib
 import json
 import os
 import re
@@ -62,6 +63,19 @@ def one_line(error) -> str:
         text = [line for line in text.splitlines() if line.strip()][-1]
         text = re.sub(r"^[\w.]+(Error|Exception): ", "", text.strip())
     return without_source_locations(re.sub(r"^\[Errno \d+\] ", "", text))
+
+
+@contextlib.contextmanager
+def one_line_errors(*more):
+    """Turn the user's errors raised in the block (bad files, flags and values: ValueError, OSError,
+    RuntimeError and `more`) into `error: <one line>` on stderr and exit status 1;
+    MASKTRAIN_TRACEBACK=1 shows the traceback instead."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError, *more) as error:
+        if os.environ.get("MASKTRAIN_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {one_line(error)}") from None
 
 
 def write_json(path, data):

@@ -215,10 +215,10 @@ def search(args, space, fixed):
         trials = study.get_trials(deepcopy=False)
         done = sum(counted(t) for t in trials)
         waiting = any(t.state == TrialState.WAITING for t in trials)
-        running = any(t.state == TrialState.RUNNING for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
         if done >= n_trials:
             break
-        if not waiting and (is_grid or done + sum(t.state == TrialState.RUNNING for t in trials) >= n_trials):
+        if not waiting and (is_grid or done + running >= n_trials):
             if not running:
                 break
             time.sleep(min(2, args.grace_period / 2))  # other processes' trials, or a killed one going stale

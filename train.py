@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from augment import AUGMENTATIONS, DeviceAugment, check_augment_options, create_transforms, mix_batch
-from cache import BadImagesError, DecodedCache, check_images
+from cache import DEFAULT_CACHE_DIR, BadImagesError, DecodedCache, check_images, write_bad_images
 from dataset import (
     DATASETS,
     SAMPLE_DIR,
@@ -55,7 +55,7 @@ from model import (
 from runs import (
     atomic_write,
     new_run_dir,
-    one_line,
+    one_line_errors,
     probability_frame,
     read_config,
     remove_stale_temporaries,
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache", action="store_true",
                       help="decode, crop and resize every image once into a cache file, reused by later epochs "
                            "and runs")
-    data.add_argument("--cache_dir", default="./.cache/masktrain")
+    data.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR,
+                      help="the decoded cache and the record of images already checked")
     augment = parser.add_argument_group("training augmentation (never applied to validation or inference)")
     augment.add_argument("--color_jitter", type=float, default=0.0, metavar="S",
                          help="brightness, contrast and saturation factors drawn in 1 +- S")
@@ -221,9 +222,7 @@ def check_data(args, table, extra_table):
         bad = check_images(paths, args.cache_dir, args.num_workers)
     if not bad:
         return table, extra_table, []
-    listing = Path(args.model_dir) / "bad_images.csv"
-    listing.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(listing, pd.DataFrame(bad, columns=["path", "reason"]))
+    listing = write_bad_images(bad, Path(args.model_dir) / "bad_images.csv")
     if not args.skip_bad_images:
         raise BadImagesError(bad, f"{listing}; fix or remove them, or pass --skip_bad_images")
     print(f"warning: leaving out {len(bad)} unreadable image(s) (--skip_bad_images), listed in {listing}",
@@ -284,9 +283,6 @@ def validate(args):
         freeze_spec = str(args.freeze)
         if freeze_spec not in ("none", "all") and not freeze_spec.isdigit():
             raise ValueError(f"--freeze must be none, all or a number of last stages, got {freeze_spec!r}")
-    except ValueError as error:
-        raise FlagError(str(error)) from None
-    try:
         check_augment_options(**augment_options(args))
     except ValueError as error:
         raise FlagError(str(error)) from None
@@ -424,14 +420,14 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     model = build_model(pretrained=pretrained, **model_args(args))
     trainable, total = freeze(model, args.freeze)
     train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
-    asked, (args, precision) = args, resolve_precision(args, model, device)
-    config = run_config(asked, model, run_dir, fold)
+    config = run_config(args, model, run_dir, fold)  # the flags as asked ...
+    args, precision = resolve_precision(args, model, device)  # ... and as this device runs them
     config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last, skipped_images=len(skipped))
     n_val = sum(gather(len(val_shard), world))
     if is_main:
         write_json(run_dir / "config.json", config)
         if skipped:
-            write_csv(run_dir / "skipped_images.csv", pd.DataFrame(list(skipped), columns=["path", "reason"]))
+            write_bad_images(skipped, run_dir / "skipped_images.csv")
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     optimizer = timm.optim.create_optimizer_v2(model, opt=args.optimizer, lr=args.lr,
                                                weight_decay=args.weight_decay, momentum=args.momentum)
@@ -605,38 +601,35 @@ def main(argv=None, on_epoch=None) -> list:
     rank, world, device = setup_distributed()
     run_dirs = []
     try:
-        table = scan_people(args.data_dir, tuple(args.age_bins), args.relabel)
-        extra_table = pd.concat([scan_people(d, tuple(args.age_bins)) for d in args.extra_data],
-                                ignore_index=True) if args.extra_data else None
-        table, extra_table, skipped = check_data(args, table, extra_table)
-        folds = [args.fold] if args.fold is not None else list(range(args.n_folds)) if args.n_folds else [None]
-        if args.resume:
-            folds, run_dirs = [saved["fold"]], [run_dir]
-        else:
-            suffixes = [f"_fold{k}" for k in folds] if folds != [None] else [""]
-            base = new_run_dir(args.model_dir, args.name, suffixes) if rank == 0 else None
-            base = gather(base, world)[0]
-            run_dirs = [Path(args.model_dir) / f"{base}{s}" for s in suffixes]
-        scores = [train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped, on_epoch)
-                  for fold, run_dir in zip(folds, run_dirs, strict=True)]
-        if len(scores) > 1 and rank == 0:
-            summary = dict(folds=[str(d) for d in run_dirs], f1=scores, mean=float(np.mean(scores)),
-                           std=float(np.std(scores)))
-            write_json(Path(args.model_dir) / f"{base}_cv.json", summary)
-            print(f"{len(scores)} folds: macro F1 {summary['mean']:.4f} +- {summary['std']:.4f}")
-        return scores
-    except Exception as error:
-        if rank == 0 and not args.resume:
-            remove_unfinished(run_dirs)
-        if os.environ.get("MASKTRAIN_TRACEBACK") or not isinstance(error, USER_ERRORS):
-            raise
-        raise SystemExit(f"error: {one_line(error)}") from None
+        with one_line_errors(FlagError, FloatingPointError):
+            try:
+                table = scan_people(args.data_dir, tuple(args.age_bins), args.relabel, check_images=False)
+                extra_table = pd.concat([scan_people(d, tuple(args.age_bins), check_images=False)
+                                         for d in args.extra_data], ignore_index=True) if args.extra_data else None
+                table, extra_table, skipped = check_data(args, table, extra_table)
+                folds = [args.fold] if args.fold is not None else list(range(args.n_folds)) if args.n_folds else [None]
+                if args.resume:
+                    folds, run_dirs = [saved["fold"]], [run_dir]
+                else:
+                    suffixes = [f"_fold{k}" for k in folds] if folds != [None] else [""]
+                    base = new_run_dir(args.model_dir, args.name, suffixes) if rank == 0 else None
+                    base = gather(base, world)[0]
+                    run_dirs = [Path(args.model_dir) / f"{base}{s}" for s in suffixes]
+                scores = [train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped, on_epoch)
+                          for fold, run_dir in zip(folds, run_dirs, strict=True)]
+            except Exception:
+                if rank == 0 and not args.resume:
+                    remove_unfinished(run_dirs)
+                raise
     finally:
         if world > 1:
             dist.destroy_process_group()
-
-
-USER_ERRORS = (FlagError, FloatingPointError, ValueError, OSError, RuntimeError)  # one line, no traceback
+    if len(scores) > 1 and rank == 0:
+        summary = dict(folds=[str(d) for d in run_dirs], f1=scores, mean=float(np.mean(scores)),
+                       std=float(np.std(scores)))
+        write_json(Path(args.model_dir) / f"{base}_cv.json", summary)
+        print(f"{len(scores)} folds: macro F1 {summary['mean']:.4f} +- {summary['std']:.4f}")
+    return scores
 
 
 def remove_unfinished(run_dirs):

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from common import ROOT, machine, report
+from common import ROOT, machine, model_specs, report
 
 from model import autocast, build_model  # noqa: E402
 
@@ -55,9 +55,7 @@ def main(argv=None):
              f"{machine()}", "",
              "| model | input | precision | channels first img/s | channels_last img/s | channels_last speed-up |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for spec in args.models:
-        name, size = spec.split(":")
-        size = [int(v) for v in size.split("x")]
+    for name, size in model_specs(args.models):
         for amp in args.amp:
             first, last = (step_speed(name, size, amp, cl, args.batch_size, args.steps) for cl in (False, True))
             print(f"{name} {amp}: {first:.1f} / {last:.1f} img/s", flush=True)

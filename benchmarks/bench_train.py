@@ -14,7 +14,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
-from common import MEAN, ROOT, STD, BaselineDataset, baseline_transform, bench_data_dir, machine, report
+from common import MEAN, ROOT, STD, BaselineDataset, baseline_transform, bench_data_dir, machine, model_specs, report
 
 import train  # noqa: E402
 from augment import create_transforms  # noqa: E402
@@ -123,9 +123,8 @@ def main(argv=None):
              f"worker(s), AdamW, {machine()}", "",
              "| model | input | configuration | resolved precision | images/s | ratio to reference | "
              "ratio to fp32 + channels_last |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for spec in args.models:
-        name, size = spec.split(":")
-        resize = [int(v) for v in size.split("x")]
+    for name, resize in model_specs(args.models):
+        size = f"{resize[0]}x{resize[1]}"
         speeds, precisions = {}, {}
         for config in args.configs:
             seconds, precisions[config] = run_config(config, name, resize, table, rows, args.batch_size, args.workers,
@@ -141,9 +140,8 @@ def main(argv=None):
         lines += ["", f"Inference (`predict` with flip TTA, batch {args.batch_size}, {rows} images), forward passes/s:",
                   "", "| model | input | configuration | resolved precision | passes/s | ratio to fp32 |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        for spec in args.models:
-            name, size = spec.split(":")
-            resize = [int(v) for v in size.split("x")]
+        for name, resize in model_specs(args.models):
+            size = f"{resize[0]}x{resize[1]}"
             speeds = {}
             for config in ("fp32", "auto"):
                 speeds[config], precision = inference_speed(config, name, resize, table, rows, args.batch_size,

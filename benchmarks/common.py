@@ -49,6 +49,15 @@ def baseline_transform(resize):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
+def model_specs(specs) -> list:
+    """["resnet18:128x96", ...] -> [("resnet18", [128, 96]), ...]."""
+    parsed = []
+    for spec in specs:
+        name, size = spec.split(":")
+        parsed.append((name, [int(v) for v in size.split("x")]))
+    return parsed
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process and its finished children, MiB."""
     import resource

@@ -76,12 +76,12 @@ def test_skip_bad_images_trains_without_them_and_names_them(broken_data, tmp_pat
 
 
 def test_the_check_is_remembered_for_unchanged_files(tiny_data, tmp_path, monkeypatch):
-    import cache
+    import dataset
     paths = list(scan_people(tiny_data / "train")["path"])
     assert check_images(paths, tmp_path) == []
     decoded = []
-    original = cache.load_image
-    monkeypatch.setattr(cache, "load_image", lambda path, transform=None: decoded.append(path) or original(path))
+    original = dataset.load_image
+    monkeypatch.setattr(dataset, "load_image", lambda path, transform=None: decoded.append(path) or original(path))
     assert check_images(paths, tmp_path) == [] and decoded == []
     stat = os.stat(paths[2])
     os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
@@ -89,10 +89,10 @@ def test_the_check_is_remembered_for_unchanged_files(tiny_data, tmp_path, monkey
 
 
 def test_the_cache_build_counts_as_the_check(tiny_data, tmp_path, monkeypatch):
-    import cache
+    import dataset
     paths = list(scan_people(tiny_data / "train")["path"])
     DecodedCache.build(paths, CustomAugmentation((32, 24), train=False), tmp_path)
-    monkeypatch.setattr(cache, "load_image", lambda *args: pytest.fail("decoded again"))
+    monkeypatch.setattr(dataset, "load_image", lambda *args: pytest.fail("decoded again"))
     assert check_images(paths, tmp_path) == []
 
 

@@ -92,8 +92,8 @@ def test_a_killed_search_finishes_the_grid_when_run_again(tmp_path, tiny_data, c
     started = 0
     for line in process.stdout:
         started += line.startswith("trial ")
-        if started == 2:  # the first trial is finished, the second is running
-            time.sleep(1)
+        if started == 2:  # the first trial is finished, the second is running (it printed its values)
+            time.sleep(0.3)  # its first heartbeat is recorded
             process.send_signal(signal.SIGKILL)
             break
     process.wait(timeout=60)
