@@ -1,0 +1,247 @@
+"""Find likely label errors in a train folder from out-of-fold predictions: gender and age judged per
+person (their images pooled), mask wear per image, a swapped `incorrect_mask` / `normal` pair as one
+suspect. Writes a ranked `audit.csv`, a `relabel_draft.csv` that `train.py --relabel` reads, and
+`audit.png`, a contact sheet of the top suspects.
+
+    python train.py --n_folds 5 --name cv ...        # every person validated once
+    python audit.py model/cv_cv.json                  # -> audit/audit.csv, relabel_draft.csv, audit.png
+    python train.py --relabel audit/relabel_draft.csv ...   # after looking and editing
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from cleanlab.filter import find_label_issues
+from PIL import Image, ImageDraw
+
+from dataset import DEFAULT_AGE_BINS, MASK_FILES, decode_multi_class, images_dir, scan_people
+from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_probabilities, write_csv
+
+GENDERS, AGE_GROUPS, MASKS = ("male", "female"), ("<30", "30-59", ">=60"), ("wear", "incorrect", "normal")
+RELABEL_COLUMNS = ["id", "gender", "age", "path", "mask"]
+
+
+def probability_files(inputs) -> tuple:
+    """(val_probs.csv paths, the train folder and run settings they came from) of run folders,
+    `<name>_cv.json` files or probability files; runs from different train folders are an error."""
+    files, configs = [], []
+    for item in map(Path, inputs):
+        if item.suffix == ".json" and item.is_file():
+            folders = [Path(p) for p in json.loads(item.read_text())["folds"]]
+        elif item.is_dir():
+            folders = [item]
+        elif item.is_file():
+            files.append(item)
+            continue
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+        for folder in folders:
+            if not (folder / "val_probs.csv").is_file():
+                raise FileNotFoundError(f"{folder} has no val_probs.csv: is it a finished train.py run?")
+            files.append(folder / "val_probs.csv")
+            configs.append(json.loads((folder / "config.json").read_text()))
+    roots = {str(images_dir(c["data_dir"]).resolve()) for c in configs}
+    if len(roots) > 1:
+        raise ValueError(f"the runs come from different train folders: {', '.join(sorted(roots))}")
+    return files, configs
+
+
+def out_of_fold(files) -> pd.DataFrame:
+    """One row per image (ImageID = person/file): the given 18-class label and the per-head
+    probabilities, averaged where several files hold the same image (seeds)."""
+    frames = []
+    for path in files:
+        frame = read_probabilities(path)
+        missing = {"ans", *HEAD_COLUMNS} - set(frame)
+        if missing:
+            raise ValueError(f"{path}: needs the ans and per-head columns of train.py's val_probs.csv "
+                             f"(missing {', '.join(sorted(missing))})")
+        frames.append(frame[["ImageID", "ans", *HEAD_COLUMNS]])
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.groupby("ImageID", sort=True).agg({"ans": "first", **{c: "mean" for c in HEAD_COLUMNS}})
+
+
+def audit_table(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None) -> pd.DataFrame:
+    """The train folder's images, keyed by ImageID (person/file) as val_probs.csv writes them."""
+    table = scan_people(data_dir, tuple(age_bins), relabel, check_images=False)
+    root = images_dir(data_dir)
+    table["ImageID"] = [str(Path(p).relative_to(root)) for p in table["path"]]
+    return table.set_index("ImageID")
+
+
+def join(table, probs) -> pd.DataFrame:
+    """The train table with its out-of-fold probabilities; every image must have them."""
+    extra = probs.index.difference(table.index)
+    if len(extra):
+        raise ValueError(f"{len(extra)} images of the probability files are not in the train folder, "
+                         f"e.g. {extra[0]}: were they made from another folder?")
+    missing = table.index.difference(probs.index)
+    if len(missing):
+        raise ValueError(f"the probability files cover {len(table) - len(missing)} of {len(table)} images: "
+                         f"{len(missing)} have no out-of-fold prediction, e.g. {missing[0]} (train with --n_folds "
+                         "and pass every fold)")
+    return table.join(probs)
+
+
+def ranked_issues(labels, probs):
+    """(flagged indices, score = 1 - probability of the given label, suggested label) by cleanlab's
+    confident learning."""
+    labels = np.asarray(labels)
+    probs = probs / probs.sum(1, keepdims=True)
+    flagged = find_label_issues(labels, probs, min_examples_per_class=0) if len(set(labels)) > 1 else \
+        np.zeros(len(labels), dtype=bool)
+    return np.flatnonzero(flagged), 1 - probs[np.arange(len(labels)), labels], probs.argmax(1)
+
+
+def nearest_age(age, group, bins) -> int:
+    """The age in `group` closest to `age` (the smallest change that moves a person there)."""
+    low, high = ((0, bins[0] - 1), (bins[0], bins[1] - 1), (bins[1], 200))[group]
+    return int(min(max(age, low), high))
+
+
+def person_suspects(data, head, bins) -> list:
+    """Gender or age suspects, one per person: the person's images' probabilities pooled."""
+    columns = [c for c in HEAD_COLUMNS if c.startswith(f"{head}_")]
+    people = data.groupby("person").agg(id=("id", "first"), age=("age", "first"), label=(f"{head}_label", "first"),
+                                        **{c: (c, "mean") for c in columns})
+    flagged, scores, suggested = ranked_issues(people["label"].to_numpy(), people[columns].to_numpy())
+    names = GENDERS if head == "gender" else AGE_GROUPS
+    rows = []
+    for i in flagged:
+        person = people.iloc[i]
+        row = dict(kind=head, person=people.index[i], id=person["id"], path="", given=names[person["label"]],
+                   suggested=names[suggested[i]], score=float(scores[i]))
+        if head == "gender":
+            row["relabel"] = dict(id=person["id"], gender=GENDERS[suggested[i]])
+        else:
+            row["relabel"] = dict(id=person["id"], age=nearest_age(person["age"], suggested[i], bins))
+            row["suggested"] += f" (age {row['relabel']['age']})"
+        rows.append(row)
+    return rows
+
+
+def mask_suspects(data) -> list:
+    """Mask suspects per image; a person whose incorrect_mask and normal images each look like the
+    other is one `mask swap`."""
+    columns = [f"mask_p{i}" for i in range(3)]
+    flagged, scores, suggested = ranked_issues(data["mask"].to_numpy(), data[columns].to_numpy())
+    stems = data["path"].map(lambda p: Path(p).stem.lower())
+    rows, swapped = [], set()
+    by_image = {data.index[i]: i for i in flagged}
+    for person, group in data.iloc[flagged].groupby("person"):
+        pair = {stems[image]: image for image in group.index if stems[image] in ("incorrect_mask", "normal")}
+        if len(pair) == 2 and suggested[by_image[pair["incorrect_mask"]]] == 2 \
+                and suggested[by_image[pair["normal"]]] == 1:
+            score = float(np.mean([scores[by_image[image]] for image in pair.values()]))
+            rows.append(dict(kind="mask swap", person=person, id=data.loc[pair["normal"], "id"], path="",
+                             given="incorrect_mask / normal", suggested="swapped", score=score,
+                             relabel=[dict(path=relabel_path(pair["incorrect_mask"]), mask="normal"),
+                                      dict(path=relabel_path(pair["normal"]), mask="incorrect")]))
+            swapped.update(pair.values())
+    for image, i in by_image.items():
+        if image not in swapped:
+            rows.append(dict(kind="mask", person=data.loc[image, "person"], id=data.loc[image, "id"], path=image,
+                             given=MASKS[data.loc[image, "mask"]], suggested=MASKS[suggested[i]],
+                             score=float(scores[i]),
+                             relabel=dict(path=relabel_path(image), mask=MASKS[suggested[i]])))
+    return rows
+
+
+def relabel_path(image_id) -> str:
+    """person/file.jpg -> person/file (the relabel CSV takes it without an extension)."""
+    return str(Path(image_id).with_suffix(""))
+
+
+def audit(data, bins) -> pd.DataFrame:
+    """Every suspect, most likely first: kind, person, id, path, given, suggested, score, relabel."""
+    rows = person_suspects(data, "gender", bins) + person_suspects(data, "age", bins) + mask_suspects(data)
+    frame = pd.DataFrame(rows, columns=["kind", "person", "id", "path", "given", "suggested", "score", "relabel"])
+    return frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def relabel_draft(suspects, min_score) -> pd.DataFrame:
+    """The suspects scoring at least `min_score` as `train.py --relabel` rows."""
+    rows = []
+    for relabel in suspects.loc[suspects["score"] >= min_score, "relabel"]:
+        rows.extend(relabel if isinstance(relabel, list) else [relabel])
+    return pd.DataFrame(rows, columns=RELABEL_COLUMNS).astype(object).fillna("")
+
+
+def contact_sheet(path, suspects, data, top=12, thumb=72):
+    """One row per suspect: the person's images (the suspect image framed in red) and the given and
+    suggested labels written beside them."""
+    suspects = suspects.head(top)
+    order = sorted(MASK_FILES, key=lambda stem: (MASK_FILES[stem], stem))
+    label_width, pad = 260, 4
+    sheet = Image.new("RGB", (label_width + len(order) * (thumb + pad), max(len(suspects), 1) * (thumb + pad)),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    by_person = {person: group for person, group in data.groupby("person")}
+    for row, suspect in enumerate(suspects.itertuples()):
+        y = row * (thumb + pad)
+        draw.text((4, y + 4), f"#{row + 1} {suspect.kind}  score {suspect.score:.2f}", fill="black")
+        draw.text((4, y + 22), str(suspect.person)[:40], fill="gray")
+        draw.text((4, y + 40), f"given {suspect.given}"[:42], fill="black")
+        draw.text((4, y + 56), f"suggested {suspect.suggested}"[:42], fill="darkred")
+        images = by_person[suspect.person]
+        stems = {Path(p).stem.lower(): (image, p) for image, p in zip(images.index, images["path"], strict=True)}
+        for column, stem in enumerate(order):
+            if stem not in stems:
+                continue
+            image, file = stems[stem]
+            with Image.open(file) as picture:
+                tile = picture.convert("RGB").resize((thumb, thumb))
+            x = label_width + column * (thumb + pad)
+            sheet.paste(tile, (x, y))
+            if image == suspect.path or (suspect.kind == "mask swap" and stem in ("incorrect_mask", "normal")):
+                draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], outline="red", width=3)
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", help="<name>_cv.json, run folders or val_probs.csv files")
+    parser.add_argument("--data_dir", default=None, help="the train folder (default: the runs' own)")
+    parser.add_argument("--min_score", type=float, default=0.5,
+                        help="suspects scoring at least this go into the relabel draft (score: 1 - the "
+                             "out-of-fold probability of the given label)")
+    parser.add_argument("--top", type=int, default=12, help="suspects on the contact sheet")
+    parser.add_argument("--output_dir", default="audit")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    with one_line_errors(KeyError):
+        if not 0 <= args.min_score <= 1:
+            raise ValueError(f"--min_score must be in [0, 1], got {args.min_score}")
+        files, configs = probability_files(args.inputs)
+        data_dir = args.data_dir or (configs[0]["data_dir"] if configs else None)
+        if data_dir is None:
+            raise ValueError("probability files alone: pass the train folder with --data_dir")
+        if configs and args.data_dir and images_dir(args.data_dir).resolve() != \
+                images_dir(configs[0]["data_dir"]).resolve():
+            raise ValueError(f"--data_dir {args.data_dir} is not the runs' train folder {configs[0]['data_dir']}")
+        bins = configs[0]["age_bins"] if configs else DEFAULT_AGE_BINS
+        table = audit_table(data_dir, bins, configs[0].get("relabel") if configs else None)
+        data = join(table, out_of_fold(files))
+        given = decode_multi_class(data["ans"].to_numpy())
+        data["mask"], data["gender_label"], data["age_label"] = given
+        suspects = audit(data, bins)
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(out / "audit.csv", suspects.drop(columns="relabel"))
+        draft = relabel_draft(suspects, args.min_score)
+        write_csv(out / "relabel_draft.csv", draft)
+        contact_sheet(out / "audit.png", suspects, data, args.top)
+    counts = suspects["kind"].value_counts().to_dict()
+    print(f"{len(suspects)} suspects in {len(data)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
+          f"{len(draft)} relabel rows at score >= {args.min_score} -> {out / 'relabel_draft.csv'}, "
+          f"{out / 'audit.csv'}, {out / 'audit.png'}")
+    return suspects
+
+
+if __name__ == "__main__":
+    main()

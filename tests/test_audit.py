@@ -1,0 +1,113 @@
+"""audit.py on tiny generated data: out-of-fold probabilities that see the true labels find an
+injected gender flip and a mask swap, the draft reads back through train.py --relabel and changes
+exactly those labels, and files that do not match the train folder are one-line errors."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import audit
+import train
+from dataset import make_sample, scan_people
+from model import combine_heads
+from runs import probability_frame
+
+
+def head_probs_of(labels, n, rng, confidence=0.9):
+    """Confident probabilities on `labels` with a little noise."""
+    probs = np.full((len(labels), n), (1 - confidence) / (n - 1))
+    probs[np.arange(len(labels)), labels] = confidence
+    probs += rng.uniform(0, 0.02, probs.shape)
+    return probs / probs.sum(1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory):
+    """A 12-person sample with person 3's gender flipped and person 7's incorrect_mask / normal swapped,
+    and three fake k-fold runs whose probabilities follow the true (clean) labels."""
+    root = tmp_path_factory.mktemp("audit")
+    clean = make_sample(root / "clean", n_people=12, n_eval_people=0, size=(48, 36), seed=2) / "train"
+    shutil.copytree(clean, root / "noisy")
+    images = root / "noisy" / "images"
+    people = sorted(p.name for p in images.iterdir())
+    sexes = ("_male_", "_female_") if "_male_" in people[3] else ("_female_", "_male_")
+    flipped = people[3].replace(*sexes)
+    (images / people[3]).rename(images / flipped)
+    swapped = images / people[7]
+    (swapped / "normal.jpg").rename(swapped / "tmp.jpg")
+    (swapped / "incorrect_mask.jpg").rename(swapped / "normal.jpg")
+    (swapped / "tmp.jpg").rename(swapped / "incorrect_mask.jpg")
+    truth = scan_people(clean).assign(ImageID=lambda t: t["path"].map(lambda p: "/".join(p.split("/")[-2:])))
+    truth["ImageID"] = truth["ImageID"].str.replace(people[3], flipped)
+    swapped_rows = truth["person"] == people[7]
+    truth.loc[swapped_rows, "mask"] = truth.loc[swapped_rows, "mask"].map({1: 2, 2: 1, 0: 0})
+    seen = truth.set_index("ImageID")[["mask", "gender_label", "age_label"]].add_suffix("_seen")
+    given = audit.audit_table(root / "noisy").join(seen)
+    rng = np.random.default_rng(0)
+    probs = combine_heads(head_probs_of(given["mask_seen"].to_numpy(), 3, rng),
+                          head_probs_of(given["gender_label_seen"].to_numpy(), 2, rng),
+                          head_probs_of(given["age_label_seen"].to_numpy(), 3, rng))
+    folds = []
+    for k, members in enumerate(np.array_split(np.array(sorted(given["person"].unique())), 3)):
+        run_dir = root / "runs" / f"cv_fold{k}"
+        run_dir.mkdir(parents=True)
+        rows = given["person"].isin(members).to_numpy()
+        frame = probability_frame(given.index[rows], probs[rows])
+        frame.insert(1, "ans", given["class"].to_numpy()[rows])
+        frame.to_csv(run_dir / "val_probs.csv", index=False)
+        (run_dir / "config.json").write_text(json.dumps(dict(data_dir=str(root / "noisy"), age_bins=[30, 60],
+                                                             relabel=None)))
+        folds.append(str(run_dir))
+    (root / "runs" / "cv_cv.json").write_text(json.dumps(dict(folds=folds)))
+    return dict(root=root, clean=clean, flipped=flipped, swapped=people[7], folds=folds)
+
+
+def test_finds_the_gender_flip_and_the_mask_swap(noisy, tmp_path):
+    suspects = audit.main([str(noisy["root"] / "runs" / "cv_cv.json"), "--output_dir", str(tmp_path)])
+    found = pd.read_csv(tmp_path / "audit.csv", dtype={"id": str})
+    assert list(found["kind"][:2].sort_values()) == ["gender", "mask swap"] and len(found) == len(suspects)
+    gender = found[found["kind"] == "gender"].iloc[0]
+    assert gender["person"] == noisy["flipped"] and gender["score"] > 0.8
+    swap = found[found["kind"] == "mask swap"].iloc[0]
+    assert swap["person"] == noisy["swapped"] and swap["score"] > 0.8
+    assert found["score"].is_monotonic_decreasing
+    draft = pd.read_csv(tmp_path / "relabel_draft.csv", dtype=str).fillna("")
+    assert list(draft.columns) == ["id", "gender", "age", "path", "mask"] and len(draft) == 3
+    with Image.open(tmp_path / "audit.png") as sheet:
+        assert sheet.width > 7 * 72 and sheet.height >= 2 * 72
+
+
+def test_the_draft_reads_back_through_train_relabel(noisy, tmp_path, capsys):
+    audit.main([str(noisy["root"] / "runs" / "cv_cv.json"), "--output_dir", str(tmp_path)])
+    draft = tmp_path / "relabel_draft.csv"
+    train.main(["--data_dir", str(noisy["root"] / "noisy"), "--model_dir", str(tmp_path / "runs"), "--model",
+                "test_resnet", "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--relabel", str(draft),
+                "--cache_dir", str(tmp_path / "cache")])
+    assert "changed gender of 1 people, age of 0 people, mask of 2 images" in capsys.readouterr().out
+    fixed = scan_people(noisy["root"] / "noisy", relabel=draft).set_index("path")
+    before = scan_people(noisy["root"] / "noisy").set_index("path")
+    changed = (fixed[["gender_label", "mask"]] != before[["gender_label", "mask"]]).any(axis=1)
+    assert set(fixed.index[changed].map(lambda p: p.split("/")[-2])) == {noisy["flipped"], noisy["swapped"]}
+    assert changed.sum() == 7 + 2
+
+
+def test_files_that_do_not_match_the_train_folder_are_errors(noisy, tmp_path):
+    with pytest.raises(SystemExit, match=r"error: the probability files cover 56 of 84 images: 28 have no out-of"):
+        audit.main(noisy["folds"][:2] + ["--output_dir", str(tmp_path)])
+    stray = tmp_path / "stray.csv"
+    frame = pd.read_csv(f"{noisy['folds'][0]}/val_probs.csv")
+    frame.loc[0, "ImageID"] = "999999_male_Asian_30/normal.jpg"
+    frame.to_csv(stray, index=False)
+    with pytest.raises(SystemExit, match="1 images of the probability files are not in the train folder"):
+        audit.main([str(stray), *noisy["folds"][1:], "--data_dir", str(noisy["root"] / "noisy"), "--output_dir",
+                    str(tmp_path)])
+    other = tmp_path / "other_run"
+    shutil.copytree(noisy["folds"][0], other)
+    (other / "config.json").write_text(json.dumps(dict(data_dir=str(noisy["clean"]), age_bins=[30, 60])))
+    with pytest.raises(SystemExit, match="different train folders"):
+        audit.main([str(other), *noisy["folds"][1:], "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="pass the train folder with --data_dir"):
+        audit.main([f"{noisy['folds'][0]}/val_probs.csv", "--output_dir", str(tmp_path)])
