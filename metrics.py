@@ -26,11 +26,17 @@ def class_report(targets, probs) -> str:
     return classification_report(targets, np.asarray(probs).argmax(1), labels=list(range(18)), zero_division=0)
 
 
-def save_confusion_png(path, targets, probs, title=""):
-    """An 18x18 confusion matrix with counts, rows true, columns predicted."""
+def pyplot():
+    """matplotlib.pyplot drawing off screen (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_confusion_png(path, targets, probs, title=""):
+    """An 18x18 confusion matrix with counts, rows true, columns predicted."""
+    plt = pyplot()
     matrix = confusion_matrix(targets, np.asarray(probs).argmax(1), labels=list(range(18)))
     figure, axes = plt.subplots(figsize=(9, 8))
     axes.imshow(matrix, cmap="Blues")

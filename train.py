@@ -52,9 +52,11 @@ from model import (
     resolve_amp,
     resolve_channels_last,
 )
+from report import write_report
 from runs import (
     atomic_write,
     new_run_dir,
+    one_line,
     one_line_errors,
     probability_frame,
     read_config,
@@ -175,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     logging.add_argument("--wandb_name", default=None, help="default: the run folder name")
     logging.add_argument("--wandb_mode", default="online", choices=["online", "offline"])
     logging.add_argument("--wandb_group", default=None, help="group runs in wandb (search.py: the study)")
+    logging.add_argument("--report", default="on", choices=["on", "off"],
+                         help="write report.html into the run folder at the end (without class activation maps)")
     return parser
 
 
@@ -341,6 +345,8 @@ def run_config(args, model, run_dir, fold) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     config = {key: value for key, value in vars(args).items() if key != "resume"}
+    defaults = vars(build_parser().parse_args([]))
+    config.update(changed_flags=[key for key, value in config.items() if key in defaults and value != defaults[key]])
     config.update(fold=fold, run_dir=str(run_dir), preprocessing=preprocessing(model), heads=heads_of(args.kind),
                   model_args=model_args(args),
                   git_commit=commit or None, versions=dict(python=platform.python_version(), torch=torch.__version__,
@@ -513,6 +519,12 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             wandb_run.finish()
     if is_main:
         print(f"best validation macro F1 {best_f1:.4f}; run folder {run_dir}")
+        if args.report == "on":
+            try:
+                print(f"report: {write_report(run_dir, cams=False)} (python report.py {run_dir} adds where the "
+                      "heads look)")
+            except Exception as error:  # a report must never cost the run
+                print(f"warning: no report.html ({one_line(error)})", file=sys.stderr)
     return best_f1
 
 
