@@ -205,12 +205,13 @@ def cams_section(run, n_errors=4, n_correct=2) -> str:
         figure, axes = pyplot().subplots(1, len(heads) + 1, figsize=(2.6 * (len(heads) + 1), 2.8))
         axes[0].imshow(image.permute(1, 2, 0).numpy())
         axes[0].set_title(f"{kind}\ntrue {class_name(probs['ans'].iloc[i])}", fontsize=7)
+        with torch.no_grad():
+            predicted = {head: int(logits.argmax(1)) for head, logits in model(batch).items()}
         for ax, head in zip(axes[1:], heads, strict=True):
             if layers[head] is None:
                 ax.set_title(f"{head}: no conv layer", fontsize=7)
                 continue
-            with torch.no_grad():
-                target = int(model(batch)[head].argmax(1))
+            target = predicted[head]
             cam = LayerGradCam(lambda x, head=head: model(x)[head], layers[head]).attribute(batch, target=target)
             cam = LayerAttribution.interpolate(cam, tuple(image.shape[-2:])).relu()[0, 0].detach()
             ax.imshow(image.permute(1, 2, 0).numpy())

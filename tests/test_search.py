@@ -52,7 +52,7 @@ def test_augmentation_flags_are_recorded_and_checked(tmp_path, tiny_data):
 def search_command(tmp_path, data, *own, fixed=()):
     return [sys.executable, str(ROOT / "search.py"), str(tmp_path / "space.yaml"), *own, "--",
             "--data_dir", str(data / "train"), "--model_dir", str(tmp_path / "model"), "--model", "test_resnet",
-            "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", *fixed]
+            "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--report", "off", *fixed]
 
 
 def run_search(tmp_path, data, capsys, *own, fixed=()):

@@ -13,7 +13,7 @@ from conftest import ROOT
 import train
 from dataset import make_sample
 
-FAST = ["--resize", "64", "48", "--num_workers", "0", "--batch_size", "32", "--model", "test_resnet"]
+FAST = ["--resize", "64", "48", "--num_workers", "0", "--batch_size", "32", "--model", "test_resnet", "--report", "off"]
 
 
 def run(tmp_path, data, *flags, name="exp"):
