@@ -72,7 +72,8 @@ def to_class_targets(targets: torch.Tensor) -> torch.Tensor:
 
 
 def to_head_targets(targets: torch.Tensor) -> torch.Tensor:
-    """Targets of any dataset kind -> (N, 3) with columns mask, gender, age."""
+    """Targets of any dataset kind -> (N, 3) with columns mask, gender, age (and a 4th, the exact
+    age, where the dataset gives it)."""
     return targets if targets.ndim == 2 else torch.stack(decode_multi_class(targets), dim=1)
 
 
@@ -259,7 +260,7 @@ class MaskBaseDataset(Dataset):
 
     def __init__(self, data_dir=SAMPLE_DIR / "train", val_ratio=0.2, seed=42, n_folds=0, fold=0,
                  age_bins=DEFAULT_AGE_BINS, drop_ages=(), relabel=None, table=None, check_images=True,
-                 extra_table=None):
+                 extra_table=None, exact_age=False):
         table = table if table is not None else scan_people(data_dir, age_bins, relabel, check_images)
         self.real = table.reset_index(drop=True)  # the people that splits and folds are drawn from
         self.table = pd.concat([self.real, extra_table], ignore_index=True) if extra_table is not None else self.real
@@ -269,7 +270,8 @@ class MaskBaseDataset(Dataset):
         self.cache = None  # an optional cache.DecodedCache of every row's prepared image
         self.paths = self.table["path"].tolist()
         self.class_targets = self.table["class"].to_numpy()
-        self.head_targets = self.table[["mask", "gender_label", "age_label"]].to_numpy()
+        # multi-label targets: (mask, gender, age group), and the exact age with `exact_age` (soft age targets)
+        self.head_targets = self.table[["mask", "gender_label", "age_label"] + ["age"] * exact_age].to_numpy()
 
     def __len__(self):
         return len(self.table)

@@ -20,8 +20,10 @@ from inference import (
     predict_run,
     read_labels,
     report,
+    validation_offsets,
     write_submission,
 )
+from metrics import apply_offsets
 from model import combine_heads, head_probs
 from runs import PROB_COLUMNS, one_line_errors, probability_frame, read_probabilities, write_csv, write_json
 
@@ -109,6 +111,9 @@ def build_parser():
     add_precision_flags(parser)
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--labels", default=None, help="CSV with ImageID and ans: score the ensemble")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="add per-class offsets fitted for macro F1 on the run folders' validation probabilities "
+                             "(out-of-fold for k-fold members) to every input before voting")
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -132,8 +137,16 @@ def main(argv=None):
         probs = np.stack([files[path] if path in files else
                           run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size,
                                             args.amp, args.num_workers, args.channels_last) for path in inputs])
+        if args.calibrate:
+            run_dirs = [path for path in inputs if path.is_dir()]
+            if not run_dirs:
+                raise ValueError("--calibrate fits on run folders' val_probs.csv: give run folders or <name>_cv.json")
+            offsets = validation_offsets(run_dirs)
+            probs = np.stack([apply_offsets(p, offsets) for p in probs])
     classes, mean = ensemble(probs, weights, args.method, args.per_head)
     write_submission(submission, probs_path, image_ids, mean, info, classes)
+    if args.calibrate:
+        write_json(submission.with_name(f"{submission.stem}_offsets.json"), offsets.round(3).tolist())
     print(f"{args.method}{' per-head' if args.per_head else ''} vote of {len(inputs)} inputs -> {submission}")
     if labels is not None:
         report(labels, np.eye(18)[classes])

@@ -15,9 +15,18 @@ from torch.utils.data import DataLoader
 from augment import create_transforms
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
 from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, scan_people
-from metrics import class_report, score
+from metrics import apply_offsets, class_report, fit_offsets, score
 from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, model_from_config, predict, resolve_amp, resolve_channels_last
-from runs import check_run, one_line_errors, probability_frame, read_run, write_csv, write_json
+from runs import (
+    PROB_COLUMNS,
+    check_run,
+    one_line_errors,
+    probability_frame,
+    read_probabilities,
+    read_run,
+    write_csv,
+    write_json,
+)
 
 DEFAULT_MODEL_DIR = os.environ.get("SM_MODEL_DIR", "./model")
 
@@ -126,6 +135,8 @@ def build_parser():
                         help="hflip averages plain and flipped predictions (+0.01 to +0.03 macro F1 on utkmask)")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--labels", default=None, help="CSV with ImageID and ans: score the predictions")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="add per-class offsets fitted for macro F1 on the run's validation probabilities")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
@@ -138,6 +149,20 @@ def output_paths(output_dir, name, overwrite):
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists: pass --overwrite or another --name")
     return submission, probs
+
+
+def validation_offsets(run_dirs) -> np.ndarray:
+    """Per-class log-prior offsets fitted for macro F1 on the runs' validation probabilities
+    (val_probs.csv; for the folds of a k-fold run together they are out-of-fold), averaged per image
+    where runs share validation images."""
+    frames = []
+    for run_dir in map(Path, run_dirs):
+        path = run_dir / "val_probs.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"--calibrate: {run_dir} has no val_probs.csv to fit the offsets on")
+        frames.append(read_probabilities(path)[["ImageID", "ans", *PROB_COLUMNS]])
+    pooled = pd.concat(frames).groupby("ImageID").agg({"ans": "first", **{c: "mean" for c in PROB_COLUMNS}})
+    return fit_offsets(pooled["ans"].to_numpy(), pooled[PROB_COLUMNS].to_numpy())
 
 
 def write_submission(submission_path, probs_path, image_ids, probs, info=None, classes=None):
@@ -164,7 +189,12 @@ def main(argv=None):
               f"tta {args.tta})")
         probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
                             channels_last=args.channels_last)
+        offsets = validation_offsets([run_dir]) if args.calibrate else None
+        if offsets is not None:
+            probs = apply_offsets(probs, offsets)
         write_submission(submission, probs_path, image_ids, probs, info)
+        if offsets is not None:
+            write_json(submission.with_name(f"{submission.stem}_offsets.json"), offsets.round(3).tolist())
     print(f"wrote {submission} and {probs_path}")
     if labels is not None:
         write_json(submission.with_name(f"{submission.stem}_scores.json"), report(labels, probs))

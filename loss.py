@@ -58,6 +58,27 @@ class F1Loss(nn.Module):
         return 1 - f1.mean()
 
 
+class SoftAgeLoss(nn.Module):
+    """Cross entropy of the age head against soft targets from the exact age: each group gets the
+    mass of a Gaussian (`sigma` years) around the age that falls in it, so a 29-year-old is partly
+    30-59 and a 45-year-old is not. It knows distance where hard bins do not."""
+    needs_exact_age = True
+
+    def __init__(self, sigma=3.0, bins=(30, 60)):
+        super().__init__()
+        self.sigma = float(sigma)
+        self.register_buffer("edges", torch.tensor([float(b) - 0.5 for b in bins]))
+
+    def soft_targets(self, ages: torch.Tensor) -> torch.Tensor:
+        normal = torch.distributions.Normal(ages.float()[:, None], self.sigma)
+        below = normal.cdf(self.edges[None, :])  # P(age < edge) for each edge
+        mass = torch.cat([below[:, :1], below[:, 1:] - below[:, :-1], 1 - below[:, -1:]], dim=1)
+        return mass / mass.sum(1, keepdim=True)
+
+    def forward(self, logits, ages):
+        return -(self.soft_targets(ages) * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
 class MixLoss(nn.Module):
     """A weighted sum of criteria, e.g. 0.6 focal + 0.4 f1."""
 
@@ -112,15 +133,20 @@ class MultiHeadLoss(nn.Module):
         else:
             columns = to_head_targets(targets)
             per_head = {head: columns[:, i] for i, head in enumerate(HEADS)}
+            if getattr(self.criteria["age"], "needs_exact_age", False):
+                if columns.shape[1] < 4:
+                    raise ValueError("--age_soft needs the exact age in the targets (MultiLabelDataset)")
+                per_head["age"] = columns[:, 3]
         parts = {head: self.criteria[head](outputs[head], per_head[head]) for head in self.criteria}
         total = sum(self.weights[head] * loss for head, loss in parts.items())
         return total, parts
 
 
 def create_multi_head_loss(criterion="cross_entropy", heads=HEADS, head_weights=None, class_weights=None,
-                           **kwargs) -> MultiHeadLoss:
+                           age_soft=0.0, age_bins=(30, 60), **kwargs) -> MultiHeadLoss:
     """`criterion`: one name for every head, or a dict {head: name} (heads left out use cross
-    entropy); `heads` maps head -> number of classes; `class_weights` is a dict {head: weights}."""
+    entropy); `heads` maps head -> number of classes; `class_weights` is a dict {head: weights};
+    `age_soft` > 0 replaces the age criterion by SoftAgeLoss with that sigma (years)."""
     names = criterion if isinstance(criterion, dict) else {head: criterion for head in heads}
     for given in (names, head_weights or {}, class_weights or {}):
         unknown = set(given) - set(heads)
@@ -129,4 +155,6 @@ def create_multi_head_loss(criterion="cross_entropy", heads=HEADS, head_weights=
     criteria = {head: create_criterion(names.get(head, "cross_entropy"), n,
                                        class_weights=(class_weights or {}).get(head), **kwargs)
                 for head, n in heads.items()}
+    if age_soft:
+        criteria["age"] = SoftAgeLoss(age_soft, age_bins)
     return MultiHeadLoss(criteria, head_weights)

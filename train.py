@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     losses.add_argument("--head_weights", nargs="*", default=[], metavar="HEAD=W", help="e.g. age=1.5")
     losses.add_argument("--focal_gamma", type=float, default=2.0)
     losses.add_argument("--smoothing", type=float, default=0.1)
+    losses.add_argument("--age_soft", type=float, default=0.0, metavar="SIGMA",
+                        help="age head: soft targets from the exact age, a Gaussian of SIGMA years over the groups "
+                             "(0: hard groups); needs MultiLabelDataset and a model with heads")
     run = parser.add_argument_group("run")
     run.add_argument("--model_dir", default=os.environ.get("SM_MODEL_DIR", "./model"))
     run.add_argument("--name", default="exp", help="run folder name (exp, exp2, ... never overwrites)")
@@ -290,6 +293,8 @@ def validate(args):
         check_augment_options(**augment_options(args))
     except ValueError as error:
         raise FlagError(str(error)) from None
+    if args.age_soft < 0 or (args.age_soft and (args.dataset != "MultiLabelDataset" or args.kind == "single_head")):
+        raise FlagError("--age_soft needs a SIGMA >= 0, --dataset MultiLabelDataset and a model with heads")
     if isinstance(criteria, dict) and args.kind == "single_head":
         raise FlagError("--criterion per head needs a three_head or multi_backbone model")
     if set(key_values(args.head_weights, float)) - set(HEADS):
@@ -421,7 +426,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     seed_everything(args.seed)
     is_main = rank == 0
     dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed, n_folds=args.n_folds,
-                                     fold=fold or 0, drop_ages=args.drop_ages, extra_table=extra_table)
+                                     fold=fold or 0, drop_ages=args.drop_ages, extra_table=extra_table,
+                                     exact_age=args.age_soft > 0)
     pretrained = False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained
     model = build_model(pretrained=pretrained, **model_args(args))
     trainable, total = freeze(model, args.freeze)
@@ -444,7 +450,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             decay_rate=args.lr_gamma, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01, min_lr=args.lr * 0.01)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     criterion = create_multi_head_loss(criterion_spec(args), heads_of(args.kind), key_values(args.head_weights, float),
-                                       gamma=args.focal_gamma, smoothing=args.smoothing).to(device)
+                                       gamma=args.focal_gamma, smoothing=args.smoothing, age_soft=args.age_soft,
+                                       age_bins=args.age_bins).to(device)
     start_epoch, best_f1, since_best, log = 0, -1.0, 0, []
     if args.resume:
         state = torch.load(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
