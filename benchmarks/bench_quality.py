@@ -34,6 +34,9 @@ RECIPES = {
     "ref_18class_ce_image_split": ["--kind", "single_head", "--criterion", "cross_entropy",
                                    "--dataset", "MaskBaseDataset"],
     "ref_3head_focal_age1.5": FOCAL,
+    # the same references without the centre crop that cuts the chin off aligned faces (fair to each other)
+    "ref_18class_ce_image_split_nocrop": ["--kind", "single_head", "--criterion", "cross_entropy",
+                                          "--dataset", "MaskBaseDataset"] + NO_CROP,
     # candidates: one change at a time on top of the focal three-head reference
     "3head_focal_nocrop": FOCAL + NO_CROP,
     "3head_ce_nocrop": THREE_HEADS + ["--criterion", "cross_entropy"] + NO_CROP,
@@ -41,6 +44,7 @@ RECIPES = {
     "3head_focal_nocrop_agesampler": FOCAL + NO_CROP + ["--sampler", "age"],
     "3head_focal+f1_nocrop": THREE_HEADS + ["--criterion", "focal:0.6+f1:0.4", "--head_weights", "age=1.5"] + NO_CROP,
     "3head_ls_nocrop": THREE_HEADS + ["--criterion", "label_smoothing", "--head_weights", "age=1.5"] + NO_CROP,
+    "3head_focal_nocrop_agesoft3": FOCAL + NO_CROP + ["--age_soft", "3"],
 }
 RECOMMENDED = "3head_focal_nocrop"
 
@@ -58,13 +62,14 @@ def run_recipe(name, seed, work_dir) -> list:
     run_dir = max(model_dir.glob(f"{run_name}*/config.json"), key=lambda p: p.stat().st_mtime).parent
     out = Path(work_dir) / "predictions"
     rows = []
-    for tta in ("none", "hflip"):
+    for tta in ("none", "hflip", "hflip_cal"):
         started = time.time()
         name_tta = f"{run_dir.name}_{tta}.csv"
         subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_dir", str(run_dir),
                         "--data_dir", str(UTKMASK / "eval"), "--output_dir", str(out), "--name", name_tta,
-                        "--labels", str(UTKMASK / "eval_labels.csv"), "--tta", tta, "--amp", "auto",
-                        "--num_workers", "0", "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+                        "--labels", str(UTKMASK / "eval_labels.csv"), "--tta", tta.removesuffix("_cal"),
+                        "--num_workers", "0", "--overwrite"] + (["--calibrate"] if tta.endswith("_cal") else []),
+                       check=True, stdout=subprocess.DEVNULL)
         scores = json.loads((out / name_tta.replace(".csv", "_scores.json")).read_text())
         rows.append(dict(recipe=name, seed=seed, tta=tta, f1=scores["f1"], mask_acc=scores["mask_acc"],
                          gender_acc=scores["gender_acc"], age_acc=scores["age_acc"], age_f1=scores["age_f1"],
@@ -74,7 +79,8 @@ def run_recipe(name, seed, work_dir) -> list:
 
 
 def summary(results: pd.DataFrame) -> str:
-    results = results.assign(recipe=results["recipe"] + results["tta"].map({"none": "", "hflip": " + TTA hflip"}))
+    scoring = {"none": "", "hflip": " + TTA hflip", "hflip_cal": " + TTA hflip + --calibrate"}
+    results = results.assign(recipe=results["recipe"] + results["tta"].map(scoring))
     table = results.groupby("recipe").agg(seeds=("seed", "count"), f1=("f1", "mean"), f1_std=("f1", "std"),
                                           mask_acc=("mask_acc", "mean"), gender_acc=("gender_acc", "mean"),
                                           age_f1=("age_f1", "mean"), minutes=("minutes", "mean"))
