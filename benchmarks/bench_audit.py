@@ -122,8 +122,8 @@ def main(argv=None):
         ("clean", UTKMASK / "train", None), ("noisy", work / "noisy", None),
         ("noisy_relabelled", work / "noisy", work / "audit" / "relabel_draft.csv"))}
     not_injected = suspects[~suspects["id"].isin(set(injected["id"]))]
-    shutil.copy(work / "audit" / "audit.png", Path(args.out).with_name("bench_audit_top.png"))
-    run_not_injected_sheet(work, not_injected, Path(args.out).with_name("bench_audit_not_injected.png"))
+    # the contact sheets show UTKFace faces: they stay in the work folder, never in the project
+    run_not_injected_sheet(work, not_injected, work / "audit" / "not_injected.png")
     cost = evals["clean"]["f1"] - evals["noisy"]["f1"]
     recovered = (evals["noisy_relabelled"]["f1"] - evals["noisy"]["f1"]) / cost if cost > 0 else float("nan")
     lines = [f"audit.py on utkmask train with injected errors (seed {args.seed}): {args.n_folds}-fold "
@@ -135,7 +135,9 @@ def main(argv=None):
               f"| {r.precision_top:.2f} | {r.recall_top:.2f} |" for r in table.itertuples()]
     lines += ["", f"K = the number injected of that kind. Injection, k-fold training and audit: {audit_minutes:.1f} "
               f"minutes. Suspects that were not injected: {len(not_injected)} "
-              f"({', '.join(f'{k} {v}' for k, v in not_injected['kind'].value_counts().items())}).", "",
+              f"({', '.join(f'{k} {v}' for k, v in not_injected['kind'].value_counts().items())}); contact sheets "
+              f"(UTKFace faces, kept out of the project): {work / 'audit' / 'audit.png'}, "
+              f"{work / 'audit' / 'not_injected.png'}.", "",
               "Same recipe trained on the whole folder (20% of the people held out for the best epoch), scored on "
               "utkmask eval:", "",
               "| train folder | eval macro F1 | mask acc | gender acc | age acc |", "| --- | --- | --- | --- | --- |"]
