@@ -21,6 +21,7 @@ from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_probabilities
 
 GENDERS, AGE_GROUPS, MASKS = ("male", "female"), ("<30", "30-59", ">=60"), ("wear", "incorrect", "normal")
 RELABEL_COLUMNS = ["id", "gender", "age", "path", "mask"]
+KINDS = ("gender", "age", "mask", "mask swap")
 
 
 def probability_files(inputs) -> tuple:
@@ -161,10 +162,10 @@ def audit(data, bins) -> pd.DataFrame:
     return frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def relabel_draft(suspects, min_score) -> pd.DataFrame:
-    """The suspects scoring at least `min_score` as `train.py --relabel` rows."""
+def relabel_draft(suspects, min_score, kinds=KINDS) -> pd.DataFrame:
+    """The suspects of `kinds` scoring at least `min_score` as `train.py --relabel` rows."""
     rows = []
-    for relabel in suspects.loc[suspects["score"] >= min_score, "relabel"]:
+    for relabel in suspects.loc[(suspects["score"] >= min_score) & suspects["kind"].isin(kinds), "relabel"]:
         rows.extend(relabel if isinstance(relabel, list) else [relabel])
     return pd.DataFrame(rows, columns=RELABEL_COLUMNS).astype(object).fillna("")
 
@@ -207,6 +208,8 @@ def build_parser():
     parser.add_argument("--min_score", type=float, default=0.5,
                         help="suspects scoring at least this go into the relabel draft (score: 1 - the "
                              "out-of-fold probability of the given label)")
+    parser.add_argument("--draft_kinds", nargs="+", default=list(KINDS), choices=KINDS,
+                        help="kinds of suspects the relabel draft holds (all are listed in audit.csv)")
     parser.add_argument("--top", type=int, default=12, help="suspects on the contact sheet")
     parser.add_argument("--output_dir", default="audit")
     return parser
@@ -233,7 +236,7 @@ def main(argv=None):
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "audit.csv", suspects.drop(columns="relabel"))
-        draft = relabel_draft(suspects, args.min_score)
+        draft = relabel_draft(suspects, args.min_score, args.draft_kinds)
         write_csv(out / "relabel_draft.csv", draft)
         contact_sheet(out / "audit.png", suspects, data, args.top)
     counts = suspects["kind"].value_counts().to_dict()
