@@ -131,17 +131,19 @@ def main(argv=None):
         image_ids, paths, labels, info = eval_images(args.data_dir)
         if args.labels:
             labels = read_labels(args.labels, image_ids)
+        offsets = None
+        if args.calibrate:
+            run_dirs = [path for path in inputs if path.is_dir()]
+            if not run_dirs:
+                raise ValueError("--calibrate fits on run folders' val_probs.csv: give run folders or <name>_cv.json")
+            offsets = validation_offsets(run_dirs)
         files = {path: aligned(read_probabilities(path), image_ids, path) for path in inputs if path.is_file()}
         if len(files) < len(inputs):
             check_eval_images(paths, args.output_dir, args.num_workers)
         probs = np.stack([files[path] if path in files else
                           run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size,
                                             args.amp, args.num_workers, args.channels_last) for path in inputs])
-        if args.calibrate:
-            run_dirs = [path for path in inputs if path.is_dir()]
-            if not run_dirs:
-                raise ValueError("--calibrate fits on run folders' val_probs.csv: give run folders or <name>_cv.json")
-            offsets = validation_offsets(run_dirs)
+        if offsets is not None:
             probs = np.stack([apply_offsets(p, offsets) for p in probs])
     classes, mean = ensemble(probs, weights, args.method, args.per_head)
     write_submission(submission, probs_path, image_ids, mean, info, classes)

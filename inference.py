@@ -184,12 +184,12 @@ def main(argv=None):
         image_ids, paths, labels, info = eval_images(args.data_dir)
         if args.labels:
             labels = read_labels(args.labels, image_ids)
+        offsets = validation_offsets([run_dir]) if args.calibrate else None
         check_eval_images(paths, args.output_dir, args.num_workers)
         print(f"predicting {len(paths)} images of {args.data_dir} with {run_dir} ({args.checkpoint}.pth, "
               f"tta {args.tta})")
         probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
                             channels_last=args.channels_last)
-        offsets = validation_offsets([run_dir]) if args.calibrate else None
         if offsets is not None:
             probs = apply_offsets(probs, offsets)
         write_submission(submission, probs_path, image_ids, probs, info)

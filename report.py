@@ -75,6 +75,9 @@ def table_html(frame: pd.DataFrame, bold_rows=()) -> str:
 
 
 # ---------------------------------------------------------------- what a run holds
+VALIDATION_COLUMNS = ["val_loss", "val_f1"] + [f"val_{head}_acc" for head in HEADS]
+
+
 def load_run(run_dir) -> dict:
     """config, log, validation probabilities (None for older runs without them) of a run folder."""
     run_dir = Path(run_dir)
@@ -82,8 +85,12 @@ def load_run(run_dir) -> dict:
     if not config_path.is_file() or not log_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.json and log.csv: is it a train.py run folder?")
     probs = run_dir / "val_probs.csv"
+    log = pd.read_csv(log_path)
+    for column in VALIDATION_COLUMNS:  # a run trained without validation (--val_ratio 0) has none
+        if column not in log:
+            log[column] = np.nan
     return dict(name=run_dir.name, dir=run_dir, config=json.loads(config_path.read_text()),
-                log=pd.read_csv(log_path), probs=read_probabilities(probs) if probs.is_file() else None)
+                log=log, probs=read_probabilities(probs) if probs.is_file() else None)
 
 
 def settings_section(run) -> str:
@@ -93,9 +100,12 @@ def settings_section(run) -> str:
     keys = [k for k in keys if k in changed] + [k for k in keys if k not in changed]
     frame = pd.DataFrame({"value": [config[k] if isinstance(config[k], str) else json.dumps(config[k]) for k in keys]},
                          index=pd.Index(keys, name="setting"))
-    best = log.loc[log["val_f1"].idxmax()]
-    summary = (f"best epoch {int(best['epoch'])} of {len(log)}: validation macro F1 {best['val_f1']:.4f}; "
-               f"training time {log['epoch_seconds'].sum() / 60:.1f} minutes"
+    if log["val_f1"].notna().any():
+        best = log.loc[log["val_f1"].idxmax()]
+        result = f"best epoch {int(best['epoch'])} of {len(log)}: validation macro F1 {best['val_f1']:.4f}"
+    else:
+        result = f"{len(log)} epochs on every image, no validation (--val_ratio 0): best.pth is the last epoch"
+    summary = (f"{result}; training time {log['epoch_seconds'].sum() / 60:.1f} minutes"
                + (" (flags that differ from train.py's defaults first, in bold)" if changed else ""))
     return f"<p>{summary}</p>" + table_html(frame, bold_rows=set(changed))
 

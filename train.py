@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--resize", type=int, nargs=2, default=[128, 96], metavar=("H", "W"))
     data.add_argument("--crop", type=float, nargs=2, default=None, metavar=("H_FRAC", "W_FRAC"),
                       help="centre crop as fractions of the input (default: the augmentation's; 1 1: none)")
-    data.add_argument("--val_ratio", type=float, default=0.2)
+    data.add_argument("--val_ratio", type=float, default=0.2,
+                      help="share of people held out for validation; 0: train on everyone for --epochs "
+                           "(best.pth is the last epoch, no val_probs.csv)")
     data.add_argument("--n_folds", type=int, default=0, help="K-fold over people (0: a single split)")
     data.add_argument("--fold", type=int, default=None, help="train only this fold (default: all folds)")
     data.add_argument("--sampler", default="none", choices=["none", "class", "age"],
@@ -271,8 +273,10 @@ def validate(args):
         raise FlagError(f"--n_folds must be 0 (one split) or at least 2, got {args.n_folds}")
     if args.fold is not None and not (args.n_folds >= 2 and 0 <= args.fold < args.n_folds):
         raise FlagError(f"--fold {args.fold} needs 0 <= fold < --n_folds ({args.n_folds})")
-    if not 0 < args.val_ratio < 1 and not args.n_folds:
-        raise FlagError(f"--val_ratio must be between 0 and 1, got {args.val_ratio}")
+    if not 0 <= args.val_ratio < 1 and not args.n_folds:
+        raise FlagError(f"--val_ratio must be in [0, 1), got {args.val_ratio}")
+    if args.val_ratio == 0 and not args.n_folds and args.early_stop:
+        raise FlagError("--early_stop needs validation: drop it or use --val_ratio > 0")
     if args.epochs <= 0 or args.batch_size <= 0 or args.grad_accum <= 0:
         raise FlagError("--epochs, --batch_size and --grad_accum must be positive")
     for folder in args.extra_data:
@@ -373,7 +377,7 @@ def make_loaders(args, dataset, model, rank, world, device):
     if args.cache:
         dataset.cache = DecodedCache.build(dataset.table["path"], val_tf, args.cache_dir, args.num_workers)
     train_set, val_set = dataset.split_dataset(train_tf, val_tf)
-    if len(train_set) == 0 or len(val_set) == 0:
+    if len(train_set) == 0 or (len(val_set) == 0 and (args.val_ratio > 0 or args.n_folds)):
         raise FlagError(f"the split left {len(train_set)} training and {len(val_set)} validation images: "
                         "use more people or another --val_ratio")
     generator = torch.Generator()
@@ -492,21 +496,25 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, device, is_main)
             if scheduler is not None:
                 scheduler.step(epoch + 1)
-            indices, probs, targets = evaluate(model, val_loader, val_shard, args, world)
-            row.update(val_loss=val_loss(probs, targets), **{f"val_{k}": v for k, v in score(targets, probs).items()})
+            if n_val:
+                indices, probs, targets = evaluate(model, val_loader, val_shard, args, world)
+                row.update(val_loss=val_loss(probs, targets),
+                           **{f"val_{k}": v for k, v in score(targets, probs).items()})
             log.append(row)
-            improved = row["val_f1"] > best_f1
-            best_f1, since_best = (row["val_f1"], 0) if improved else (best_f1, since_best + 1)
+            improved = not n_val or row["val_f1"] > best_f1  # without validation the last epoch is the best
+            best_f1, since_best = (row.get("val_f1", float("nan")), 0) if improved else (best_f1, since_best + 1)
             if is_main:
-                print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-                      f"val F1 {row['val_f1']:.4f}  mask/gender/age acc {row['val_mask_acc']:.3f}/"
-                      f"{row['val_gender_acc']:.3f}/{row['val_age_acc']:.3f}  {row['images_per_second']:.0f} img/s"
-                      + ("  *best*" if improved else ""))
+                scores = (f"val loss {row['val_loss']:.4f}  val F1 {row['val_f1']:.4f}  mask/gender/age acc "
+                          f"{row['val_mask_acc']:.3f}/{row['val_gender_acc']:.3f}/{row['val_age_acc']:.3f}"
+                          if n_val else "no validation (--val_ratio 0)")
+                print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}  {scores}  "
+                      f"{row['images_per_second']:.0f} img/s" + ("  *best*" if improved and n_val else ""))
                 write_csv(run_dir / "log.csv", pd.DataFrame(log))
                 if improved:
                     save_checkpoint(run_dir / "best.pth", dict(model=model.state_dict(), epoch=epoch + 1, f1=best_f1,
                                                                config=config))
-                    save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch)
+                    if n_val:
+                        save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch)
                 save_checkpoint(run_dir / "last.pth", checkpoint(epoch + 1))
                 if wandb_run is not None:
                     wandb_run.log(row, step=epoch + 1)
@@ -525,7 +533,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
         if wandb_run is not None:
             wandb_run.finish()
     if is_main:
-        print(f"best validation macro F1 {best_f1:.4f}; run folder {run_dir}")
+        print(f"best validation macro F1 {best_f1:.4f}; run folder {run_dir}" if n_val else
+              f"trained on every image for {args.epochs} epochs (best.pth is the last epoch); run folder {run_dir}")
         if args.report == "on":
             try:
                 print(f"report: {write_report(run_dir, cams=False)} (python report.py {run_dir} adds where the "

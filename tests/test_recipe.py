@@ -60,3 +60,27 @@ def test_calibrate_in_inference_and_ensemble(tmp_path, tiny_data):
     assert len(pd.read_csv(probs_file)) == len(pd.read_csv(tiny_data / "eval" / "info.csv"))
     with pytest.raises(SystemExit, match="--calibrate fits on run folders"):
         ensemble.main([str(probs_file), *common, "--calibrate", "--name", "files.csv"])
+
+
+def test_val_ratio_0_trains_on_every_person(tmp_path, tiny_data):
+    flags = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path / "runs"), "--model", "test_resnet",
+             "--resize", "32", "24", "--num_workers", "0", "--epochs", "2", "--val_ratio", "0",
+             "--kind", "three_head", "--dataset", "MultiLabelDataset", "--age_soft", "3"]
+    scores = train.main(flags)
+    run_dir = tmp_path / "runs" / "exp"
+    log = pd.read_csv(run_dir / "log.csv")
+    n_images = len(list((tiny_data / "train" / "images").glob("*/*.*")))
+    assert np.isnan(scores[0]) and len(log) == 2 and "val_f1" not in log
+    assert (log["images_per_second"] * log["epoch_seconds"]).round().eq(n_images).all()  # every image, every epoch
+    best, last = (torch.load(run_dir / f"{n}.pth", weights_only=False) for n in ("best", "last"))
+    assert best["epoch"] == 2 and all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+    assert not (run_dir / "val_probs.csv").exists() and "no validation" in (run_dir / "report.html").read_text()
+    common = ["--model_dir", str(run_dir), "--data_dir", str(tiny_data / "eval"), "--output_dir", str(tmp_path / "out"),
+              "--num_workers", "0"]
+    inference.main(common)
+    assert (tmp_path / "out" / "submission.csv").is_file()
+    with pytest.raises(SystemExit, match="has no val_probs.csv to fit the offsets on"):
+        inference.main(common + ["--calibrate", "--name", "cal.csv"])
+    assert not (tmp_path / "out" / "cal.csv").exists()
+    with pytest.raises(SystemExit, match="--early_stop needs validation"):
+        train.main(flags + ["--early_stop", "2"])
