@@ -2,7 +2,11 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
+
 from conftest import ROOT
+
+from dataset import make_sample
 
 
 def run_bench(script, tmp_path, *flags):
@@ -31,3 +35,20 @@ def test_gpu_check_without_cuda_says_so_and_exits_0():
                             text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "gpu_check: no CUDA device on this machine; nothing to check (exit 0)"
+
+
+def test_recipe_blocks_run_as_written_and_are_scored(tmp_path, shared_weights):
+    """The README's copy-paste recipes (benchmarks/recipes/*.sh), run by bench_recipes.py on a tiny set."""
+    data = make_sample(tmp_path / "data", n_people=18, n_eval_people=3, size=(64, 48), seed=2)  # 3 per group: 3 folds
+    results = tmp_path / "recipes.csv"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_recipes.py"), "--data", str(data),
+                             "--weights", str(shared_weights), "--work_dir", str(tmp_path / "work"),
+                             "--results", str(results), "--recipes", "reference", "same_budget", "one_hour"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = pd.read_csv(results)
+    assert list(rows["recipe"]) == ["reference", "same_budget", "one_hour"] and rows["f1"].between(0, 1).all()
+    assert "AVX" in rows["machine"][0] or "cores" in rows["machine"][0]
+    assert len(list((tmp_path / "work" / "one_hour_s0").glob("onehour_fold*/best.pth"))) == 3
+    table = results.with_suffix(".md").read_text()
+    assert table.count("| one_hour | 1 |") == 1

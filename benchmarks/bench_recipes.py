@@ -1,0 +1,104 @@
+"""Whole recipes on real faces: run each copy-paste command block of `benchmarks/recipes/*.sh` (the
+same blocks the READMEs show) on ../shared/data/utkmask, time everything it does (cache, training of
+every member, inference, ensembling) and score its submission.csv against eval_labels.csv.
+
+    python benchmarks/bench_recipes.py --recipes reference same_budget --seeds 0 1
+    python benchmarks/bench_recipes.py --recipes one_hour --seeds 0
+
+Rows are appended to benchmarks/results/bench_recipes.csv with the machine (CPU flags) and the
+precision the runs resolved; the table of all rows so far is rewritten beside it."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine  # noqa: E402
+
+from metrics import score  # noqa: E402
+from runs import PROB_COLUMNS  # noqa: E402
+
+RECIPES_DIR = ROOT / "benchmarks" / "recipes"
+UTKMASK = ROOT.parent / "shared" / "data" / "utkmask"
+WEIGHTS = ROOT.parent / "shared" / "weights" / "efficientnet_lite0.safetensors"
+
+
+def run_block(recipe, seed, out, data, weights) -> float:
+    """Run recipes/<recipe>.sh on `data` with its output in `out` (a new folder); return its wall minutes."""
+    if out.exists():
+        raise SystemExit(f"error: {out} exists: give another --work_dir (runs never overwrite)")
+    out.mkdir(parents=True)
+    env = dict(os.environ, DATA=str(data), WEIGHTS=str(weights), OUT=str(out), SEED=str(seed))
+    started = time.time()
+    with open(out / "log.txt", "w") as log:
+        subprocess.run(["bash", str(RECIPES_DIR / f"{recipe}.sh")], cwd=ROOT, env=env, check=True, stdout=log,
+                       stderr=subprocess.STDOUT)
+    return (time.time() - started) / 60
+
+
+def score_submission(out, data) -> dict:
+    """Macro F1 and per-head scores of out/submission.csv against data/eval_labels.csv."""
+    submission = pd.read_csv(out / "submission.csv")
+    labels = pd.read_csv(Path(data) / "eval_labels.csv").set_index("ImageID")["ans"].reindex(submission["ImageID"])
+    probs = pd.read_csv(out / "submission_probs.csv").set_index("ImageID").reindex(submission["ImageID"])
+    probs = probs[PROB_COLUMNS].to_numpy()
+    assert (probs.argmax(1) == submission["ans"].to_numpy()).all(), "submission and its probabilities differ"
+    return score(labels.to_numpy(), probs)
+
+
+def precision_of(out) -> str:
+    """The --amp the recipe's runs resolved to (from their config.json)."""
+    resolved = {json.loads(p.read_text()).get("amp_resolved", "?") for p in out.glob("*/config.json")}
+    return "/".join(sorted(resolved)) or "?"
+
+
+def summary(results: pd.DataFrame) -> str:
+    table = results.groupby(["recipe", "machine", "amp"]).agg(
+        seeds=("seed", "count"), f1=("f1", "mean"), f1_std=("f1", "std"), gender_acc=("gender_acc", "mean"),
+        age_f1=("age_f1", "mean"), minutes=("minutes", "mean")).reset_index()
+    lines = ["| recipe | seeds | eval macro F1 | gender acc | age F1 | minutes | machine | amp |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in table.sort_values("f1").itertuples():
+        spread = f" +- {r.f1_std:.3f}" if r.seeds > 1 else ""
+        lines.append(f"| {r.recipe} | {r.seeds} | {r.f1:.3f}{spread} | {r.gender_acc:.3f} | {r.age_f1:.3f} | "
+                     f"{r.minutes:.1f} | {r.machine} | {r.amp} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    recipes = sorted(p.stem for p in RECIPES_DIR.glob("*.sh"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=["reference", "same_budget"], choices=recipes)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--data", default=str(UTKMASK), help="a folder with train/, eval/ and eval_labels.csv")
+    parser.add_argument("--weights", default=str(WEIGHTS), help="efficientnet_lite0 weights")
+    parser.add_argument("--work_dir", default=str(ROOT / "benchmarks" / "work" / "recipes"))
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_recipes.csv"))
+    args = parser.parse_args(argv)
+    if not (Path(args.data) / "eval_labels.csv").is_file() or not Path(args.weights).is_file():
+        raise SystemExit(f"error: needs {args.data}/eval_labels.csv and {args.weights} (the shared benchmark data)")
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for recipe in args.recipes:
+            out = Path(args.work_dir) / f"{recipe}_s{seed}"
+            minutes = run_block(recipe, seed, out, args.data, args.weights)
+            scores = score_submission(out, args.data)
+            row = dict(recipe=recipe, seed=seed, f1=scores["f1"], mask_acc=scores["mask_acc"],
+                       gender_acc=scores["gender_acc"], age_f1=scores["age_f1"], minutes=minutes,
+                       machine=machine(), amp=precision_of(out), out=str(out))
+            print(json.dumps(row), flush=True)
+            previous = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame()
+            pd.concat([previous, pd.DataFrame([row])], ignore_index=True).to_csv(results_path, index=False)
+    table = summary(pd.read_csv(results_path))
+    print(table)
+    results_path.with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
