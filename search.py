@@ -58,12 +58,15 @@ def check_flags(argv, where):
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):
-            train.validate(train.parse_args(argv))
+            parsed = train.parse_args(argv)
+            train.validate(parsed)
     except SystemExit as error:
         lines = messages.getvalue().strip().splitlines() or [str(error.code)]
         raise SearchError(f"{where}: {lines[-1].split('error: ', 1)[-1]}") from None
     except train.FlagError as error:
         raise SearchError(f"{where}: {error}") from None
+    if parsed.val_ratio == 0 and not parsed.n_folds:
+        raise SearchError(f"{where}: --val_ratio 0 leaves no validation to score the trials on")
 
 
 def read_space(path, fixed) -> dict:

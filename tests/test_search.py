@@ -143,6 +143,12 @@ def test_bad_spaces_and_storages_are_one_line_errors(tmp_path, tiny_data, capsys
     assert not (tmp_path / "model").exists() or not [p for p in (tmp_path / "model").iterdir() if p.is_dir()]
 
 
+def test_a_search_needs_validation(tmp_path, tiny_data):
+    (tmp_path / "space.yaml").write_text("lr: [0.1]\n")
+    with pytest.raises(SystemExit, match="--val_ratio 0 leaves no validation to score the trials on"):
+        search.main(search_command(tmp_path, tiny_data, fixed=("--val_ratio", "0"))[2:])
+
+
 def test_a_crashing_trial_is_recorded_and_the_search_goes_on(tmp_path, tiny_data, monkeypatch):
     (tmp_path / "space.yaml").write_text("lr: [0.003, 0.001]\n")
     original = train.train_epoch
