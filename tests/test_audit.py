@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import ROOT
+
 import audit
 import train
 from dataset import make_sample, scan_people
@@ -111,3 +113,38 @@ def test_files_that_do_not_match_the_train_folder_are_errors(noisy, tmp_path):
         audit.main([str(other), *noisy["folds"][1:], "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="pass the train folder with --data_dir"):
         audit.main([f"{noisy['folds'][0]}/val_probs.csv", "--output_dir", str(tmp_path)])
+
+
+def test_bench_audit_moves_clean_out_of_fold_probabilities_onto_the_noisy_folder(tmp_path, monkeypatch):
+    """bench_audit --oof: each image keeps its prediction under its noisy name, `ans` is the noisy label,
+    and the audit of the moved probabilities finds what was injected."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_audit
+    clean = make_sample(tmp_path / "clean", n_people=24, n_eval_people=0, size=(48, 36), seed=4) / "train"
+    table = audit.audit_table(clean)
+    rng = np.random.default_rng(1)
+    probs = combine_heads(head_probs_of(table["mask"].to_numpy(), 3, rng),
+                          head_probs_of(table["gender_label"].to_numpy(), 2, rng),
+                          head_probs_of(table["age_label"].to_numpy(), 3, rng))
+    folds = []
+    for k, members in enumerate(np.array_split(np.array(sorted(table["person"].unique())), 3)):
+        rows = table["person"].isin(members).to_numpy()
+        frame = probability_frame(table.index[rows], probs[rows])
+        frame.insert(1, "ans", table["class"].to_numpy()[rows])
+        (tmp_path / f"f{k}").mkdir()
+        frame.to_csv(tmp_path / f"f{k}" / "val_probs.csv", index=False)
+        folds.append(str(tmp_path / f"f{k}"))
+    (tmp_path / "cv.json").write_text(json.dumps(dict(folds=folds)))
+    injected = bench_audit.inject(clean, tmp_path / "noisy", seed=0, gender=0.1, age=0.1, swap=0.1)
+    assert injected["kind"].value_counts().to_dict() == {"gender": 2, "age": 2, "mask swap": 2}
+    files = bench_audit.labels_only_oof(tmp_path / "cv.json", tmp_path / "noisy", injected, tmp_path / "oof")
+    moved = pd.concat(map(pd.read_csv, files)).set_index("ImageID")
+    noisy = audit.audit_table(tmp_path / "noisy")
+    assert sorted(moved.index) == sorted(noisy.index) and (moved["ans"] == noisy["class"].reindex(moved.index)).all()
+    swapped = injected.loc[injected["kind"] == "mask swap", "noisy"].iloc[0]
+    assert moved.loc[f"{swapped}/normal.jpg", ["mask_p0", "mask_p1", "mask_p2"]].to_numpy().argmax() == 1
+    audit.main([*map(str, files), "--data_dir", str(tmp_path / "noisy"), "--output_dir", str(tmp_path / "audit")])
+    found = pd.read_csv(tmp_path / "audit" / "audit.csv", dtype={"id": str})
+    for kind in ("gender", "age", "mask swap"):
+        truth = set(injected.loc[injected["kind"] == kind, "id"])
+        assert bench_audit.scores(found, injected, kind, 0.5)["recall_top"] == 1.0, (kind, truth)
