@@ -3,6 +3,7 @@ injected gender flip and a mask swap, the draft reads back through train.py --re
 exactly those labels, and files that do not match the train folder are one-line errors."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,26 @@ def head_probs_of(labels, n, rng, confidence=0.9):
     probs[np.arange(len(labels)), labels] = confidence
     probs += rng.uniform(0, 0.02, probs.shape)
     return probs / probs.sum(1, keepdims=True)
+
+
+def write_fake_folds(given, labels, run_root, data_dir, seed=0) -> list:
+    """Three fake k-fold run folders over `given`'s people: val_probs.csv confident on `labels`
+    (mask, gender, age columns) with `given`'s class as ans, and a config.json; returns the folders."""
+    rng = np.random.default_rng(seed)
+    probs = combine_heads(*(head_probs_of(labels[c].to_numpy(), n, rng) for c, n in zip(labels, (3, 2, 3),
+                                                                                        strict=True)))
+    folds = []
+    for k, members in enumerate(np.array_split(np.array(sorted(given["person"].unique())), 3)):
+        run_dir = Path(run_root) / f"cv_fold{k}"
+        run_dir.mkdir(parents=True)
+        rows = given["person"].isin(members).to_numpy()
+        frame = probability_frame(given.index[rows], probs[rows])
+        frame.insert(1, "ans", given["class"].to_numpy()[rows])
+        frame.to_csv(run_dir / "val_probs.csv", index=False)
+        (run_dir / "config.json").write_text(json.dumps(dict(data_dir=str(data_dir), age_bins=[30, 60], relabel=None)))
+        folds.append(str(run_dir))
+    (Path(run_root) / "cv_cv.json").write_text(json.dumps(dict(folds=folds)))
+    return folds
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +69,8 @@ def noisy(tmp_path_factory):
     truth.loc[swapped_rows, "mask"] = truth.loc[swapped_rows, "mask"].map({1: 2, 2: 1, 0: 0})
     seen = truth.set_index("ImageID")[["mask", "gender_label", "age_label"]].add_suffix("_seen")
     given = audit.audit_table(root / "noisy").join(seen)
-    rng = np.random.default_rng(0)
-    probs = combine_heads(head_probs_of(given["mask_seen"].to_numpy(), 3, rng),
-                          head_probs_of(given["gender_label_seen"].to_numpy(), 2, rng),
-                          head_probs_of(given["age_label_seen"].to_numpy(), 3, rng))
-    folds = []
-    for k, members in enumerate(np.array_split(np.array(sorted(given["person"].unique())), 3)):
-        run_dir = root / "runs" / f"cv_fold{k}"
-        run_dir.mkdir(parents=True)
-        rows = given["person"].isin(members).to_numpy()
-        frame = probability_frame(given.index[rows], probs[rows])
-        frame.insert(1, "ans", given["class"].to_numpy()[rows])
-        frame.to_csv(run_dir / "val_probs.csv", index=False)
-        (run_dir / "config.json").write_text(json.dumps(dict(data_dir=str(root / "noisy"), age_bins=[30, 60],
-                                                             relabel=None)))
-        folds.append(str(run_dir))
-    (root / "runs" / "cv_cv.json").write_text(json.dumps(dict(folds=folds)))
+    folds = write_fake_folds(given, given[["mask_seen", "gender_label_seen", "age_label_seen"]], root / "runs",
+                             root / "noisy")
     return dict(root=root, clean=clean, flipped=flipped, swapped=people[7], folds=folds)
 
 
@@ -122,22 +129,11 @@ def test_bench_audit_moves_clean_out_of_fold_probabilities_onto_the_noisy_folder
     import bench_audit
     clean = make_sample(tmp_path / "clean", n_people=24, n_eval_people=0, size=(48, 36), seed=4) / "train"
     table = audit.audit_table(clean)
-    rng = np.random.default_rng(1)
-    probs = combine_heads(head_probs_of(table["mask"].to_numpy(), 3, rng),
-                          head_probs_of(table["gender_label"].to_numpy(), 2, rng),
-                          head_probs_of(table["age_label"].to_numpy(), 3, rng))
-    folds = []
-    for k, members in enumerate(np.array_split(np.array(sorted(table["person"].unique())), 3)):
-        rows = table["person"].isin(members).to_numpy()
-        frame = probability_frame(table.index[rows], probs[rows])
-        frame.insert(1, "ans", table["class"].to_numpy()[rows])
-        (tmp_path / f"f{k}").mkdir()
-        frame.to_csv(tmp_path / f"f{k}" / "val_probs.csv", index=False)
-        folds.append(str(tmp_path / f"f{k}"))
-    (tmp_path / "cv.json").write_text(json.dumps(dict(folds=folds)))
+    write_fake_folds(table, table[["mask", "gender_label", "age_label"]], tmp_path / "runs", clean, seed=1)
     injected = bench_audit.inject(clean, tmp_path / "noisy", seed=0, gender=0.1, age=0.1, swap=0.1)
     assert injected["kind"].value_counts().to_dict() == {"gender": 2, "age": 2, "mask swap": 2}
-    files = bench_audit.labels_only_oof(tmp_path / "cv.json", tmp_path / "noisy", injected, tmp_path / "oof")
+    files = bench_audit.labels_only_oof(tmp_path / "runs" / "cv_cv.json", tmp_path / "noisy", injected,
+                                        tmp_path / "oof")
     moved = pd.concat(map(pd.read_csv, files)).set_index("ImageID")
     noisy = audit.audit_table(tmp_path / "noisy")
     assert sorted(moved.index) == sorted(noisy.index) and (moved["ans"] == noisy["class"].reindex(moved.index)).all()
