@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# One-hour recipe: 3 folds over people (every person trains 2 of the 3 members and is out-of-fold
-# once), 160x160 (utkmask's native size, no centre crop), three heads with focal loss and soft age
-# targets, then a flip-TTA soft vote of the folds with offsets fitted on the out-of-fold probabilities.
+# One-hour recipe: the same-budget recipe trained three times on every person (seeds 0, 1, 2), then a
+# flip-TTA soft vote of the three models.
 # Variables: DATA (folder with train/ and eval/), WEIGHTS (efficientnet_lite0 weights), OUT (new folder).
 set -euo pipefail
 : "${DATA:=../shared/data/utkmask}" "${WEIGHTS:=../shared/weights/efficientnet_lite0.safetensors}"
 : "${OUT:=model/one_hour}" "${SEED:=0}"
-python train.py --data_dir "$DATA/train" --model_dir "$OUT" --name onehour --seed "$SEED" \
-    --n_folds 3 --model efficientnet_lite0 --pretrained "$WEIGHTS" --resize 160 160 --crop 1 1 \
-    --kind three_head --dataset MultiLabelDataset --criterion focal --head_weights age=1.5 --age_soft 3 \
-    --epochs 3 --batch_size 64 --optimizer adamw --lr 1e-3 --scheduler cosine \
-    --cache --cache_dir "$OUT/cache" --num_workers 0 --report off
-python ensemble.py "$(ls -t "$OUT"/onehour*_cv.json | head -1)" --data_dir "$DATA/eval" --tta hflip \
-    --calibrate --output_dir "$OUT" --name submission.csv --num_workers 0
+for member in 0 1 2; do
+    python train.py --data_dir "$DATA/train" --model_dir "$OUT" --name "seed$((SEED + member))" \
+        --seed "$((SEED + member))" --val_ratio 0 --model efficientnet_lite0 --pretrained "$WEIGHTS" \
+        --resize 128 128 --crop 1 1 --kind three_head --dataset MultiLabelDataset --criterion focal \
+        --head_weights age=1.5 --age_soft 3 --epochs 3 --batch_size 64 --optimizer adamw --lr 1e-3 \
+        --scheduler cosine --cache --cache_dir "$OUT/cache" --num_workers 0 --report off
+done
+python ensemble.py "$OUT/seed$SEED" "$OUT/seed$((SEED + 1))" "$OUT/seed$((SEED + 2))" --data_dir "$DATA/eval" \
+    --tta hflip --output_dir "$OUT" --name submission.csv --num_workers 0
