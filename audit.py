@@ -40,7 +40,8 @@ def probability_files(inputs) -> tuple:
             raise FileNotFoundError(f"input not found: {item}")
         for folder in folders:
             if not (folder / "val_probs.csv").is_file():
-                raise FileNotFoundError(f"{folder} has no val_probs.csv: is it a finished train.py run?")
+                raise FileNotFoundError(f"{folder} has no val_probs.csv: audit needs finished runs with validation "
+                                        "(--n_folds), not --val_ratio 0")
             files.append(folder / "val_probs.csv")
             configs.append(json.loads((folder / "config.json").read_text()))
     roots = {str(images_dir(c["data_dir"]).resolve()) for c in configs}
