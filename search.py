@@ -65,7 +65,7 @@ def check_flags(argv, where):
         raise SearchError(f"{where}: {lines[-1].split('error: ', 1)[-1]}") from None
     except train.FlagError as error:
         raise SearchError(f"{where}: {error}") from None
-    if parsed.val_ratio == 0 and not parsed.n_folds:
+    if not train.has_validation(parsed):
         raise SearchError(f"{where}: --val_ratio 0 leaves no validation to score the trials on")
 
 

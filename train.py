@@ -253,6 +253,11 @@ def heads_of(kind) -> dict:
     return {"class": 18} if kind == "single_head" else HEADS
 
 
+def has_validation(args) -> bool:
+    """Whether the run holds people out (k-fold, or --val_ratio > 0); --val_ratio 0 trains on everyone."""
+    return bool(args.n_folds) or args.val_ratio > 0
+
+
 def validate(args):
     """Check every flag value before any work; raise FlagError with one line."""
     if not Path(args.data_dir).is_dir():
@@ -275,7 +280,7 @@ def validate(args):
         raise FlagError(f"--fold {args.fold} needs 0 <= fold < --n_folds ({args.n_folds})")
     if not 0 <= args.val_ratio < 1 and not args.n_folds:
         raise FlagError(f"--val_ratio must be in [0, 1), got {args.val_ratio}")
-    if args.val_ratio == 0 and not args.n_folds and args.early_stop:
+    if not has_validation(args) and args.early_stop:
         raise FlagError("--early_stop needs validation: drop it or use --val_ratio > 0")
     if args.epochs <= 0 or args.batch_size <= 0 or args.grad_accum <= 0:
         raise FlagError("--epochs, --batch_size and --grad_accum must be positive")
@@ -377,7 +382,7 @@ def make_loaders(args, dataset, model, rank, world, device):
     if args.cache:
         dataset.cache = DecodedCache.build(dataset.table["path"], val_tf, args.cache_dir, args.num_workers)
     train_set, val_set = dataset.split_dataset(train_tf, val_tf)
-    if len(train_set) == 0 or (len(val_set) == 0 and (args.val_ratio > 0 or args.n_folds)):
+    if len(train_set) == 0 or (len(val_set) == 0 and has_validation(args)):
         raise FlagError(f"the split left {len(train_set)} training and {len(val_set)} validation images: "
                         "use more people or another --val_ratio")
     generator = torch.Generator()

@@ -15,13 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine  # noqa: E402
 
+from inference import read_labels  # noqa: E402
 from metrics import score  # noqa: E402
-from runs import PROB_COLUMNS  # noqa: E402
 
 RECIPES_DIR = ROOT / "benchmarks" / "recipes"
 UTKMASK = ROOT.parent / "shared" / "data" / "utkmask"
@@ -44,11 +45,8 @@ def run_block(script, seed, out, data, weights) -> float:
 def score_submission(out, data) -> dict:
     """Macro F1 and per-head scores of out/submission.csv against data/eval_labels.csv."""
     submission = pd.read_csv(out / "submission.csv")
-    labels = pd.read_csv(Path(data) / "eval_labels.csv").set_index("ImageID")["ans"].reindex(submission["ImageID"])
-    probs = pd.read_csv(out / "submission_probs.csv").set_index("ImageID").reindex(submission["ImageID"])
-    probs = probs[PROB_COLUMNS].to_numpy()
-    assert (probs.argmax(1) == submission["ans"].to_numpy()).all(), "submission and its probabilities differ"
-    return score(labels.to_numpy(), probs)
+    labels = read_labels(Path(data) / "eval_labels.csv", submission["ImageID"])
+    return score(labels, np.eye(18)[submission["ans"].to_numpy()])
 
 
 def precision_of(out) -> str:
