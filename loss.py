@@ -79,6 +79,15 @@ class SoftAgeLoss(nn.Module):
         return -(self.soft_targets(ages) * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
+class AgeYearsLoss(nn.Module):
+    """Mean absolute error of the `years` head in tens of years (robust to a wrong age here and
+    there): the auxiliary exact-age regression beside the age groups."""
+    needs_exact_age = True
+
+    def forward(self, years, ages):
+        return F.l1_loss(years.float(), ages.float()) / 10
+
+
 class MixLoss(nn.Module):
     """A weighted sum of criteria, e.g. 0.6 focal + 0.4 f1."""
 
@@ -133,20 +142,23 @@ class MultiHeadLoss(nn.Module):
         else:
             columns = to_head_targets(targets)
             per_head = {head: columns[:, i] for i, head in enumerate(HEADS)}
-            if getattr(self.criteria["age"], "needs_exact_age", False):
-                if columns.shape[1] < 4:
-                    raise ValueError("--age_soft needs the exact age in the targets (MultiLabelDataset)")
-                per_head["age"] = columns[:, 3]
+            for head in ("age", "years"):
+                if getattr(self.criteria[head] if head in self.criteria else None, "needs_exact_age", False):
+                    if columns.shape[1] < 4:
+                        raise ValueError("--age_soft and --age_years need the exact age in the targets "
+                                         "(MultiLabelDataset)")
+                    per_head[head] = columns[:, 3]
         parts = {head: self.criteria[head](outputs[head], per_head[head]) for head in self.criteria}
         total = sum(self.weights[head] * loss for head, loss in parts.items())
         return total, parts
 
 
 def create_multi_head_loss(criterion="cross_entropy", heads=HEADS, head_weights=None, class_weights=None,
-                           age_soft=0.0, age_bins=(30, 60), **kwargs) -> MultiHeadLoss:
+                           age_soft=0.0, age_bins=(30, 60), age_years=0.0, **kwargs) -> MultiHeadLoss:
     """`criterion`: one name for every head, or a dict {head: name} (heads left out use cross
     entropy); `heads` maps head -> number of classes; `class_weights` is a dict {head: weights};
-    `age_soft` > 0 replaces the age criterion by SoftAgeLoss with that sigma (years)."""
+    `age_soft` > 0 replaces the age criterion by SoftAgeLoss with that sigma (years); `age_years`
+    > 0 adds the `years` head's AgeYearsLoss with that weight."""
     names = criterion if isinstance(criterion, dict) else {head: criterion for head in heads}
     for given in (names, head_weights or {}, class_weights or {}):
         unknown = set(given) - set(heads)
@@ -157,4 +169,7 @@ def create_multi_head_loss(criterion="cross_entropy", heads=HEADS, head_weights=
                 for head, n in heads.items()}
     if age_soft:
         criteria["age"] = SoftAgeLoss(age_soft, age_bins)
+    if age_years:
+        criteria["years"] = AgeYearsLoss()
+        head_weights = {**(head_weights or {}), "years": age_years}
     return MultiHeadLoss(criteria, head_weights)

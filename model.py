@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 HEADS = {"mask": 3, "gender": 2, "age": 3}
+YEARS_CENTRE, YEARS_SCALE = 40.0, 20.0  # the years head outputs (age - centre) / scale, so it starts near 40
 MODEL_KINDS = ("three_head", "single_head", "multi_backbone")
 
 
@@ -43,7 +44,8 @@ def create_backbone(name, pretrained=False, drop_path_rate=0.0) -> nn.Module:
 
 class MaskModel(nn.Module):
     """Backbone(s) plus linear heads. `forward` always returns a dict of logits: `mask`, `gender`,
-    `age` for the head kinds, or `class` (18) for the single head."""
+    `age` for the head kinds, or `class` (18) for the single head; plus `years`, the exact age in
+    years, where the model has the auxiliary age regression head (three_head with `age_years`)."""
 
     def __init__(self, backbones: dict, heads: dict, drop_rate=0.0):
         super().__init__()
@@ -56,21 +58,28 @@ class MaskModel(nn.Module):
     def forward(self, images):
         if "shared" in self.backbones:
             features = self.backbones["shared"](images)
-            return {head: layer(features) for head, layer in self.heads.items()}
-        return {head: layer(self.backbones[head](images)) for head, layer in self.heads.items()}
+            outputs = {head: layer(features) for head, layer in self.heads.items()}
+        else:
+            outputs = {head: layer(self.backbones[head](images)) for head, layer in self.heads.items()}
+        if "years" in outputs:
+            outputs["years"] = YEARS_CENTRE + YEARS_SCALE * outputs["years"].float().squeeze(1)
+        return outputs
 
 
 def build_model(kind="three_head", model="resnet18", backbones=None, pretrained=False, drop_rate=0.0,
-                drop_path_rate=0.0) -> MaskModel:
+                drop_path_rate=0.0, age_years=False) -> MaskModel:
     """Build one of the three model kinds. `backbones` (multi_backbone only) maps each head to a
     timm name, e.g. {"mask": "convnext_tiny", "gender": "resnext50_32x4d", "age": "swin_s3_tiny_224"};
-    heads it leaves out use `model`."""
+    heads it leaves out use `model`. `age_years` (three_head only) adds the `years` regression head."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; choose from {', '.join(MODEL_KINDS)}")
+    if age_years and kind != "three_head":
+        raise ValueError("the age regression head (age_years) needs kind three_head")
     if kind == "single_head":
         return MaskModel({"shared": create_backbone(model, pretrained, drop_path_rate)}, {"class": 18}, drop_rate)
     if kind == "three_head":
-        return MaskModel({"shared": create_backbone(model, pretrained, drop_path_rate)}, HEADS, drop_rate)
+        heads = {**HEADS, "years": 1} if age_years else HEADS
+        return MaskModel({"shared": create_backbone(model, pretrained, drop_path_rate)}, heads, drop_rate)
     names = {head: (backbones or {}).get(head) or model for head in HEADS}
     return MaskModel({head: create_backbone(name, pretrained, drop_path_rate) for head, name in names.items()},
                      HEADS, drop_rate)
@@ -221,24 +230,34 @@ def autocast(device: torch.device, amp="off"):
 
 
 @torch.no_grad()
-def predict(model, loader, amp="off", tta="none", progress=False, channels_last=False):
+def predict(model, loader, amp="off", tta="none", progress=False, channels_last=False, with_years=False):
     """Run `model` over a (prefetch) loader: returns (probabilities (N, 18) float32 on CPU, the
-    loader's targets (N, ...)). `tta="hflip"` averages the plain and the flipped predictions;
-    `amp` is a resolved precision; `channels_last` feeds the batches in that layout."""
+    loader's targets (N, ...)), and with `with_years` the `years` head's ages (N,) (None without
+    that head). `tta="hflip"` averages the plain and the flipped predictions; `amp` is a resolved
+    precision; `channels_last` feeds the batches in that layout."""
     if tta not in ("none", "hflip"):
         raise ValueError(f"--tta must be none or hflip, got {tta!r}")
     model.eval()
     device = next(model.parameters()).device
-    probs, targets = [], []
+    probs, targets, years = [], [], []
     for images, target in tqdm(loader, desc="predict", disable=not progress, leave=False, dynamic_ncols=True):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            batch = probs18(model(images))
+            outputs = model(images)
+            batch, age = probs18(outputs), outputs.get("years")
             if tta == "hflip":
-                batch = (batch + probs18(model(images.flip(3)))) / 2
+                flipped = model(images.flip(3))
+                batch = (batch + probs18(flipped)) / 2
+                age = None if age is None else (age + flipped["years"]) / 2
         probs.append(batch.float().cpu())
         targets.append(target.cpu())
+        if age is not None:
+            years.append(age.float().cpu().reshape(-1))
     if not probs:
-        return torch.zeros(0, 18), torch.zeros(0, dtype=torch.int64)
-    return torch.cat(probs), torch.cat(targets)
+        probs, targets = torch.zeros(0, 18), torch.zeros(0, dtype=torch.int64)
+    else:
+        probs, targets = torch.cat(probs), torch.cat(targets)
+    if not with_years:
+        return probs, targets
+    return probs, targets, torch.cat(years) if years else None

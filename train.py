@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     losses.add_argument("--age_soft", type=float, default=0.0, metavar="SIGMA",
                         help="age head: soft targets from the exact age, a Gaussian of SIGMA years over the groups "
                              "(0: hard groups); needs MultiLabelDataset and a model with heads")
+    losses.add_argument("--age_years", type=float, default=0.0, metavar="W",
+                        help="add an exact-age regression head (years) beside the three heads, its mean absolute "
+                             "error in tens of years weighted W (0: off); val_probs.csv gets its ages (age_years) "
+                             "for audit.py; needs MultiLabelDataset and --kind three_head")
     run = parser.add_argument_group("run")
     run.add_argument("--model_dir", default=os.environ.get("SM_MODEL_DIR", "./model"))
     run.add_argument("--name", default="exp", help="run folder name (exp, exp2, ... never overwrites)")
@@ -304,6 +308,8 @@ def validate(args):
         raise FlagError(str(error)) from None
     if args.age_soft < 0 or (args.age_soft and (args.dataset != "MultiLabelDataset" or args.kind == "single_head")):
         raise FlagError("--age_soft needs a SIGMA >= 0, --dataset MultiLabelDataset and a model with heads")
+    if args.age_years < 0 or (args.age_years and (args.dataset != "MultiLabelDataset" or args.kind != "three_head")):
+        raise FlagError("--age_years needs a weight W >= 0, --dataset MultiLabelDataset and --kind three_head")
     if isinstance(criteria, dict) and args.kind == "single_head":
         raise FlagError("--criterion per head needs a three_head or multi_backbone model")
     if set(key_values(args.head_weights, float)) - set(HEADS):
@@ -371,7 +377,7 @@ def run_config(args, model, run_dir, fold) -> dict:
 def model_args(args) -> dict:
     """The arguments of `model.build_model` (saved in config.json to rebuild the model)."""
     return dict(kind=args.kind, model=args.model, backbones=key_values(args.backbones), drop_rate=args.drop_rate,
-                drop_path_rate=args.drop_path_rate)
+                drop_path_rate=args.drop_path_rate, age_years=args.age_years > 0)
 
 
 def make_loaders(args, dataset, model, rank, world, device):
@@ -418,15 +424,17 @@ def resolve_precision(args, model, device):
 
 
 def evaluate(model, loader, val_shard, args, world):
-    """Predictions over the *whole* validation set, gathered from every rank, in image order."""
-    probs, targets = predict(model, loader, args.amp, channels_last=args.channels_last)
-    targets = to_class_targets(targets)
-    parts = gather((val_shard.indices.tolist(), probs.numpy(), targets.numpy()), world)
+    """Predictions over the *whole* validation set, gathered from every rank, in image order:
+    (indices, 18-class probabilities, class targets, the years head's ages or None)."""
+    probs, targets, years = predict(model, loader, args.amp, channels_last=args.channels_last, with_years=True)
+    years = None if years is None else years.numpy()
+    parts = gather((val_shard.indices.tolist(), probs.numpy(), to_class_targets(targets).numpy(), years), world)
     indices = np.concatenate([p[0] for p in parts]).astype(int)
     order = np.argsort(indices)
     probs = np.concatenate([p[1] for p in parts])[order]
     targets = np.concatenate([p[2] for p in parts])[order]
-    return indices[order], probs, targets
+    years = None if years is None else np.concatenate([p[3] for p in parts])[order]
+    return indices[order], probs, targets, years
 
 
 def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped=(), on_epoch=None) -> float:
@@ -436,7 +444,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     is_main = rank == 0
     dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed, n_folds=args.n_folds,
                                      fold=fold or 0, drop_ages=args.drop_ages, extra_table=extra_table,
-                                     exact_age=args.age_soft > 0)
+                                     exact_age=args.age_soft > 0 or args.age_years > 0)
     pretrained = False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained
     model = build_model(pretrained=pretrained, **model_args(args))
     trainable, total = freeze(model, args.freeze)
@@ -460,7 +468,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     criterion = create_multi_head_loss(criterion_spec(args), heads_of(args.kind), key_values(args.head_weights, float),
                                        gamma=args.focal_gamma, smoothing=args.smoothing, age_soft=args.age_soft,
-                                       age_bins=args.age_bins).to(device)
+                                       age_bins=args.age_bins, age_years=args.age_years).to(device)
     start_epoch, best_f1, since_best, log = 0, -1.0, 0, []
     if args.resume:
         state = torch.load(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
@@ -502,9 +510,11 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             if scheduler is not None:
                 scheduler.step(epoch + 1)
             if n_val:
-                indices, probs, targets = evaluate(model, val_loader, val_shard, args, world)
+                indices, probs, targets, years = evaluate(model, val_loader, val_shard, args, world)
                 row.update(val_loss=val_loss(probs, targets),
                            **{f"val_{k}": v for k, v in score(targets, probs).items()})
+                if years is not None:
+                    row["val_years_mae"] = float(np.abs(years - dataset.table["age"].to_numpy()[indices]).mean())
             log.append(row)
             improved = not n_val or row["val_f1"] > best_f1  # without validation the last epoch is the best
             best_f1, since_best = (row.get("val_f1", float("nan")), 0) if improved else (best_f1, since_best + 1)
@@ -519,7 +529,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
                     save_checkpoint(run_dir / "best.pth", dict(model=model.state_dict(), epoch=epoch + 1, f1=best_f1,
                                                                config=config))
                     if n_val:
-                        save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch)
+                        save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch, years)
                 save_checkpoint(run_dir / "last.pth", checkpoint(epoch + 1))
                 if wandb_run is not None:
                     wandb_run.log(row, step=epoch + 1)
@@ -596,14 +606,17 @@ def val_loss(probs, targets) -> float:
     return float(-np.log(np.clip(picked, 1e-12, 1)).mean())
 
 
-def save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch):
-    """The best epoch's confusion matrix PNG and validation probabilities (out-of-fold predictions)."""
+def save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch, years=None):
+    """The best epoch's confusion matrix PNG and validation probabilities (out-of-fold predictions),
+    with the years head's ages as `age_years` where the model has it."""
     atomic_write(run_dir / "confusion_matrix.png",
                  lambda tmp: save_confusion_png(tmp, targets, probs, f"{run_dir.name}, epoch {epoch + 1}"))
     root = Path(dataset.table["path"].iloc[0]).parents[1]
     ids = [str(Path(p).relative_to(root)) for p in dataset.table["path"].iloc[indices]]
     frame = probability_frame(ids, probs)
     frame.insert(1, "ans", targets)
+    if years is not None:
+        frame["age_years"] = years
     write_csv(run_dir / "val_probs.csv", frame)
 
 

@@ -144,3 +144,33 @@ def test_bench_audit_moves_clean_out_of_fold_probabilities_onto_the_noisy_folder
     for kind in ("gender", "age", "mask swap"):
         truth = set(injected.loc[injected["kind"] == kind, "id"])
         assert bench_audit.scores(found, injected, kind, 0.5)["recall_top"] == 1.0, (kind, truth)
+
+
+def test_age_is_judged_in_years_where_the_runs_have_the_years_head(noisy, tmp_path):
+    """A person whose face looks 20+ years from the age in their folder name is the top age suspect,
+    suggested at the predicted age; people off by a year or two are not."""
+    folds, moved = [], None
+    for k, fold in enumerate(noisy["folds"]):
+        run_dir = tmp_path / f"cv_fold{k}"
+        shutil.copytree(fold, run_dir)
+        frame = pd.read_csv(run_dir / "val_probs.csv")
+        ages = frame["ImageID"].str.split("/").str[0].str.split("_").str[3].astype(float)
+        frame["age_years"] = ages + np.resize([-1.0, 0.5, 1.0, -0.5, 1.5, -1.5, 0.0], len(frame))
+        if moved is None:
+            moved = frame["ImageID"][0].split("/")[0]
+            frame.loc[frame["ImageID"].str.startswith(moved + "/"), "age_years"] = 45.0 if ages[0] < 30 else 20.0
+        frame.to_csv(run_dir / "val_probs.csv", index=False)
+        folds.append(str(run_dir))
+    audit.main([*folds, "--output_dir", str(tmp_path / "years")])
+    found = pd.read_csv(tmp_path / "years" / "audit.csv", dtype={"id": str})
+    age = found[found["kind"] == "age"]
+    assert age.iloc[0]["person"] == moved and age.iloc[0]["score"] > 0.99
+    assert age.iloc[0]["suggested"] in ("30-59 (age 45)", "<30 (age 20)")
+    assert (age["score"].iloc[1:] < 0.99).all()
+    draft = pd.read_csv(tmp_path / "years" / "relabel_draft.csv", dtype=str).fillna("")
+    assert draft.loc[draft["id"] == moved.split("_")[0], "age"].tolist() in (["45"], ["20"])
+    audit.main([*folds, "--output_dir", str(tmp_path / "groups"), "--age_by", "groups"])
+    by_groups = pd.read_csv(tmp_path / "groups" / "audit.csv")
+    assert not by_groups["given"].str.contains("age").any()
+    with pytest.raises(SystemExit, match="--age_by years needs val_probs.csv files with age_years"):
+        audit.main([*noisy["folds"], "--output_dir", str(tmp_path / "none"), "--age_by", "years"])

@@ -1,4 +1,4 @@
-"""Recipe options: soft age targets from the exact age, and macro-F1 offsets fitted on validation."""
+"""Recipe options: soft age targets and the years head from the exact age, and macro-F1 offsets fitted on validation."""
 import json
 
 import numpy as np
@@ -9,8 +9,9 @@ import torch
 import ensemble
 import inference
 import train
-from loss import SoftAgeLoss
+from loss import AgeYearsLoss, SoftAgeLoss, create_multi_head_loss
 from metrics import apply_offsets, fit_offsets, macro_f1
+from model import build_model
 
 
 def test_soft_age_targets_know_distance():
@@ -32,6 +33,41 @@ def test_age_soft_trains_and_is_checked(tmp_path, tiny_data):
     assert 0 <= scores[0] <= 1 and json.loads((tmp_path / "exp" / "config.json").read_text())["age_soft"] == 3
     with pytest.raises(SystemExit, match="--age_soft needs"):
         train.main(flags + ["--age_soft", "3", "--kind", "single_head"])
+
+
+def test_years_head_starts_near_forty_and_learns_from_the_exact_age():
+    model = build_model("three_head", "test_resnet", age_years=True)
+    outputs = model(torch.randn(4, 3, 32, 24))
+    assert set(outputs) == {"mask", "gender", "age", "years"} and outputs["years"].shape == (4,)
+    assert (outputs["years"] - 40).abs().max() < 20
+    criterion = create_multi_head_loss(age_soft=3, age_years=0.5)
+    targets = torch.tensor([[0, 1, 0, 25], [2, 0, 1, 45], [1, 1, 2, 70], [0, 0, 0, 18]])
+    total, parts = criterion(outputs, targets)
+    assert set(parts) == {"mask", "gender", "age", "years"} and criterion.weights["years"] == 0.5
+    assert torch.isclose(parts["years"], (outputs["years"] - targets[:, 3]).abs().mean() / 10)
+    total.backward()
+    assert model.heads["years"][1].weight.grad.abs().sum() > 0
+    assert AgeYearsLoss()(torch.tensor([30.0]), torch.tensor([50])) == 2
+    with pytest.raises(ValueError, match="needs kind three_head"):
+        build_model("single_head", "test_resnet", age_years=True)
+    with pytest.raises(ValueError, match="need the exact age"):
+        criterion(outputs, targets[:, :3])
+
+
+def test_age_years_writes_predicted_ages_for_the_audit_and_is_checked(tmp_path, tiny_data):
+    flags = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
+             "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--report", "off"]
+    train.main(flags + ["--age_years", "0.5", "--n_folds", "2", "--name", "cv"])
+    probs = pd.concat([pd.read_csv(tmp_path / f"cv_fold{k}" / "val_probs.csv") for k in range(2)])
+    assert probs["age_years"].between(0, 120).all() and len(probs) == 24 * 7
+    log = pd.read_csv(tmp_path / "cv_fold0" / "log.csv")
+    assert {"train_loss_years", "val_years_mae"} <= set(log) and log["val_years_mae"].iloc[0] > 0
+    out = tmp_path / "eval"
+    inference.main(["--model_dir", str(tmp_path / "cv_fold0"), "--data_dir", str(tiny_data / "eval"),
+                    "--output_dir", str(out), "--num_workers", "0"])
+    assert len(pd.read_csv(out / "submission.csv")) == len(pd.read_csv(tiny_data / "eval" / "info.csv"))
+    with pytest.raises(SystemExit, match="--age_years needs"):
+        train.main(flags + ["--age_years", "1", "--kind", "multi_backbone"])
 
 
 def test_offsets_raise_macro_f1_of_under_predicted_classes():
