@@ -216,7 +216,8 @@ def cams_section(run, n_errors=4, n_correct=2) -> str:
         axes[0].imshow(image.permute(1, 2, 0).numpy())
         axes[0].set_title(f"{kind}\ntrue {class_name(probs['ans'].iloc[i])}", fontsize=7)
         with torch.no_grad():
-            predicted = {head: int(logits.argmax(1)) for head, logits in model(batch).items()}
+            outputs = model(batch)
+            predicted = {head: int(outputs[head].argmax(1)) for head in heads}
         for ax, head in zip(axes[1:], heads, strict=True):
             if layers[head] is None:
                 ax.set_title(f"{head}: no conv layer", fontsize=7)

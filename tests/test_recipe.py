@@ -8,6 +8,7 @@ import torch
 
 import ensemble
 import inference
+import report
 import train
 from loss import AgeYearsLoss, SoftAgeLoss, create_multi_head_loss
 from metrics import apply_offsets, fit_offsets, macro_f1
@@ -66,6 +67,7 @@ def test_age_years_writes_predicted_ages_for_the_audit_and_is_checked(tmp_path, 
     inference.main(["--model_dir", str(tmp_path / "cv_fold0"), "--data_dir", str(tiny_data / "eval"),
                     "--output_dir", str(out), "--num_workers", "0"])
     assert len(pd.read_csv(out / "submission.csv")) == len(pd.read_csv(tiny_data / "eval" / "info.csv"))
+    assert "<img" in report.main([str(tmp_path / "cv_fold0")]).read_text()  # class activation maps of the heads
     with pytest.raises(SystemExit, match="--age_years needs"):
         train.main(flags + ["--age_years", "1", "--kind", "multi_backbone"])
 
