@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 from cleanlab.filter import find_label_issues
 from PIL import Image, ImageDraw
-from scipy.special import erf
 
 from dataset import DEFAULT_AGE_BINS, MASK_FILES, decode_multi_class, images_dir, scan_people
 from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_probabilities, write_csv
@@ -107,10 +106,13 @@ def nearest_age(age, group, bins) -> int:
 
 
 def person_suspects(data, head, bins) -> list:
-    """Gender or age suspects, one per person: the person's images' probabilities pooled."""
+    """Gender or age suspects, one per person: the person's images' probabilities pooled. An age
+    suspect's suggested age is the one in the suggested group nearest to the years head's predicted
+    age where the runs have it (--age_years), else to the given age."""
     columns = [c for c in HEAD_COLUMNS if c.startswith(f"{head}_")]
+    years = {"years": ("age_years", "mean")} if head == "age" and "age_years" in data else {}
     people = data.groupby("person").agg(id=("id", "first"), age=("age", "first"), label=(f"{head}_label", "first"),
-                                        **{c: (c, "mean") for c in columns})
+                                        **years, **{c: (c, "mean") for c in columns})
     flagged, scores, suggested = ranked_issues(people["label"].to_numpy(), people[columns].to_numpy())
     names = GENDERS if head == "gender" else AGE_GROUPS
     rows = []
@@ -121,33 +123,10 @@ def person_suspects(data, head, bins) -> list:
         if head == "gender":
             row["relabel"] = dict(id=person["id"], gender=GENDERS[suggested[i]])
         else:
-            row["relabel"] = dict(id=person["id"], age=nearest_age(person["age"], suggested[i], bins))
+            guess = round(person["years"]) if years else person["age"]  # the years head's age, where there is one
+            row["relabel"] = dict(id=person["id"], age=nearest_age(guess, suggested[i], bins))
             row["suggested"] += f" (age {row['relabel']['age']})"
         rows.append(row)
-    return rows
-
-
-def years_suspects(data, bins) -> list:
-    """Age suspects judged in years, one per person, where the model has the years head: people
-    whose predicted age (their images' mean) falls in another group than the given one; score =
-    how unusual their gap (predicted - given years) is among all people, 2 * Phi(|z|) - 1 with z
-    the gap's robust z-score (median and MAD). A face that looks 45 under a 27 in the folder
-    name scores high, a 29 that looks 31 low."""
-    people = data.groupby("person").agg(id=("id", "first"), age=("age", "first"), label=("age_label", "first"),
-                                        years=("age_years", "mean"))
-    gap = people["years"] - people["age"]
-    centre = gap.median()
-    scale = max(1.4826 * float((gap - centre).abs().median()), 1e-6)
-    scores = erf((gap - centre).abs().to_numpy() / scale / np.sqrt(2))
-    predicted = np.digitize(people["years"].to_numpy(), bins)
-    rows = []
-    for i in np.flatnonzero(predicted != people["label"].to_numpy()):
-        person = people.iloc[i]
-        age = nearest_age(int(round(person["years"])), predicted[i], bins)
-        rows.append(dict(kind="age", person=people.index[i], id=person["id"], path="",
-                         given=f"{AGE_GROUPS[person['label']]} (age {person['age']})",
-                         suggested=f"{AGE_GROUPS[predicted[i]]} (age {age})", score=float(scores[i]),
-                         relabel=dict(id=person["id"], age=age)))
     return rows
 
 
@@ -183,15 +162,9 @@ def relabel_path(image_id) -> str:
     return str(Path(image_id).with_suffix(""))
 
 
-def audit(data, bins, age_by="auto") -> pd.DataFrame:
-    """Every suspect, most likely first: kind, person, id, path, given, suggested, score, relabel.
-    `age_by`: judge age by the group probabilities ("groups"), by the years head ("years"), or
-    "auto": years where the probability files have them."""
-    if age_by == "years" and "age_years" not in data:
-        raise ValueError("--age_by years needs val_probs.csv files with age_years (train with --age_years W)")
-    by_years = age_by == "years" or (age_by == "auto" and "age_years" in data)
-    ages = years_suspects(data, bins) if by_years else person_suspects(data, "age", bins)
-    rows = person_suspects(data, "gender", bins) + ages + mask_suspects(data)
+def audit(data, bins) -> pd.DataFrame:
+    """Every suspect, most likely first: kind, person, id, path, given, suggested, score, relabel."""
+    rows = person_suspects(data, "gender", bins) + person_suspects(data, "age", bins) + mask_suspects(data)
     frame = pd.DataFrame(rows, columns=["kind", "person", "id", "path", "given", "suggested", "score", "relabel"])
     return frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
@@ -244,9 +217,6 @@ def build_parser():
                              "out-of-fold probability of the given label)")
     parser.add_argument("--draft_kinds", nargs="+", default=list(KINDS), choices=KINDS,
                         help="kinds of suspects the relabel draft holds (all are listed in audit.csv)")
-    parser.add_argument("--age_by", default="auto", choices=("auto", "groups", "years"),
-                        help="judge age by the age head's group probabilities or by the years head's predicted "
-                             "age (runs trained with --age_years); auto: years where the files have them")
     parser.add_argument("--top", type=int, default=12, help="suspects on the contact sheet")
     parser.add_argument("--output_dir", default="audit")
     return parser
@@ -269,7 +239,7 @@ def main(argv=None):
         data = join(table, out_of_fold(files))
         given = decode_multi_class(data["ans"].to_numpy())
         data["mask"], data["gender_label"], data["age_label"] = given
-        suspects = audit(data, bins, args.age_by)
+        suspects = audit(data, bins)
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "audit.csv", suspects.drop(columns="relabel"))

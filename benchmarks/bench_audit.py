@@ -94,12 +94,6 @@ def labels_only_oof(cv_json, noisy, injected, out_dir) -> list:
     return files
 
 
-def years_in(inputs) -> bool:
-    """Whether the out-of-fold probability files hold the years head's ages."""
-    from audit import probability_files
-    return "age_years" in pd.read_csv(probability_files(inputs)[0][0], nrows=1)
-
-
 def run(command, log):
     """Run a project command, its output appended to `log`; stop the benchmark if it fails."""
     with open(log, "a") as out:
@@ -139,7 +133,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--min_score", type=float, default=0.5)
     parser.add_argument("--train_flags", default="", help="more train.py flags for the k-fold and retrain runs, "
-                        "e.g. '--age_soft 3 --age_years 0.5' (the years head lets the audit judge age in years)")
+                        "e.g. '--age_soft 3 --age_years 0.5'")
     parser.add_argument("--oof", metavar="CV_JSON", help="audit this k-fold run of the clean train folder, its "
                         "out-of-fold probabilities moved onto the noisy folder, instead of training on the noisy one")
     parser.add_argument("--skip_retrain", action="store_true", help="only the audit (no eval F1 of the drafts)")
@@ -176,14 +170,7 @@ def main(argv=None):
     run([ROOT / "audit.py", *inputs, "--data_dir", work / "noisy", "--output_dir", work / "audit", "--min_score",
          args.min_score, "--top", "16"], log)
     suspects = pd.read_csv(work / "audit" / "audit.csv", dtype={"id": str})
-    rows = [scores(suspects, injected, kind, args.min_score) for kind in ("gender", "age", "mask swap")]
-    if years_in(inputs):  # age was judged in years: the group probabilities' ranking beside it
-        run([ROOT / "audit.py", *inputs, "--data_dir", work / "noisy", "--output_dir", work / "audit_groups",
-             "--min_score", args.min_score, "--age_by", "groups"], log)
-        by_groups = pd.read_csv(work / "audit_groups" / "audit.csv", dtype={"id": str})
-        rows[1]["kind"] = "age (by years)"
-        rows.insert(2, {**scores(by_groups, injected, "age", args.min_score), "kind": "age (by groups)"})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame([scores(suspects, injected, kind, args.min_score) for kind in ("gender", "age", "mask swap")])
     audit_minutes = (time.time() - started) / 60
     not_injected = suspects[~suspects["id"].isin(set(injected["id"]))]
     # the contact sheets show UTKFace faces: they stay in the work folder, never in the project
