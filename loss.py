@@ -142,8 +142,8 @@ class MultiHeadLoss(nn.Module):
         else:
             columns = to_head_targets(targets)
             per_head = {head: columns[:, i] for i, head in enumerate(HEADS)}
-            for head in ("age", "years"):
-                if getattr(self.criteria[head] if head in self.criteria else None, "needs_exact_age", False):
+            for head, criterion in self.criteria.items():
+                if getattr(criterion, "needs_exact_age", False):
                     if columns.shape[1] < 4:
                         raise ValueError("--age_soft and --age_years need the exact age in the targets "
                                          "(MultiLabelDataset)")

@@ -1,14 +1,4 @@
 #!/usr/bin/env bash
-# Candidate (measured): the same-budget recipe with the exact-age regression head (--age_years 0.5),
-# 3 epochs at 128x128, three heads with focal loss and soft age targets, flip TTA.
-# Variables: DATA (folder with train/ and eval/), WEIGHTS (efficientnet_lite0 weights), OUT (new folder).
-set -euo pipefail
-: "${DATA:=../shared/data/utkmask}" "${WEIGHTS:=../shared/weights/efficientnet_lite0.safetensors}"
-: "${OUT:=model/same_budget}" "${SEED:=0}"
-python train.py --data_dir "$DATA/train" --model_dir "$OUT" --name samebudget --seed "$SEED" \
-    --val_ratio 0 --model efficientnet_lite0 --pretrained "$WEIGHTS" --resize 128 128 --crop 1 1 \
-    --kind three_head --dataset MultiLabelDataset --criterion focal --head_weights age=1.5 --age_soft 3 --age_years 0.5 \
-    --epochs 3 --batch_size 64 --optimizer adamw --lr 1e-3 --scheduler cosine \
-    --cache --cache_dir "$OUT/cache" --num_workers 0 --report off
-python inference.py --model_dir "$OUT" --data_dir "$DATA/eval" --tta hflip \
-    --output_dir "$OUT" --name submission.csv --num_workers 0
+# Candidate (measured in benchmarks/README.md): the same-budget recipe with the exact-age regression head.
+# Variables: those of same_budget.sh.
+TRAIN_FLAGS="--age_years 0.5" exec bash "$(dirname "$0")/../same_budget.sh"
