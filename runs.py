@@ -110,9 +110,11 @@ def read_config(run_dir, checkpoint="best") -> dict:
 
 
 def read_run(run_dir, checkpoint="best"):
-    """(config, checkpoint state) of a run folder, with clear errors for missing files."""
+    """(config, checkpoint state) of a run folder, with clear errors for missing files. The state's
+    `model` is the weights the run scores: for last.pth of an --ema run, the moving average (as in best.pth)."""
     config = read_config(run_dir, checkpoint)
-    return config, torch.load(Path(run_dir) / f"{checkpoint}.pth", map_location="cpu", weights_only=False)
+    state = torch.load(Path(run_dir) / f"{checkpoint}.pth", map_location="cpu", weights_only=False)
+    return config, {**state, "model": state["ema"]} if state.get("ema") is not None else state
 
 
 def probability_frame(image_ids, probs: np.array) -> pd.DataFrame:

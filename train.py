@@ -21,6 +21,7 @@ import timm.optim
 import timm.scheduler
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr_gamma", type=float, default=0.5, help="step: decay factor")
     optim.add_argument("--warmup_epochs", type=int, default=0)
     optim.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step")
+    optim.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                       help="keep an exponential moving average of the weights (timm's ModelEmaV3, decay warming "
+                            "up to DECAY, e.g. 0.999); validation, best.pth and inference use it (0: off)")
     optim.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                        help="mixed precision; auto: bf16 on GPUs (8.0+) and CPUs with native bf16, fp16 on older "
                             "GPUs (V100, T4), else off")
@@ -288,6 +292,8 @@ def validate(args):
         raise FlagError("--early_stop needs validation: drop it or use --val_ratio > 0")
     if args.epochs <= 0 or args.batch_size <= 0 or args.grad_accum <= 0:
         raise FlagError("--epochs, --batch_size and --grad_accum must be positive")
+    if not 0 <= args.ema < 1:
+        raise FlagError(f"--ema DECAY must be in [0, 1) (0: off), got {args.ema}")
     for folder in args.extra_data:
         if not Path(folder).is_dir():
             raise FlagError(f"--extra_data folder not found: {folder}")
@@ -466,6 +472,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             optimizer, sched=args.scheduler, num_epochs=args.epochs, decay_epochs=args.lr_decay_step,
             decay_rate=args.lr_gamma, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01, min_lr=args.lr * 0.01)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ema = ModelEmaV3(model, decay=args.ema, use_warmup=True, warmup_power=3 / 4) if args.ema else None
+    scored = ema.module if ema else model  # the weights validation, best.pth and inference use
     criterion = create_multi_head_loss(criterion_spec(args), heads_of(args.kind), key_values(args.head_weights, float),
                                        gamma=args.focal_gamma, smoothing=args.smoothing, age_soft=args.age_soft,
                                        age_bins=args.age_bins, age_years=args.age_years).to(device)
@@ -476,6 +484,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
         start_epoch, best_f1, since_best, log = state["epoch"], state["best_f1"], state["since_best"], state["log"]
         if scheduler is not None:  # timm's schedulers are a function of the epoch: this also allows more --epochs
             scheduler.step(start_epoch)
@@ -487,7 +497,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(epoch):
-        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+        return dict(model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
+                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     scheduler=scheduler.state_dict() if scheduler else None, epoch=epoch, best_f1=best_f1,
                     since_best=since_best, log=log, config=config,
                     rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
@@ -506,11 +517,12 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             generator.manual_seed(args.seed + epoch)
             if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
-            row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, device, is_main)
+            row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, device, is_main,
+                              ema=ema, ema_source=model)
             if scheduler is not None:
                 scheduler.step(epoch + 1)
             if n_val:
-                indices, probs, targets, years = evaluate(model, val_loader, val_shard, args, world)
+                indices, probs, targets, years = evaluate(scored, val_loader, val_shard, args, world)
                 row.update(val_loss=val_loss(probs, targets),
                            **{f"val_{k}": v for k, v in score(targets, probs).items()})
                 if years is not None:
@@ -526,7 +538,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
                       f"{row['images_per_second']:.0f} img/s" + ("  *best*" if improved and n_val else ""))
                 write_csv(run_dir / "log.csv", pd.DataFrame(log))
                 if improved:
-                    save_checkpoint(run_dir / "best.pth", dict(model=model.state_dict(), epoch=epoch + 1, f1=best_f1,
+                    save_checkpoint(run_dir / "best.pth", dict(model=scored.state_dict(), epoch=epoch + 1, f1=best_f1,
                                                                config=config))
                     if n_val:
                         save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch, years)
@@ -559,8 +571,11 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     return best_f1
 
 
-def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device, is_main) -> dict:
-    """One pass over the training data; returns the epoch's log row (train losses, lr, speed)."""
+def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device, is_main, ema=None,
+                ema_source=None) -> dict:
+    """One pass over the training data; returns the epoch's log row (train losses, lr, speed). `ema`
+    (a ModelEmaV3) follows `ema_source` (the unwrapped model) after every optimizer step."""
+    updates_per_epoch = math.ceil(len(loader) / args.grad_accum)
     model.train()
     sums, seen, started = {}, 0, time.time()
     optimizer.zero_grad(set_to_none=True)
@@ -583,6 +598,8 @@ def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(ema_source, step=epoch * updates_per_epoch + step // args.grad_accum + 1)
         for key, value in [("train_loss", total)] + [(f"train_loss_{h}", v) for h, v in parts.items()]:
             sums[key] = sums.get(key, 0.0) + value.detach() * len(images)
         seen += len(images)

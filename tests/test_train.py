@@ -12,6 +12,7 @@ from conftest import ROOT
 
 import train
 from dataset import make_sample
+from runs import read_run
 
 FAST = ["--resize", "64", "48", "--num_workers", "0", "--batch_size", "32", "--model", "test_resnet", "--report", "off"]
 
@@ -88,6 +89,29 @@ def test_ctrl_c_saves_last_and_resume_equals_an_uninterrupted_run(tmp_path, tiny
     assert list(pd.read_csv(tmp_path / "part" / "log.csv")["epoch"]) == [1, 2, 3, 4]
 
 
+def test_ema_weights_are_validated_saved_and_resumed(tmp_path, tiny_data, monkeypatch):
+    flags = ["--epochs", "2", "--ema", "0.9", "--seed", "3", "--val_ratio", "0"]
+    run(tmp_path, tiny_data, *flags, name="full")
+    full = torch.load(tmp_path / "full" / "last.pth", weights_only=False)
+    best = torch.load(tmp_path / "full" / "best.pth", weights_only=False)
+    weights = [k for k in full["model"] if full["model"][k].is_floating_point()]
+    assert all(torch.equal(best["model"][k], full["ema"][k]) for k in weights)  # best.pth holds the average ...
+    assert not all(torch.equal(full["ema"][k], full["model"][k]) for k in weights)  # ... not the last step
+    interrupt_at_epoch(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_data, *flags, name="part")
+    monkeypatch.undo()
+    train.main(["--resume", str(tmp_path / "part"), "--num_workers", "0"])
+    part = torch.load(tmp_path / "part" / "last.pth", weights_only=False)
+    assert all(torch.equal(full["ema"][k], part["ema"][k]) for k in weights)
+    run(tmp_path, tiny_data, "--epochs", "1", "--ema", "0.9", name="validated")  # one epoch: it is the best
+    last = torch.load(tmp_path / "validated" / "last.pth", weights_only=False)
+    best = torch.load(tmp_path / "validated" / "best.pth", weights_only=False)
+    assert all(torch.equal(best["model"][k], last["ema"][k]) for k in weights)
+    _, scored_last = read_run(tmp_path / "validated", "last")  # inference --checkpoint last: the average too
+    assert all(torch.equal(scored_last["model"][k], last["ema"][k]) for k in weights)
+
+
 def test_kfold_trains_every_fold(tmp_path, tiny_data):
     scores = run(tmp_path, tiny_data, "--epochs", "1", "--n_folds", "3")
     assert len(scores) == 3
@@ -130,6 +154,7 @@ def test_config_file_sets_flags_and_the_command_line_wins(tmp_path, tiny_data):
     (["--n_folds", "3", "--fold", "3"], "--fold 3 needs"),
     (["--data_dir", "/nowhere/train"], "--data_dir not found: /nowhere/train"),
     (["--freeze", "half"], "--freeze must be"),
+    (["--ema", "1"], "--ema DECAY must be in [0, 1)"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, tiny_data, flags, message):
     with pytest.raises(SystemExit) as error:
