@@ -22,6 +22,7 @@ from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_probabilities
 GENDERS, AGE_GROUPS, MASKS = ("male", "female"), ("<30", "30-59", ">=60"), ("wear", "incorrect", "normal")
 RELABEL_COLUMNS = ["id", "gender", "age", "path", "mask"]
 KINDS = ("gender", "age", "mask", "mask swap")
+DRAFT_KINDS = ("gender", "mask swap", "mask")  # age moves to a neighbouring group are mostly the model's own errors
 
 
 def probability_files(inputs) -> tuple:
@@ -169,10 +170,33 @@ def audit(data, bins) -> pd.DataFrame:
     return frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def relabel_draft(suspects, min_score, kinds=KINDS) -> pd.DataFrame:
-    """The suspects of `kinds` scoring at least `min_score` as `train.py --relabel` rows."""
+def min_scores(items, default=0.9) -> dict:
+    """--min_score items -> {kind: score}: a plain number sets every kind, KIND=SCORE one kind (`swap`:
+    the mask swap), whatever the order; kinds not set get `default`."""
+    every, per_kind = default, {}
+    for item in items:
+        kind, _, value = item.rpartition("=")
+        kind = {"swap": "mask swap"}.get(kind, kind)
+        if kind and kind not in KINDS:
+            raise ValueError(f"--min_score: unknown kind {kind!r} (gender, age, mask, swap)")
+        try:
+            score = float(value)
+        except ValueError:
+            raise ValueError(f"--min_score: {item!r} is not a number or KIND=NUMBER") from None
+        if not 0 <= score <= 1:
+            raise ValueError(f"--min_score must be in [0, 1], got {item}")
+        if kind:
+            per_kind[kind] = score
+        else:
+            every = score
+    return {kind: per_kind.get(kind, every) for kind in KINDS}
+
+
+def relabel_draft(suspects, min_score, kinds=DRAFT_KINDS) -> pd.DataFrame:
+    """The suspects of `kinds` scoring at least `min_score` ({kind: score}) as `train.py --relabel` rows."""
     rows = []
-    for relabel in suspects.loc[(suspects["score"] >= min_score) & suspects["kind"].isin(kinds), "relabel"]:
+    chosen = suspects["kind"].isin(kinds) & (suspects["score"] >= suspects["kind"].map(min_score))
+    for relabel in suspects.loc[chosen, "relabel"]:
         rows.extend(relabel if isinstance(relabel, list) else [relabel])
     return pd.DataFrame(rows, columns=RELABEL_COLUMNS, dtype=object).fillna("")  # ages stay whole numbers
 
@@ -212,10 +236,11 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="<name>_cv.json, run folders or val_probs.csv files")
     parser.add_argument("--data_dir", default=None, help="the train folder (default: the runs' own)")
-    parser.add_argument("--min_score", type=float, default=0.5,
-                        help="suspects scoring at least this go into the relabel draft (score: 1 - the "
-                             "out-of-fold probability of the given label)")
-    parser.add_argument("--draft_kinds", nargs="+", default=list(KINDS), choices=KINDS,
+    parser.add_argument("--min_score", nargs="+", default=["0.9", "swap=0.5"], metavar="[KIND=]SCORE",
+                        help="suspects scoring at least this go into the relabel draft: a number for every kind "
+                             "and/or per kind (gender, age, mask, swap); score: 1 - the out-of-fold probability "
+                             "of the given label")
+    parser.add_argument("--draft_kinds", nargs="+", default=list(DRAFT_KINDS), choices=KINDS,
                         help="kinds of suspects the relabel draft holds (all are listed in audit.csv)")
     parser.add_argument("--top", type=int, default=12, help="suspects on the contact sheet")
     parser.add_argument("--output_dir", default="audit")
@@ -225,8 +250,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     with one_line_errors(KeyError):
-        if not 0 <= args.min_score <= 1:
-            raise ValueError(f"--min_score must be in [0, 1], got {args.min_score}")
+        thresholds = min_scores(args.min_score)
         files, configs = probability_files(args.inputs)
         data_dir = args.data_dir or (configs[0]["data_dir"] if configs else None)
         if data_dir is None:
@@ -243,12 +267,13 @@ def main(argv=None):
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "audit.csv", suspects.drop(columns="relabel"))
-        draft = relabel_draft(suspects, args.min_score, args.draft_kinds)
+        draft = relabel_draft(suspects, thresholds, args.draft_kinds)
         write_csv(out / "relabel_draft.csv", draft)
         contact_sheet(out / "audit.png", suspects, data, args.top)
     counts = suspects["kind"].value_counts().to_dict()
     print(f"{len(suspects)} suspects in {len(data)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
-          f"{len(draft)} relabel rows at score >= {args.min_score} -> {out / 'relabel_draft.csv'}, "
+          f"{len(draft)} relabel rows ({' '.join(args.draft_kinds)} at score >= "
+          f"{', '.join(f'{k} {thresholds[k]}' for k in args.draft_kinds)}) -> {out / 'relabel_draft.csv'}, "
           f"{out / 'audit.csv'}, {out / 'audit.png'}")
     return suspects
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from common import ROOT, machine, report
 
+import audit  # noqa: E402
 from dataset import PERSON_FOLDER, AgeLabels  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -131,7 +132,8 @@ def main(argv=None):
     parser.add_argument("--n_folds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--min_score", type=float, default=0.5)
+    parser.add_argument("--min_score", nargs="+", default=audit.build_parser().get_default("min_score"),
+                        help="audit.py's --min_score: the draft's and the table's thresholds")
     parser.add_argument("--train_flags", default="", help="more train.py flags for the k-fold and retrain runs, "
                         "e.g. '--age_soft 3 --age_years 0.5'")
     parser.add_argument("--oof", metavar="CV_JSON", help="audit this k-fold run of the clean train folder, its "
@@ -168,15 +170,17 @@ def main(argv=None):
                   f"{args.epochs} epochs, --amp auto{' ' + args.train_flags if args.train_flags else ''}, "
                   "trained on the noisy folder")
     run([ROOT / "audit.py", *inputs, "--data_dir", work / "noisy", "--output_dir", work / "audit", "--min_score",
-         args.min_score, "--top", "16"], log)
+         *args.min_score, "--top", "16"], log)
+    thresholds = audit.min_scores(args.min_score)
     suspects = pd.read_csv(work / "audit" / "audit.csv", dtype={"id": str})
-    table = pd.DataFrame([scores(suspects, injected, kind, args.min_score) for kind in ("gender", "age", "mask swap")])
+    table = pd.DataFrame([scores(suspects, injected, kind, thresholds[kind])
+                          for kind in ("gender", "age", "mask swap")])
     audit_minutes = (time.time() - started) / 60
     not_injected = suspects[~suspects["id"].isin(set(injected["id"]))]
     # the contact sheets show UTKFace faces: they stay in the work folder, never in the project
     not_injected_sheet(inputs, work / "noisy", not_injected, work / "audit" / "not_injected.png")
-    lines = [f"audit.py on utkmask train with injected errors (seed {args.seed}): {source}; default --min_score "
-             f"{args.min_score}; {machine()}", "",
+    lines = [f"audit.py on utkmask train with injected errors (seed {args.seed}): {source}; --min_score "
+             f"{' '.join(args.min_score)}; {machine()}", "",
              "| kind | injected | suspects | above threshold | precision | recall | precision top-K | recall top-K |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r.kind} | {r.injected} | {r.suspects} | {r.above} | {r.precision_above:.2f} | {r.recall_above:.2f} "

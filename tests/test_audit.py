@@ -19,7 +19,7 @@ from model import combine_heads
 from runs import probability_frame
 
 
-def head_probs_of(labels, n, rng, confidence=0.9):
+def head_probs_of(labels, n, rng, confidence=0.95):
     """Confident probabilities on `labels` with a little noise."""
     probs = np.full((len(labels), n), (1 - confidence) / (n - 1))
     probs[np.arange(len(labels)), labels] = confidence
@@ -79,9 +79,9 @@ def test_finds_the_gender_flip_and_the_mask_swap(noisy, tmp_path):
     found = pd.read_csv(tmp_path / "audit.csv", dtype={"id": str})
     assert list(found["kind"][:2].sort_values()) == ["gender", "mask swap"] and len(found) == len(suspects)
     gender = found[found["kind"] == "gender"].iloc[0]
-    assert gender["person"] == noisy["flipped"] and gender["score"] > 0.8
+    assert gender["person"] == noisy["flipped"] and gender["score"] > 0.9
     swap = found[found["kind"] == "mask swap"].iloc[0]
-    assert swap["person"] == noisy["swapped"] and swap["score"] > 0.8
+    assert swap["person"] == noisy["swapped"] and swap["score"] > 0.9
     assert found["score"].is_monotonic_decreasing
     draft = pd.read_csv(tmp_path / "relabel_draft.csv", dtype=str).fillna("")
     assert list(draft.columns) == ["id", "gender", "age", "path", "mask"] and len(draft) == 3
@@ -101,6 +101,23 @@ def test_the_draft_reads_back_through_train_relabel(noisy, tmp_path, capsys):
     changed = (fixed[["gender_label", "mask"]] != before[["gender_label", "mask"]]).any(axis=1)
     assert set(fixed.index[changed].map(lambda p: p.split("/")[-2])) == {noisy["flipped"], noisy["swapped"]}
     assert changed.sum() == 7 + 2
+
+
+def test_the_draft_holds_each_kind_above_its_threshold(noisy, tmp_path):
+    """Defaults: gender and mask suspects at 0.9, mask swaps at 0.5, no age moves; KIND=SCORE sets one kind."""
+    suspects = audit.main([str(noisy["root"] / "runs" / "cv_cv.json"), "--output_dir", str(tmp_path / "a")])
+    swap_score = suspects.loc[suspects["kind"] == "mask swap", "score"].iloc[0]
+    found = audit.main([str(noisy["root"] / "runs" / "cv_cv.json"), "--output_dir", str(tmp_path / "b"),
+                        "--min_score", f"swap={swap_score + 0.01:.4f}", "0.5", "--draft_kinds", "gender", "mask swap",
+                        "age"])
+    draft = pd.read_csv(tmp_path / "b" / "relabel_draft.csv", dtype=str).fillna("")
+    expected = (found["kind"].isin(["gender", "age"]) & (found["score"] >= 0.5)).sum()
+    assert len(draft) == expected and (draft["mask"] == "").all()  # the swap is under its own threshold
+    assert audit.min_scores(["swap=0.5", "0.7"]) == {"gender": 0.7, "age": 0.7, "mask": 0.7, "mask swap": 0.5}
+    for flags, message in ((["--min_score", "eyes=0.5"], "unknown kind 'eyes'"),
+                           (["--min_score", "1.5"], r"must be in \[0, 1\]")):
+        with pytest.raises(SystemExit, match=message):
+            audit.main([str(noisy["root"] / "runs" / "cv_cv.json"), "--output_dir", str(tmp_path / "c"), *flags])
 
 
 def test_files_that_do_not_match_the_train_folder_are_errors(noisy, tmp_path):
@@ -163,7 +180,7 @@ def test_an_age_suspect_is_suggested_at_the_years_heads_age(noisy, tmp_path):
         frame["age_years"] = ages_of_group[frame[age_columns].to_numpy().argmax(1)]
         frame.to_csv(run_dir / "val_probs.csv", index=False)
         folds.append(str(run_dir))
-    found = audit.main([*folds, "--output_dir", str(tmp_path / "years")])
+    found = audit.main([*folds, "--output_dir", str(tmp_path / "years"), "--draft_kinds", "age"])
     suspect = found[(found["kind"] == "age") & (found["person"] == moved)].iloc[0]
     assert suspect["relabel"]["age"] == int(ages_of_group[other])
     draft = pd.read_csv(tmp_path / "years" / "relabel_draft.csv", dtype=str).fillna("")
