@@ -272,8 +272,8 @@ def main(argv=None):
         contact_sheet(out / "audit.png", suspects, data, args.top)
     counts = suspects["kind"].value_counts().to_dict()
     print(f"{len(suspects)} suspects in {len(data)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
-          f"{len(draft)} relabel rows ({' '.join(args.draft_kinds)} at score >= "
-          f"{', '.join(f'{k} {thresholds[k]}' for k in args.draft_kinds)}) -> {out / 'relabel_draft.csv'}, "
+          f"{len(draft)} relabel rows ({', '.join(f'{k} >= {thresholds[k]}' for k in args.draft_kinds)}) -> "
+          f"{out / 'relabel_draft.csv'}, "
           f"{out / 'audit.csv'}, {out / 'audit.png'}")
     return suspects
 
