@@ -22,6 +22,7 @@ from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_probabilities
 GENDERS, AGE_GROUPS, MASKS = ("male", "female"), ("<30", "30-59", ">=60"), ("wear", "incorrect", "normal")
 RELABEL_COLUMNS = ["id", "gender", "age", "path", "mask"]
 KINDS = ("gender", "age", "mask", "mask swap")
+MIN_SCORE = 0.9  # the draft's threshold for every kind not given one
 DRAFT_KINDS = ("gender", "mask swap", "mask")  # age moves to a neighbouring group are mostly the model's own errors
 
 
@@ -170,7 +171,7 @@ def audit(data, bins) -> pd.DataFrame:
     return frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def min_scores(items, default=0.9) -> dict:
+def min_scores(items, default=MIN_SCORE) -> dict:
     """--min_score items -> {kind: score}: a plain number sets every kind, KIND=SCORE one kind (`swap`:
     the mask swap), whatever the order; kinds not set get `default`."""
     every, per_kind = default, {}
@@ -236,7 +237,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="<name>_cv.json, run folders or val_probs.csv files")
     parser.add_argument("--data_dir", default=None, help="the train folder (default: the runs' own)")
-    parser.add_argument("--min_score", nargs="+", default=["0.9", "swap=0.5"], metavar="[KIND=]SCORE",
+    parser.add_argument("--min_score", nargs="+", default=[str(MIN_SCORE), "swap=0.5"], metavar="[KIND=]SCORE",
                         help="suspects scoring at least this go into the relabel draft: a number for every kind "
                              "and/or per kind (gender, age, mask, swap); score: 1 - the out-of-fold probability "
                              "of the given label")
