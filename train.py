@@ -518,7 +518,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
             row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, device, is_main,
-                              ema, model)
+                              ema=ema, ema_source=model)
             if scheduler is not None:
                 scheduler.step(epoch + 1)
             if n_val:

@@ -124,7 +124,7 @@ def test_an_error_inside_a_loader_worker_is_one_clean_line(broken_data):
 
 def test_a_failed_run_leaves_no_run_folder_and_inference_skips_half_made_ones(tiny_data, tmp_path, monkeypatch):
     train_main(tiny_data, tmp_path, "--epochs", "1", "--name", "good")
-    monkeypatch.setattr(train, "train_epoch", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(train, "train_epoch", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(SystemExit, match="error: boom"):
         train_main(tiny_data, tmp_path, "--epochs", "1", "--name", "bad")
     assert not (tmp_path / "runs" / "bad").exists()
