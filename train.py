@@ -150,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--scheduler", default="cosine", choices=["cosine", "step", "none"])
     optim.add_argument("--lr_decay_step", type=int, default=20, help="step: epochs between decays")
     optim.add_argument("--lr_gamma", type=float, default=0.5, help="step: decay factor")
-    optim.add_argument("--warmup_epochs", type=int, default=0)
+    optim.add_argument("--warmup_epochs", type=float, default=0,
+                       help="linear warmup from 1%% of --lr; a fraction of an epoch with --sched_on_updates")
+    optim.add_argument("--sched_on_updates", action="store_true",
+                       help="move the learning rate after every optimizer update (a smooth cosine to its end) "
+                            "instead of once per epoch (timm's train.py flag)")
     optim.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step")
     optim.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                        help="keep an exponential moving average of the weights (timm's ModelEmaV3, decay warming "
@@ -294,6 +298,10 @@ def validate(args):
         raise FlagError("--epochs, --batch_size and --grad_accum must be positive")
     if not 0 <= args.ema < 1:
         raise FlagError(f"--ema DECAY must be in [0, 1) (0: off), got {args.ema}")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise FlagError(f"--warmup_epochs must be in [0, --epochs), got {args.warmup_epochs}")
+    if args.warmup_epochs % 1 and not args.sched_on_updates:
+        raise FlagError(f"--warmup_epochs {args.warmup_epochs}: a fraction of an epoch needs --sched_on_updates")
     for folder in args.extra_data:
         if not Path(folder).is_dir():
             raise FlagError(f"--extra_data folder not found: {folder}")
@@ -470,7 +478,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     if args.scheduler != "none":
         scheduler, _ = timm.scheduler.create_scheduler_v2(
             optimizer, sched=args.scheduler, num_epochs=args.epochs, decay_epochs=args.lr_decay_step,
-            decay_rate=args.lr_gamma, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01, min_lr=args.lr * 0.01)
+            decay_rate=args.lr_gamma, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01, min_lr=args.lr * 0.01,
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch(train_loader, args))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ema = ModelEmaV3(model, decay=args.ema, use_warmup=True, warmup_power=3 / 4) if args.ema else None
     scored = ema.module if ema else model  # the weights validation, best.pth and inference use
@@ -489,6 +498,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
         start_epoch, best_f1, since_best, log = state["epoch"], state["best_f1"], state["since_best"], state["log"]
         if scheduler is not None:  # timm's schedulers are a function of the epoch: this also allows more --epochs
             scheduler.step(start_epoch)
+            scheduler.step_update(start_epoch * updates_per_epoch(train_loader, args))
         if is_main:
             remove_stale_temporaries(run_dir)
             print(f"resumed at epoch {start_epoch + 1} (best F1 so far {best_f1:.4f})")
@@ -518,7 +528,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
             row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, device, is_main,
-                              ema=ema, ema_source=model)
+                              ema=ema, ema_source=model, scheduler=scheduler)
             if scheduler is not None:
                 scheduler.step(epoch + 1)
             if n_val:
@@ -571,11 +581,16 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     return best_f1
 
 
+def updates_per_epoch(loader, args) -> int:
+    return math.ceil(len(loader) / args.grad_accum)
+
+
 def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device, is_main, ema=None,
-                ema_source=None) -> dict:
+                ema_source=None, scheduler=None) -> dict:
     """One pass over the training data; returns the epoch's log row (train losses, lr, speed). `ema`
-    (a ModelEmaV3) follows `ema_source` (the unwrapped model) after every optimizer step."""
-    updates_per_epoch = math.ceil(len(loader) / args.grad_accum)
+    (a ModelEmaV3) follows `ema_source` (the unwrapped model) after every optimizer step; a timm
+    `scheduler` made with step_on_epochs=False moves the learning rate then too."""
+    updates_before = epoch * updates_per_epoch(loader, args)
     model.train()
     sums, seen, started = {}, 0, time.time()
     optimizer.zero_grad(set_to_none=True)
@@ -598,8 +613,11 @@ def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            updates = updates_before + step // args.grad_accum + 1
             if ema is not None:
-                ema.update(ema_source, step=epoch * updates_per_epoch + step // args.grad_accum + 1)
+                ema.update(ema_source, step=updates)
+            if scheduler is not None:
+                scheduler.step_update(updates)  # a no-op for a schedule that moves per epoch
         for key, value in [("train_loss", total)] + [(f"train_loss_{h}", v) for h, v in parts.items()]:
             sums[key] = sums.get(key, 0.0) + value.detach() * len(images)
         seen += len(images)

@@ -112,6 +112,18 @@ def test_ema_weights_are_validated_saved_and_resumed(tmp_path, tiny_data, monkey
     assert all(torch.equal(scored_last["model"][k], last["ema"][k]) for k in weights)
 
 
+def test_schedule_moves_per_update_with_a_fractional_warmup(tmp_path, tiny_data):
+    flags = ["--epochs", "2", "--lr", "0.01", "--val_ratio", "0"]
+    run(tmp_path, tiny_data, *flags, name="epochs")
+    run(tmp_path, tiny_data, *flags, "--sched_on_updates", "--warmup_epochs", "1.5", name="updates")
+    per_epoch = pd.read_csv(tmp_path / "epochs" / "log.csv")["lr"]  # the lr the epoch ended with
+    per_update = pd.read_csv(tmp_path / "updates" / "log.csv")["lr"]
+    assert list(per_epoch) == pytest.approx([0.01, 0.00505])  # cosine, one value per epoch
+    assert list(per_update) == pytest.approx([0.0001 + 0.0099 * 2 / 3, 0.0001])  # 2/3 warmed up; ends at min
+    with pytest.raises(SystemExit, match="--sched_on_updates"):
+        run(tmp_path, tiny_data, *flags, "--warmup_epochs", "0.5")
+
+
 def test_kfold_trains_every_fold(tmp_path, tiny_data):
     scores = run(tmp_path, tiny_data, "--epochs", "1", "--n_folds", "3")
     assert len(scores) == 3
