@@ -112,7 +112,7 @@ def test_ema_weights_are_validated_saved_and_resumed(tmp_path, tiny_data, monkey
     assert all(torch.equal(scored_last["model"][k], last["ema"][k]) for k in weights)
 
 
-def test_schedule_moves_per_update_with_a_fractional_warmup(tmp_path, tiny_data):
+def test_schedule_moves_per_update_with_a_fractional_warmup(tmp_path, tiny_data, monkeypatch):
     flags = ["--epochs", "2", "--lr", "0.01", "--val_ratio", "0"]
     run(tmp_path, tiny_data, *flags, name="epochs")
     run(tmp_path, tiny_data, *flags, "--sched_on_updates", "--warmup_epochs", "1.5", name="updates")
@@ -122,6 +122,12 @@ def test_schedule_moves_per_update_with_a_fractional_warmup(tmp_path, tiny_data)
     assert list(per_update) == pytest.approx([0.0001 + 0.0099 * 2 / 3, 0.0001])  # 2/3 warmed up; ends at min
     with pytest.raises(SystemExit, match="--sched_on_updates"):
         run(tmp_path, tiny_data, *flags, "--warmup_epochs", "0.5")
+    interrupt_at_epoch(monkeypatch, 1)  # resumed, the schedule goes on from the update it stopped at
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_data, *flags, "--sched_on_updates", "--warmup_epochs", "1.5", name="part")
+    monkeypatch.undo()
+    train.main(["--resume", str(tmp_path / "part"), "--num_workers", "0"])
+    assert list(pd.read_csv(tmp_path / "part" / "log.csv")["lr"]) == pytest.approx(list(per_update))
 
 
 def test_kfold_trains_every_fold(tmp_path, tiny_data):
