@@ -582,6 +582,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
 
 
 def updates_per_epoch(loader, args) -> int:
+    """Optimizer steps in one pass over `loader` (the last partial --grad_accum group counts as one)."""
     return math.ceil(len(loader) / args.grad_accum)
 
 
