@@ -496,8 +496,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         start_epoch, best_f1, since_best, log = state["epoch"], state["best_f1"], state["since_best"], state["log"]
-        if scheduler is not None:  # timm's schedulers are a function of the epoch: this also allows more --epochs
-            scheduler.step(start_epoch)
+        if scheduler is not None:  # a function of the epoch or update: this also allows more --epochs (the first
+            scheduler.step(start_epoch)  # update then takes the longer schedule's lr, not the saved one)
             scheduler.step_update(start_epoch * updates_per_epoch(train_loader, args))
         if is_main:
             remove_stale_temporaries(run_dir)
