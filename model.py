@@ -6,6 +6,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import group_parameters
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -54,6 +55,13 @@ class MaskModel(nn.Module):
             head: nn.Sequential(nn.Dropout(drop_rate),
                                 nn.Linear(self.backbones["shared" if "shared" in backbones else head].num_features, n))
             for head, n in heads.items()})
+
+    def group_matcher(self, coarse=False):
+        """timm's layer grouping (used by its layer-wise lr decay): each backbone's own layers in order,
+        the heads last."""
+        layer_of = {f"backbones.{key}.{name}": layer for key, backbone in self.backbones.items()
+                    for name, layer in group_parameters(backbone, backbone.group_matcher(coarse), reverse=True).items()}
+        return lambda name: layer_of.get(name, float("inf"))
 
     def forward(self, images):
         if "shared" in self.backbones:

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--sched_on_updates", action="store_true",
                        help="move the learning rate after every optimizer update (a smooth cosine to its end) "
                             "instead of once per epoch (timm's train.py flag)")
+    optim.add_argument("--layer_decay", type=float, default=None, metavar="D",
+                       help="layer-wise lr decay (timm's): the heads train at --lr, each backbone layer below "
+                            "at D times the one above it, e.g. 0.9 (default: off)")
     optim.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step")
     optim.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                        help="keep an exponential moving average of the weights (timm's ModelEmaV3, decay warming "
@@ -300,6 +303,8 @@ def validate(args):
         raise FlagError(f"--ema DECAY must be in [0, 1) (0: off), got {args.ema}")
     if not 0 <= args.warmup_epochs < args.epochs:
         raise FlagError(f"--warmup_epochs must be in [0, --epochs), got {args.warmup_epochs}")
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise FlagError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
     if args.warmup_epochs % 1 and not args.sched_on_updates:
         raise FlagError(f"--warmup_epochs {args.warmup_epochs}: a fraction of an epoch needs --sched_on_updates")
     for folder in args.extra_data:
@@ -473,13 +478,17 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             write_bad_images(skipped, run_dir / "skipped_images.csv")
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     optimizer = timm.optim.create_optimizer_v2(model, opt=args.optimizer, lr=args.lr,
-                                               weight_decay=args.weight_decay, momentum=args.momentum)
+                                               weight_decay=args.weight_decay, momentum=args.momentum,
+                                               layer_decay=args.layer_decay)
     scheduler = None
     if args.scheduler != "none":
         scheduler, _ = timm.scheduler.create_scheduler_v2(
             optimizer, sched=args.scheduler, num_epochs=args.epochs, decay_epochs=args.lr_decay_step,
             decay_rate=args.lr_gamma, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01, min_lr=args.lr * 0.01,
             step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch(train_loader, args))
+    if scheduler is None:  # timm's schedulers apply --layer_decay's per-group lr_scale; without one, do it here
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ema = ModelEmaV3(model, decay=args.ema, use_warmup=True, warmup_power=3 / 4) if args.ema else None
     scored = ema.module if ema else model  # the weights validation, best.pth and inference use
@@ -581,6 +590,11 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     return best_f1
 
 
+def head_lr(optimizer) -> float:
+    """The learning rate of the heads: the largest of the groups (with --layer_decay the backbone's are lower)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
 def updates_per_epoch(loader, args) -> int:
     """Optimizer steps in one pass over `loader` (the last partial --grad_accum group counts as one)."""
     return math.ceil(len(loader) / args.grad_accum)
@@ -627,11 +641,11 @@ def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss} at epoch {epoch + 1}, step {step + 1}: "
                                          "lower --lr, or use --amp bf16 / off")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{head_lr(optimizer):.2e}",
                             img_s=f"{seen / (time.time() - started):.0f}")
     seconds = time.time() - started
     row = {"epoch": epoch + 1, **{k: v.item() / max(seen, 1) for k, v in sums.items()},
-           "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
+           "lr": head_lr(optimizer), "epoch_seconds": seconds,
            "images_per_second": seen / max(seconds, 1e-9)}
     return row
 

@@ -134,6 +134,23 @@ def test_freezing_leaves_exactly_the_intended_parameters(name):
         freeze(model, "half")
 
 
+@pytest.mark.parametrize("kind,name", [("three_head", "test_efficientnet"), ("single_head", "test_vit"),
+                                       ("multi_backbone", "test_resnet")])
+def test_layer_decay_scales_the_backbone_layers_below_the_heads(kind, name):
+    import timm.optim
+    model = build_model(kind, name)
+    optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=0.01, layer_decay=0.5)
+    scale_of = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+    assert {scale_of[id(p)] for p in model.heads.parameters()} == {1.0}
+    for backbone in model.backbones.values():
+        layer_of = timm.models.group_parameters(backbone, backbone.group_matcher(), reverse=True)
+        params = dict(backbone.named_parameters())
+        n_layers = max(layer_of.values()) + 2  # the backbone's layers, then the heads
+        assert n_layers >= 4
+        for param_name, layer in layer_of.items():  # each layer at half the lr of the one above it
+            assert scale_of[id(params[param_name])] == pytest.approx(0.5 ** (n_layers - 1 - layer))
+
+
 def test_shared_pretrained_file_loads_the_same_weights(shared_weights):
     model = build_model("three_head", "efficientnet_lite0", pretrained=str(shared_weights))
     expected = load_file(shared_weights)

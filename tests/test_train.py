@@ -130,6 +130,22 @@ def test_schedule_moves_per_update_with_a_fractional_warmup(tmp_path, tiny_data,
     assert list(pd.read_csv(tmp_path / "part" / "log.csv")["lr"]) == pytest.approx(list(per_update))
 
 
+def test_layer_decay_keeps_the_heads_at_lr_and_the_backbone_below(tmp_path, tiny_data, monkeypatch):
+    optimizers = []
+    create = train.timm.optim.create_optimizer_v2
+    monkeypatch.setattr(train.timm.optim, "create_optimizer_v2",
+                        lambda *a, **k: optimizers.append(create(*a, **k)) or optimizers[-1])
+    for scheduler in ("none", "cosine"):  # the scheduler applies the scales; without one, train.py does
+        run(tmp_path, tiny_data, "--epochs", "1", "--lr", "0.01", "--scheduler", scheduler, "--layer_decay", "0.5",
+            name=scheduler)
+        groups = optimizers[-1].param_groups
+        top = max(group["lr"] for group in groups)
+        assert all(group["lr"] == pytest.approx(top * group["lr_scale"]) for group in groups)
+        scales = [group["lr_scale"] for group in groups]
+        assert min(scales) <= 0.5 ** 3 and max(scales) == 1
+        assert list(pd.read_csv(tmp_path / scheduler / "log.csv")["lr"]) == pytest.approx([0.01])  # the heads' lr
+
+
 def test_kfold_trains_every_fold(tmp_path, tiny_data):
     scores = run(tmp_path, tiny_data, "--epochs", "1", "--n_folds", "3")
     assert len(scores) == 3
@@ -173,6 +189,7 @@ def test_config_file_sets_flags_and_the_command_line_wins(tmp_path, tiny_data):
     (["--data_dir", "/nowhere/train"], "--data_dir not found: /nowhere/train"),
     (["--freeze", "half"], "--freeze must be"),
     (["--ema", "1"], "--ema DECAY must be in [0, 1)"),
+    (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, tiny_data, flags, message):
     with pytest.raises(SystemExit) as error:
