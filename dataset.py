@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from torch.utils.data import Dataset, WeightedRandomSampler
 
@@ -229,15 +230,16 @@ def fold_people(table: pd.DataFrame, n_folds: int, fold: int, seed: int):
 
 # ---------------------------------------------------------------- datasets
 def decode_image(path) -> torch.Tensor:
-    """Read and decode an image file (JPEG or PNG, any mode) to a uint8 RGB CHW tensor;
-    an unreadable file raises naming it."""
+    """Read and decode an image file (JPEG or PNG, any mode, 16-bit PNGs scaled down) to a uint8 RGB
+    CHW tensor; an unreadable file raises naming it."""
     try:
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its (working) decoders for torchcodec
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torchvision.io.decode_image(torchvision.io.read_file(str(path)),
-                                               mode=torchvision.io.ImageReadMode.RGB)
+            image = torchvision.io.decode_image(torchvision.io.read_file(str(path)),
+                                                mode=torchvision.io.ImageReadMode.RGB)
     except (RuntimeError, OSError) as error:
         raise ValueError(f"unreadable image {path}: {without_source_locations(str(error).splitlines()[0])}") from None
+    return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
 
 
 def without_source_locations(text: str) -> str:

@@ -15,6 +15,7 @@ from dataset import (
     MultiLabelDataset,
     PrefetchLoader,
     TestDataset,
+    decode_image,
     decode_multi_class,
     encode_multi_class,
     fast_collate,
@@ -73,6 +74,20 @@ def test_scan_messy_tree(tiny_data, tmp_path):
     (people[5] / "mask3.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="mask3.jpg"):
         scan_people(tmp_path)
+
+
+def test_every_image_mode_decodes_to_uint8_rgb(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 6, 3), dtype=np.uint8)
+    rgb = Image.fromarray(pixels)
+    gray = pixels.mean(2).astype(np.uint8)
+    files = {"rgba.png": rgb.convert("RGBA"), "gray.jpg": Image.fromarray(gray), "cmyk.jpg": rgb.convert("CMYK"),
+             "gray16.png": Image.fromarray(gray.astype(np.uint16) * 257), "palette.png": rgb.convert("P")}
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        decoded = decode_image(tmp_path / name)
+        assert decoded.dtype == torch.uint8 and decoded.shape == (3, 8, 6), name
+        expected = np.asarray(Image.open(tmp_path / name).convert("RGB")) if name != "gray16.png" else gray[..., None]
+        assert np.abs(decoded.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 1, name
 
 
 def test_scan_empty_is_clear(tmp_path):
