@@ -108,27 +108,33 @@ def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=
     (see `apply_relabel`) is applied here.
     """
     root = images_dir(data_dir)
-    rows, bad_folders, unknown_files, incomplete = [], [], [], []
+    rows, bad_folders, unknown_files, duplicates, incomplete = [], [], [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name)):
         match = PERSON_FOLDER.match(folder.name)
         if not match:
             bad_folders.append(folder.name)
             continue
         person_id, gender, race, age = match.groups()
-        found = 0
+        found = set()
         for file in sorted(p for p in folder.iterdir() if p.is_file() and not _is_hidden(p.name)):
             if file.suffix.lower() not in IMAGE_EXTENSIONS or file.stem.lower() not in MASK_FILES:
                 unknown_files.append(f"{folder.name}/{file.name}")
                 continue
+            if file.stem.lower() in found:
+                duplicates.append(f"{folder.name}/{file.name}")
+                continue
             if check_images:
                 check_image(file)
-            found += 1
+            found.add(file.stem.lower())
             rows.append(dict(path=str(file), person=folder.name, id=person_id, gender=gender.lower(),
                              race=race, age=int(age), mask=MaskLabels.from_file_stem(file.stem).value))
-        if found < IMAGES_PER_PERSON:
-            incomplete.append(f"{folder.name} ({found} images)")
+        if len(found) < IMAGES_PER_PERSON:
+            incomplete.append(f"{folder.name} ({len(found)} images)")
     for what, names in (("folder names that do not parse as <id>_<gender>_<race>_<age>", bad_folders),
-                        ("unknown files", unknown_files), ("people with fewer than 7 images", incomplete)):
+                        ("unknown files", unknown_files),
+                        ("second files for one image, e.g. mask1.jpg beside mask1.png (the first by name is used)",
+                         duplicates),
+                        ("people with fewer than 7 images", incomplete)):
         if names:
             warnings.warn(f"{root}: skipped or incomplete, {len(names)} {what}: {', '.join(names[:10])}"
                           + (" ..." if len(names) > 10 else ""), stacklevel=2)

@@ -63,10 +63,14 @@ def test_scan_messy_tree(tiny_data, tmp_path):
     (root / "not_a_person").mkdir()
     (people[3] / "mask6.jpg").write_bytes(b"junk")
     (people[4] / "mask2.jpg").unlink()
+    Image.open(people[6] / "mask1.jpg").save(people[6] / "mask1.png")
     with pytest.warns(UserWarning) as record:
         table = scan_people(tmp_path)
     messages = " ".join(str(w.message) for w in record)
     assert "not_a_person" in messages and "mask6.jpg" in messages and people[4].name in messages
+    assert f"second files for one image, e.g. mask1.jpg beside mask1.png (the first by name is used): " \
+           f"{people[6].name}/mask1.png" in messages
+    assert (table["person"] == people[6].name).sum() == 7
     assert ".ipynb" not in messages and "._" not in messages
     assert len(table) == 24 * 7 - 1
     assert table["path"].str.endswith("MASK1.JPG").sum() == 1 and table["path"].str.endswith("normal.png").sum() == 1
