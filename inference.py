@@ -16,7 +16,15 @@ from augment import create_transforms
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
 from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, scan_people
 from metrics import apply_offsets, class_report, fit_offsets, score
-from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, model_from_config, predict, resolve_amp, resolve_channels_last
+from model import (
+    AMP_CHOICES,
+    CHANNELS_LAST_CHOICES,
+    faster_cpu_precision,
+    model_from_config,
+    predict,
+    resolve_amp,
+    resolve_channels_last,
+)
 from runs import (
     PROB_COLUMNS,
     check_run,
@@ -78,8 +86,9 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", t
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model_from_config(config)
     model.load_state_dict(state["model"])
-    amp_used, amp_reason = resolve_amp(amp, device)
     layout, layout_reason = resolve_channels_last(channels_last, model)
+    amp_used, amp_reason = resolve_amp(amp, device, probe=lambda: faster_cpu_precision(
+        model, config["resize"], min(batch_size, 32), train=False, channels_last=layout))
     print(f"{Path(run_dir).name}: amp {amp} -> {amp_used}: {amp_reason}; channels_last {channels_last} -> "
           f"{'on' if layout else 'off'}: {layout_reason}")
     model.to(device, memory_format=torch.channels_last if layout else torch.preserve_format)

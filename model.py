@@ -1,7 +1,9 @@
 """Models: timm backbones with mask / gender / age heads (or one 18-class head), freezing,
 pretrained weights, preprocessing config, and `probs18` for any model kind."""
+import copy
 import os
 import sys
+import time
 from pathlib import Path
 
 import timm
@@ -187,10 +189,36 @@ def cuda_capability(device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
-def resolve_amp(asked: str, device) -> tuple:
+def faster_cpu_precision(model, input_size, batch_size=16, train=True, channels_last=False, repeats=2) -> tuple:
+    """("bf16" or "off", {precision: images/s}) for `model` on this CPU: a few forward passes (and
+    backward with `train`) of a copy of it on random images of `input_size` (H, W), in each precision,
+    alternated, best time kept. Whether bf16 pays differs by model as well as CPU (bf16 runs ResNet-18
+    faster on an AMX Xeon, EfficientNet-Lite0 slower: benchmarks/bench_layout.py); the model, its weights,
+    its BatchNorm statistics and the random state are left as they were."""
+    probe = copy.deepcopy(model).cpu().train(train)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    probe.to(memory_format=layout)
+    seconds = {"off": [], "bf16": []}
+    with torch.random.fork_rng(devices=[]):
+        images = torch.randn(batch_size, 3, *input_size).contiguous(memory_format=layout)
+        for _ in range(1 + repeats):  # the first round warms up and is not counted
+            for amp in seconds:
+                started = time.perf_counter()
+                with torch.set_grad_enabled(train), autocast(torch.device("cpu"), amp):
+                    outputs = probe(images)
+                    if train:
+                        sum(out.float().sum() for out in outputs.values()).backward()
+                seconds[amp].append(time.perf_counter() - started)
+    speeds = {amp: batch_size / min(times[1:]) for amp, times in seconds.items()}
+    return max(speeds, key=speeds.get), speeds
+
+
+def resolve_amp(asked: str, device, probe=None) -> tuple:
     """(precision, reason) for `--amp asked` on `device`. auto: on CUDA bf16 where the GPU has it
-    natively (compute capability 8.0+), else fp16 with a grad scaler (V100, T4); on CPU bf16 only
-    with native bf16, else off. An explicit bf16 on a CPU that emulates it warns that it is slow."""
+    natively (compute capability 8.0+), else fp16 with a grad scaler (V100, T4); on a CPU without
+    native bf16 off; on one with it the faster of bf16 and fp32 as `probe()` (a call of
+    `faster_cpu_precision` for the model at hand) measures, bf16 where there is no probe. An explicit
+    bf16 on a CPU that emulates it warns that it is slow."""
     device = torch.device(device)
     if asked not in AMP_CHOICES:
         raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {asked!r}")
@@ -205,9 +233,13 @@ def resolve_amp(asked: str, device) -> tuple:
             return "bf16", f"CUDA compute capability {major}.{minor} has native bf16"
         return "fp16", f"CUDA compute capability {major}.{minor} has no native bf16: fp16 with a grad scaler"
     if device.type == "cpu":
-        if cpu_has_native_bf16():
+        if not cpu_has_native_bf16():
+            return "off", f"CPU without native bf16 ({cpu_flags()})"
+        if probe is None:
             return "bf16", f"CPU with native bf16 ({cpu_flags()})"
-        return "off", f"CPU without native bf16 ({cpu_flags()})"
+        amp, speeds = probe()
+        return amp, (f"CPU with native bf16 ({cpu_flags()}), measured on this model: bf16 {speeds['bf16']:.1f} "
+                     f"img/s, fp32 {speeds['off']:.1f} img/s")
     return "off", f"no mixed precision rule for device {device.type}"
 
 

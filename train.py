@@ -47,6 +47,7 @@ from model import (
     MODEL_KINDS,
     autocast,
     build_model,
+    faster_cpu_precision,
     freeze,
     predict,
     preprocessing,
@@ -432,11 +433,13 @@ def make_loaders(args, dataset, model, rank, world, device):
             PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard)
 
 
-def resolve_precision(args, model, device):
+def resolve_precision(args, model, device, world=1):
     """`args` with --amp and --channels_last resolved for this model and device (what the loop
-    uses), and the one-line explanation the run header prints."""
-    amp, amp_reason = resolve_amp(args.amp, device)
+    uses), and the one-line explanation the run header prints. On a CPU with native bf16, auto times
+    training steps of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank)."""
     channels_last, layout_reason = resolve_channels_last(args.channels_last, model)
+    amp, amp_reason = gather(resolve_amp(args.amp, device, probe=lambda: faster_cpu_precision(
+        model, args.resize, min(args.batch_size, 64), train=True, channels_last=channels_last)), world)[0]
     line = (f"amp {args.amp} -> {amp}: {amp_reason}; channels_last {args.channels_last} -> "
             f"{'on' if channels_last else 'off'}: {layout_reason}")
     return argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last}), line
@@ -469,7 +472,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     trainable, total = freeze(model, args.freeze)
     train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
     config = run_config(args, model, run_dir, fold)  # the flags as asked ...
-    args, precision = resolve_precision(args, model, device)  # ... and as this device runs them
+    args, precision = resolve_precision(args, model, device, world)  # ... and as this device runs them
     config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last, skipped_images=len(skipped))
     n_val = sum(gather(len(val_shard), world))
     if is_main:

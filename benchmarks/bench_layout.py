@@ -1,5 +1,7 @@
 """Pure model-step speed (forward + backward + AdamW on one resident batch, no data loading) by
-precision and memory layout: the measurement behind `--amp auto` and `--channels_last auto`.
+precision and memory layout: the measurement behind `--amp auto` and `--channels_last auto`; with
+`--probe`, also what `--amp auto`'s own timing (model.faster_cpu_precision) picks for training and
+inference of each model on this CPU.
 
     python benchmarks/bench_layout.py                                             # this CPU as it is
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_layout.py --out ...  # as AVX2-only
@@ -11,7 +13,7 @@ import torch
 
 from common import ROOT, machine, model_specs, report
 
-from model import autocast, build_model  # noqa: E402
+from model import autocast, build_model, cpu_has_native_bf16, faster_cpu_precision  # noqa: E402
 
 
 def step_speed(name, size, amp, channels_last, batch_size, steps) -> float:
@@ -49,6 +51,7 @@ def main(argv=None):
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=["off", "bf16"])
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--probe", action="store_true", help="add what --amp auto picks (CPUs with native bf16)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_layout.md"))
     args = parser.parse_args(argv)
     lines = [f"Model step only (three heads, AdamW, batch {args.batch_size}, {args.steps} timed steps), "
@@ -61,6 +64,20 @@ def main(argv=None):
             print(f"{name} {amp}: {first:.1f} / {last:.1f} img/s", flush=True)
             lines.append(f"| {name} | {size[0]}x{size[1]} | {'fp32' if amp == 'off' else amp} | {first:.1f} | "
                          f"{last:.1f} | {last / first:.2f}x |")
+    if args.probe and cpu_has_native_bf16():
+        lines += ["", "What `--amp auto` picks here (its own timing: 2 rounds after a warm-up of forward + backward on "
+                  f"a copy of the model, batch {args.batch_size}, for training; forward only, batch 32, for inference; "
+                  "channels_last):", "",
+                  "| model | input | training fp32 / bf16 img/s | auto trains in | inference fp32 / bf16 img/s | "
+                  "auto predicts in |", "| --- | --- | --- | --- | --- | --- |"]
+        for name, size in model_specs(args.models):
+            net = build_model("three_head", name)
+            (train_pick, train_speed), (infer_pick, infer_speed) = (
+                faster_cpu_precision(net, size, batch, train=train, channels_last=True)
+                for train, batch in ((True, args.batch_size), (False, 32)))
+            lines.append(f"| {name} | {size[0]}x{size[1]} | {train_speed['off']:.1f} / {train_speed['bf16']:.1f} | "
+                         f"{'fp32' if train_pick == 'off' else 'bf16'} | {infer_speed['off']:.1f} / "
+                         f"{infer_speed['bf16']:.1f} | {'fp32' if infer_pick == 'off' else 'bf16'} |")
     report(lines, args.out)
 
 

@@ -62,8 +62,8 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
             reference_epoch(model, loader, criterion, optimizer)
     else:
         model = build_model("single_head", name)
-        args, _ = train.resolve_precision(train.parse_args(["--epochs", "1", "--log_interval", "50"]
-                                                                   + CONFIGS[config][1]), model, torch.device("cpu"))
+        flags = ["--epochs", "1", "--log_interval", "50", "--resize", *map(str, resize), *CONFIGS[config][1]]
+        args, _ = train.resolve_precision(train.parse_args(flags), model, torch.device("cpu"))
         model = model.to(memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.0)
         criterion = create_multi_head_loss("cross_entropy", {"class": 18})
@@ -89,7 +89,8 @@ def inference_speed(config, name, resize, table, rows, batch_size, workers):
     """(forward passes per second of `predict` with flip TTA over `rows` images, resolved precision):
     inference.py's path, before (fp32, channels first) and after (the auto defaults)."""
     model = build_model("single_head", name).eval()
-    args, _ = train.resolve_precision(train.parse_args(CONFIGS[config][1]), model, torch.device("cpu"))
+    flags = ["--resize", *map(str, resize), *CONFIGS[config][1]]
+    args, _ = train.resolve_precision(train.parse_args(flags), model, torch.device("cpu"))
     model = model.to(memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     _, val_tf = create_transforms("CustomAugmentation", resize)
     loader = DataLoader(Subset(MaskBaseDataset(table=table), range(rows), val_tf), batch_size, num_workers=workers,

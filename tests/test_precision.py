@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import inference
 import model
 import train
 from model import build_model, resolve_amp, resolve_channels_last
@@ -72,9 +73,38 @@ def test_channels_last_auto_is_on_for_convolutional_models(name, expected):
     assert resolve_channels_last(True, net)[0] is True  # config.json of older runs: a bool
 
 
-@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "off")])
-def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf16, capsys, native, expected):
+@pytest.mark.parametrize("faster", ["bf16", "off"])
+def test_auto_on_a_native_bf16_cpu_takes_what_the_probe_measured_faster(cpu_bf16, faster):
+    cpu_bf16(True)
+    speeds = {"bf16": 30.0, "off": 20.0} if faster == "bf16" else {"bf16": 20.0, "off": 30.0}
+    amp, reason = resolve_amp("auto", "cpu", probe=lambda: (faster, speeds))
+    assert amp == faster and "measured on this model" in reason
+    assert f"{'bf16' if faster == 'bf16' else 'fp32'} 30.0 img/s" in reason
+    cpu_bf16(False)
+    assert resolve_amp("auto", "cpu", probe=lambda: pytest.fail("no probe without native bf16"))[0] == "off"
+    assert resolve_amp("off", "cpu", probe=lambda: pytest.fail("no probe for an explicit choice"))[0] == "off"
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_the_precision_probe_leaves_the_model_and_the_random_state_alone(train_mode):
+    net = build_model("three_head", "test_resnet").eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(7)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(7)
+    choice, speeds = model.faster_cpu_precision(net, (32, 24), batch_size=4, train=train_mode, channels_last=True)
+    assert torch.equal(torch.rand(1), expected_draw)
+    assert choice in ("bf16", "off") and set(speeds) == {"bf16", "off"} and min(speeds.values()) > 0
+    assert choice == max(speeds, key=speeds.get)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # weights and BatchNorm statistics
+    assert not net.training and all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("native,probed,expected", [(True, "bf16", "bf16"), (True, "off", "off"), (False, None, "off")])
+def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf16, capsys, monkeypatch, native,
+                                                     probed, expected):
     cpu_bf16(native)
+    monkeypatch.setattr(train, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
                 "--resize", "32", "24", "--num_workers", "0", "--epochs", "1"])
     out = capsys.readouterr().out
@@ -83,6 +113,11 @@ def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf
     config = json.loads((tmp_path / "exp" / "config.json").read_text())
     assert (config["amp"], config["amp_resolved"]) == ("auto", expected)
     assert (config["channels_last"], config["channels_last_resolved"]) == ("auto", True)
+    monkeypatch.setattr(inference, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
+    paths = sorted((tiny_data / "eval" / "images").iterdir())[:2]
+    probs = inference.predict_run(tmp_path / "exp", paths, batch_size=2, num_workers=0)
+    assert probs.shape == (2, 18)
+    assert f"exp: amp auto -> {expected}: CPU with{'' if native else 'out'} native bf16" in capsys.readouterr().out
 
 
 def test_bare_channels_last_flag_means_on():
