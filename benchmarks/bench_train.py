@@ -20,6 +20,7 @@ import train  # noqa: E402
 from augment import create_transforms  # noqa: E402
 from cache import DecodedCache  # noqa: E402
 from dataset import MaskBaseDataset, PrefetchLoader, Subset, fast_collate  # noqa: E402
+from inference import resolve_inference_precision  # noqa: E402
 from loss import create_multi_head_loss  # noqa: E402
 from model import build_model, predict  # noqa: E402
 
@@ -89,16 +90,17 @@ def inference_speed(config, name, resize, table, rows, batch_size, workers):
     """(forward passes per second of `predict` with flip TTA over `rows` images, resolved precision):
     inference.py's path, before (fp32, channels first) and after (the auto defaults)."""
     model = build_model("single_head", name).eval()
-    flags = ["--resize", *map(str, resize), *CONFIGS[config][1]]
-    args, _ = train.resolve_precision(train.parse_args(flags), model, torch.device("cpu"))
-    model = model.to(memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    args = train.parse_args(CONFIGS[config][1])
+    amp, layout, _ = resolve_inference_precision(model, args.amp, args.channels_last, torch.device("cpu"), resize,
+                                                 batch_size)
+    model = model.to(memory_format=torch.channels_last if layout else torch.preserve_format)
     _, val_tf = create_transforms("CustomAugmentation", resize)
     loader = DataLoader(Subset(MaskBaseDataset(table=table), range(rows), val_tf), batch_size, num_workers=workers,
                         collate_fn=fast_collate)
-    predict(model, PrefetchLoader(loader, MEAN, STD, "cpu"), args.amp, "hflip", channels_last=args.channels_last)
+    predict(model, PrefetchLoader(loader, MEAN, STD, "cpu"), amp, "hflip", channels_last=layout)
     started = time.perf_counter()
-    predict(model, PrefetchLoader(loader, MEAN, STD, "cpu"), args.amp, "hflip", channels_last=args.channels_last)
-    precision = ("fp32" if args.amp == "off" else args.amp) + (", channels_last" if args.channels_last else "")
+    predict(model, PrefetchLoader(loader, MEAN, STD, "cpu"), amp, "hflip", channels_last=layout)
+    precision = ("fp32" if amp == "off" else amp) + (", channels_last" if layout else "")
     return 2 * rows / (time.perf_counter() - started), precision
 
 
