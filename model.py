@@ -192,9 +192,10 @@ def cuda_capability(device) -> tuple:
 def faster_cpu_precision(model, input_size, batch_size=16, train=True, channels_last=False, repeats=2) -> tuple:
     """("bf16" or "off", {precision: images/s}) for `model` on this CPU: a few forward passes (and
     backward with `train`) of a copy of it on random images of `input_size` (H, W), in each precision,
-    alternated, best time kept. Whether bf16 pays differs by model as well as CPU (bf16 runs ResNet-18
-    faster on an AMX Xeon, EfficientNet-Lite0 slower: benchmarks/bench_layout.py); the model, its weights,
-    its BatchNorm statistics and the random state are left as they were."""
+    alternated, best time kept (about six steps' time). Whether bf16 pays differs by model and input size
+    as well as CPU (on an AMX Xeon bf16 trains ResNet-18 2x faster, EfficientNet-Lite0 at 128 px slower:
+    benchmarks/bench_layout.py --probe); the model, its weights, its BatchNorm statistics and the random
+    state are left as they were."""
     probe = copy.deepcopy(model).cpu().train(train)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     probe.to(memory_format=layout)
