@@ -77,12 +77,12 @@ def eval_images(data_dir):
     return ids, list(table["path"]), table["class"].to_numpy(), None
 
 
-def resolve_inference_precision(model, amp, channels_last, device, input_size, batch_size=32) -> tuple:
+def resolve_inference_precision(model, amp, channels_last, device, input_size, batch_size) -> tuple:
     """(resolved amp, channels_last bool, the line that explains both) for predicting with `model`:
     train.py's rules, with auto's timing on forward passes only."""
     layout, layout_reason = resolve_channels_last(channels_last, model)
     amp_used, amp_reason = resolve_amp(amp, device, probe=lambda: faster_cpu_precision(
-        model, input_size, min(batch_size, 32), train=False, channels_last=layout))
+        model, input_size, batch_size, train=False, channels_last=layout))
     return amp_used, layout, (f"amp {amp} -> {amp_used}: {amp_reason}; channels_last {channels_last} -> "
                               f"{'on' if layout else 'off'}: {layout_reason}")
 

@@ -189,13 +189,18 @@ def cuda_capability(device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
-def faster_cpu_precision(model, input_size, batch_size=16, train=True, channels_last=False, repeats=2) -> tuple:
+PROBE_MAX_BATCH = {True: 64, False: 32}  # training, inference: enough images to rank the two precisions
+
+
+def faster_cpu_precision(model, input_size, batch_size, train=True, channels_last=False, repeats=2) -> tuple:
     """("bf16" or "off", {precision: images/s}) for `model` on this CPU: a few forward passes (and
-    backward with `train`) of a copy of it on random images of `input_size` (H, W), in each precision,
-    alternated, best time kept (about six steps' time). Whether bf16 pays differs by model and input size
+    backward with `train`) of a copy of it on random images of `input_size` (H, W) at the run's
+    `batch_size` (at most PROBE_MAX_BATCH), in each precision, alternated, best time kept (about six
+    steps' time). Whether bf16 pays differs by model and input size
     as well as CPU (on an AMX Xeon bf16 trains ResNet-18 2x faster, EfficientNet-Lite0 at 128 px slower:
     benchmarks/bench_layout.py --probe); the model, its weights, its BatchNorm statistics and the random
     state are left as they were."""
+    batch_size = min(batch_size, PROBE_MAX_BATCH[train])
     probe = copy.deepcopy(model).cpu().train(train)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     probe.to(memory_format=layout)

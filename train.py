@@ -439,7 +439,7 @@ def resolve_precision(args, model, device, world=1):
     training steps of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank)."""
     channels_last, layout_reason = resolve_channels_last(args.channels_last, model)
     amp, amp_reason = gather(resolve_amp(args.amp, device, probe=lambda: faster_cpu_precision(
-        model, args.resize, min(args.batch_size, 64), train=True, channels_last=channels_last)), world)[0]
+        model, args.resize, args.batch_size, train=True, channels_last=channels_last)), world)[0]
     line = (f"amp {args.amp} -> {amp}: {amp_reason}; channels_last {args.channels_last} -> "
             f"{'on' if channels_last else 'off'}: {layout_reason}")
     return argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last}), line

@@ -13,7 +13,7 @@ import torch
 
 from common import ROOT, machine, model_specs, report
 
-from model import autocast, build_model, cpu_has_native_bf16, faster_cpu_precision  # noqa: E402
+from model import PROBE_MAX_BATCH, autocast, build_model, cpu_has_native_bf16, faster_cpu_precision  # noqa: E402
 
 
 def step_speed(name, size, amp, channels_last, batch_size, steps) -> float:
@@ -65,16 +65,17 @@ def main(argv=None):
             lines.append(f"| {name} | {size[0]}x{size[1]} | {'fp32' if amp == 'off' else amp} | {first:.1f} | "
                          f"{last:.1f} | {last / first:.2f}x |")
     if args.probe and cpu_has_native_bf16():
+        train_batch, infer_batch = (min(args.batch_size, PROBE_MAX_BATCH[mode]) for mode in (True, False))
         lines += ["", "What `--amp auto` picks here (its own timing: 2 rounds after a warm-up of forward + backward on "
-                  f"a copy of the model, batch {args.batch_size}, for training; forward only, batch 32, for inference; "
-                  "channels_last):", "",
+                  f"a copy of the model, batch {train_batch}, for training; forward only, batch {infer_batch}, for "
+                  "inference; channels_last):", "",
                   "| model | input | training fp32 / bf16 img/s | auto trains in | inference fp32 / bf16 img/s | "
                   "auto predicts in |", "| --- | --- | --- | --- | --- | --- |"]
         for name, size in model_specs(args.models):
             net = build_model("three_head", name)
             (train_pick, train_speed), (infer_pick, infer_speed) = (
-                faster_cpu_precision(net, size, batch, train=train, channels_last=True)
-                for train, batch in ((True, args.batch_size), (False, 32)))
+                faster_cpu_precision(net, size, args.batch_size, train=train, channels_last=True)
+                for train in (True, False))
             lines.append(f"| {name} | {size[0]}x{size[1]} | {train_speed['off']:.1f} / {train_speed['bf16']:.1f} | "
                          f"{'fp32' if train_pick == 'off' else 'bf16'} | {infer_speed['off']:.1f} / "
                          f"{infer_speed['bf16']:.1f} | {'fp32' if infer_pick == 'off' else 'bf16'} |")
