@@ -24,6 +24,19 @@ def test_bench_data_smoke(tmp_path):
     assert table.count("| 0 |") == 5 and "ratio to (a)" in table and "Peak memory with the cache" in table
 
 
+def test_bench_layout_times_each_freeze_setting(tmp_path):
+    """bench_layout.py --freeze: one row per setting and precision, the frozen model stepped as train.py
+    freezes it (its optimizer only gets the trainable parameters, so "all" must not fail)."""
+    out = tmp_path / "layout.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layout.py"), "--models",
+                             "test_resnet:32x32", "--amp", "off", "--steps", "1", "--batch_size", "4",
+                             "--freeze", "none", "1", "all", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| test_resnet | 32x32 |")]
+    assert [row.split(" | ")[2] for row in rows] == ["none", "1", "all"]
+
+
 def test_bench_train_smoke(tmp_path):
     table = run_bench("bench_train.py", tmp_path, "--models", "test_resnet:64x48", "--steps", "2",
                       "--batch_size", "8", "--workers", "0")
@@ -59,5 +72,5 @@ def test_recipe_blocks_run_as_written_and_are_scored(tmp_path, shared_weights):
     rows = pd.read_csv(results)
     assert list(rows["recipe"]) == recipes and rows["f1"].between(0, 1).all() and "cores" in rows["machine"][0]
     assert sorted(p.parent.name for p in (tmp_path / "work" / "one_hour_s0").glob("*/best.pth")) == \
-        ["seed0", "seed1", "seed2"]
+        ["seed0", "seed1", "seed2", "seed3"]
     assert results.with_suffix(".md").read_text().count("| one_hour | 1 |") == 1
