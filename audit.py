@@ -133,24 +133,26 @@ def person_suspects(data, head, bins) -> list:
 
 
 def mask_suspects(data) -> list:
-    """Mask suspects per image; a person whose incorrect_mask and normal images each look like the
-    other is one `mask swap`."""
+    """Mask suspects per image (cleanlab's flags); a person whose incorrect_mask and normal images each
+    look most like the other is one `mask swap`, judged on the pair itself: cleanlab's per-class
+    thresholds move with the model's confidence on every other image and missed a third of the swaps
+    of a more confident model (benchmarks/results/bench_audit_160.md)."""
     columns = [f"mask_p{i}" for i in range(3)]
     flagged, scores, suggested = ranked_issues(data["mask"].to_numpy(), data[columns].to_numpy())
     stems = data["path"].map(lambda p: Path(p).stem.lower())
     rows, swapped = [], set()
-    by_image = {data.index[i]: i for i in flagged}
-    for person, group in data.iloc[flagged].groupby("person"):
+    position = {image: i for i, image in enumerate(data.index)}
+    for person, group in data.groupby("person"):
         pair = {stems[image]: image for image in group.index if stems[image] in ("incorrect_mask", "normal")}
-        if len(pair) == 2 and suggested[by_image[pair["incorrect_mask"]]] == 2 \
-                and suggested[by_image[pair["normal"]]] == 1:
-            score = float(np.mean([scores[by_image[image]] for image in pair.values()]))
+        if len(pair) == 2 and suggested[position[pair["incorrect_mask"]]] == 2 \
+                and suggested[position[pair["normal"]]] == 1:
+            score = float(np.mean([scores[position[image]] for image in pair.values()]))
             rows.append(dict(kind="mask swap", person=person, id=data.loc[pair["normal"], "id"], path="",
                              given="incorrect_mask / normal", suggested="swapped", score=score,
                              relabel=[dict(path=relabel_path(pair["incorrect_mask"]), mask="normal"),
                                       dict(path=relabel_path(pair["normal"]), mask="incorrect")]))
             swapped.update(pair.values())
-    for image, i in by_image.items():
+    for image, i in ((data.index[i], i) for i in flagged):
         if image not in swapped:
             rows.append(dict(kind="mask", person=data.loc[image, "person"], id=data.loc[image, "id"], path=image,
                              given=MASKS[data.loc[image, "mask"]], suggested=MASKS[suggested[i]],

@@ -185,3 +185,25 @@ def test_an_age_suspect_is_suggested_at_the_years_heads_age(noisy, tmp_path):
     assert suspect["relabel"]["age"] == int(ages_of_group[other])
     draft = pd.read_csv(tmp_path / "years" / "relabel_draft.csv", dtype=str).fillna("")
     assert draft.loc[draft["id"] == moved.split("_")[0], "age"].tolist() == [str(int(ages_of_group[other]))]
+
+
+def test_a_swap_is_judged_on_the_pair_not_on_cleanlabs_flags():
+    """A swapped pair predicted at only 0.6 for the other label, among images predicted at 0.99, is
+    below cleanlab's per-class thresholds (not flagged) and is still one mask swap."""
+    rng = np.random.default_rng(0)
+    stems = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
+    rows = []
+    for person in range(20):
+        for stem in stems:
+            mask = {"incorrect_mask": 1, "normal": 2}.get(stem, 0)
+            rows.append(dict(person=f"{person:06d}_male_Asian_30", id=f"{person:06d}", mask=mask,
+                             path=f"{person:06d}_male_Asian_30/{stem}.jpg"))
+    data = pd.DataFrame(rows).set_index("path", drop=False)
+    probs = head_probs_of(data["mask"].to_numpy(), 3, rng, confidence=0.99)
+    for stem, looks_like in (("incorrect_mask", 2), ("normal", 1)):
+        probs[data.index.get_loc(f"000000_male_Asian_30/{stem}.jpg")] = np.roll([0.1, 0.3, 0.6], looks_like - 2)
+    data[[f"mask_p{i}" for i in range(3)]] = probs
+    assert len(audit.ranked_issues(data["mask"].to_numpy(), probs)[0]) == 0
+    suspects = audit.mask_suspects(data)
+    assert [(row["kind"], row["id"]) for row in suspects] == [("mask swap", "000000")]
+    assert suspects[0]["score"] == pytest.approx((0.7 + 0.9) / 2)  # 1 - p(given): 0.3 and 0.1
