@@ -19,11 +19,9 @@ from metrics import apply_offsets, class_report, fit_offsets, score
 from model import (
     AMP_CHOICES,
     CHANNELS_LAST_CHOICES,
-    faster_cpu_precision,
     model_from_config,
     predict,
-    resolve_amp,
-    resolve_channels_last,
+    resolve_precision,
 )
 from runs import (
     PROB_COLUMNS,
@@ -77,16 +75,6 @@ def eval_images(data_dir):
     return ids, list(table["path"]), table["class"].to_numpy(), None
 
 
-def resolve_inference_precision(model, amp, channels_last, device, input_size, batch_size) -> tuple:
-    """(resolved amp, channels_last bool, the line that explains both) for predicting with `model`:
-    train.py's rules, with auto's timing on forward passes only."""
-    layout, layout_reason = resolve_channels_last(channels_last, model)
-    amp_used, amp_reason = resolve_amp(amp, device, probe=lambda: faster_cpu_precision(
-        model, input_size, batch_size, train=False, channels_last=layout))
-    return amp_used, layout, (f"amp {amp} -> {amp_used}: {amp_reason}; channels_last {channels_last} -> "
-                              f"{'on' if layout else 'off'}: {layout_reason}")
-
-
 def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", tta="none", num_workers=2,
                 device=None, channels_last="auto") -> np.ndarray:
     """18-class probabilities (N, 18) of the images at `paths` by a run folder's model; the model,
@@ -96,8 +84,8 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", t
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model_from_config(config)
     model.load_state_dict(state["model"])
-    amp_used, layout, line = resolve_inference_precision(model, amp, channels_last, device, config["resize"],
-                                                         batch_size)
+    amp_used, layout, line = resolve_precision(model, amp, channels_last, device, config["resize"], batch_size,
+                                               train=False)
     print(f"{Path(run_dir).name}: {line}")
     model.to(device, memory_format=torch.channels_last if layout else torch.preserve_format)
     transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"))[1]

@@ -270,6 +270,19 @@ def resolve_channels_last(asked: str, model: nn.Module) -> tuple:
     return False, "not a convolutional model"
 
 
+def resolve_precision(model, amp, channels_last, device, input_size, batch_size, train=True, agree=None) -> tuple:
+    """(amp, channels_last bool, the line that explains both) for running `model` on `device`: the
+    rules above, auto's timing on training steps (`train`) or forward passes at the run's batch size.
+    `agree` maps the (amp, reason) choice to the one every process uses (train.py: rank 0's)."""
+    layout, layout_reason = resolve_channels_last(channels_last, model)
+    amp_used, amp_reason = resolve_amp(amp, device, probe=lambda: faster_cpu_precision(
+        model, input_size, batch_size, train=train, channels_last=layout))
+    if agree is not None:
+        amp_used, amp_reason = agree((amp_used, amp_reason))
+    return amp_used, layout, (f"amp {amp} -> {amp_used}: {amp_reason}; channels_last {channels_last} -> "
+                              f"{'on' if layout else 'off'}: {layout_reason}")
+
+
 def autocast(device: torch.device, amp="off"):
     """Mixed precision for `amp` in off / fp16 / bf16 (resolved, not auto), on CUDA or CPU."""
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp] or torch.float32, enabled=AMP_DTYPES[amp] is not None)

@@ -47,13 +47,11 @@ from model import (
     MODEL_KINDS,
     autocast,
     build_model,
-    faster_cpu_precision,
     freeze,
     predict,
     preprocessing,
-    resolve_amp,
-    resolve_channels_last,
 )
+from model import resolve_precision as model_precision
 from report import write_report
 from runs import (
     atomic_write,
@@ -437,11 +435,8 @@ def resolve_precision(args, model, device, world=1):
     """`args` with --amp and --channels_last resolved for this model and device (what the loop
     uses), and the one-line explanation the run header prints. On a CPU with native bf16, auto times
     training steps of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank)."""
-    channels_last, layout_reason = resolve_channels_last(args.channels_last, model)
-    amp, amp_reason = gather(resolve_amp(args.amp, device, probe=lambda: faster_cpu_precision(
-        model, args.resize, args.batch_size, train=True, channels_last=channels_last)), world)[0]
-    line = (f"amp {args.amp} -> {amp}: {amp_reason}; channels_last {args.channels_last} -> "
-            f"{'on' if channels_last else 'off'}: {layout_reason}")
+    amp, channels_last, line = model_precision(model, args.amp, args.channels_last, device, args.resize,
+                                               args.batch_size, agree=lambda choice: gather(choice, world)[0])
     return argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last}), line
 
 

@@ -20,9 +20,8 @@ import train  # noqa: E402
 from augment import create_transforms  # noqa: E402
 from cache import DecodedCache  # noqa: E402
 from dataset import MaskBaseDataset, PrefetchLoader, Subset, fast_collate  # noqa: E402
-from inference import resolve_inference_precision  # noqa: E402
 from loss import create_multi_head_loss  # noqa: E402
-from model import build_model, predict  # noqa: E402
+from model import build_model, predict, resolve_precision  # noqa: E402
 
 CONFIGS = {"reference": ("baseline loop + loader, fp32", None),
            "fp32": ("masktrain, --amp off --channels_last off", ["--amp", "off", "--channels_last", "off"]),
@@ -91,8 +90,8 @@ def inference_speed(config, name, resize, table, rows, batch_size, workers):
     inference.py's path, before (fp32, channels first) and after (the auto defaults)."""
     model = build_model("single_head", name).eval()
     args = train.parse_args(CONFIGS[config][1])
-    amp, layout, _ = resolve_inference_precision(model, args.amp, args.channels_last, torch.device("cpu"), resize,
-                                                 batch_size)
+    amp, layout, _ = resolve_precision(model, args.amp, args.channels_last, torch.device("cpu"), resize, batch_size,
+                                       train=False)
     model = model.to(memory_format=torch.channels_last if layout else torch.preserve_format)
     _, val_tf = create_transforms("CustomAugmentation", resize)
     loader = DataLoader(Subset(MaskBaseDataset(table=table), range(rows), val_tf), batch_size, num_workers=workers,
