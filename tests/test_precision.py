@@ -104,7 +104,7 @@ def test_the_precision_probe_leaves_the_model_and_the_random_state_alone(train_m
 def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf16, capsys, monkeypatch, native,
                                                      probed, expected):
     cpu_bf16(native)
-    monkeypatch.setattr(train, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
+    monkeypatch.setattr(model, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
                 "--resize", "32", "24", "--num_workers", "0", "--epochs", "1"])
     out = capsys.readouterr().out
@@ -113,7 +113,7 @@ def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf
     config = json.loads((tmp_path / "exp" / "config.json").read_text())
     assert (config["amp"], config["amp_resolved"]) == ("auto", expected)
     assert (config["channels_last"], config["channels_last_resolved"]) == ("auto", True)
-    monkeypatch.setattr(inference, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
+    monkeypatch.setattr(model, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
     paths = sorted((tiny_data / "eval" / "images").iterdir())[:2]
     probs = inference.predict_run(tmp_path / "exp", paths, batch_size=2, num_workers=0)
     assert probs.shape == (2, 18)
