@@ -13,6 +13,7 @@ import numpy as np
 
 from dataset import SAMPLE_DIR, encode_multi_class
 from inference import (
+    add_bad_images_flag,
     add_precision_flags,
     check_eval_images,
     eval_images,
@@ -47,15 +48,18 @@ def expand_inputs(inputs) -> list:
 
 
 def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp, num_workers,
-                      channels_last="auto") -> np.ndarray:
+                      channels_last="auto", unreadable=()) -> np.ndarray:
     """A run folder's eval probabilities: read from `eval_probs.csv` when it was made for the same
-    eval folder, TTA and checkpoint, else computed with inference.py's `predict_run` and stored there."""
+    eval folder, TTA, checkpoint and unreadable images, else computed with inference.py's `predict_run`
+    and stored there."""
     cache, source = run_dir / "eval_probs.csv", run_dir / "eval_probs.json"
     key = dict(data_dir=str(Path(data_dir).resolve()), tta=tta, n_images=len(image_ids),
-               checkpoint_mtime_ns=(run_dir / "best.pth").stat().st_mtime_ns)
+               checkpoint_mtime_ns=(run_dir / "best.pth").stat().st_mtime_ns,
+               unreadable=sorted(map(str, unreadable)))
     if cache.is_file() and source.is_file() and json.loads(source.read_text()) == key:
         return aligned(read_probabilities(cache), image_ids, cache)
-    probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers, channels_last=channels_last)
+    probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers, channels_last=channels_last,
+                        unreadable=unreadable)
     write_csv(cache, probability_frame(image_ids, probs))
     write_json(source, key)
     return probs
@@ -114,6 +118,7 @@ def build_parser():
     parser.add_argument("--calibrate", action="store_true",
                         help="add per-class offsets fitted for macro F1 on the run folders' validation probabilities "
                              "(out-of-fold for k-fold members) to every input before voting")
+    add_bad_images_flag(parser)
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -138,11 +143,12 @@ def main(argv=None):
                 raise ValueError("--calibrate fits on run folders' val_probs.csv: give run folders or <name>_cv.json")
             offsets = validation_offsets(run_dirs)
         files = {path: aligned(read_probabilities(path), image_ids, path) for path in inputs if path.is_file()}
+        unreadable = []
         if len(files) < len(inputs):
-            check_eval_images(paths, args.output_dir, args.num_workers)
+            unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images)
         probs = np.stack([files[path] if path in files else
-                          run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size,
-                                            args.amp, args.num_workers, args.channels_last) for path in inputs])
+                          run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size, args.amp,
+                                            args.num_workers, args.channels_last, unreadable) for path in inputs])
         if offsets is not None:
             probs = np.stack([apply_offsets(p, offsets) for p in probs])
     classes, mean = ensemble(probs, weights, args.method, args.per_head)

@@ -51,13 +51,22 @@ def newest_run(model_dir, checkpoint="best") -> Path:
     return max(runs, key=lambda p: (p / f"{checkpoint}.pth").stat().st_mtime)
 
 
-def check_eval_images(paths, output_dir, num_workers):
-    """Decode every eval image once before predicting (remembered for unchanged files); any unreadable
-    one stops the command with the list, written to `output_dir/bad_images.csv`: no image is dropped."""
+def check_eval_images(paths, output_dir, num_workers, bad_images="stop") -> list:
+    """Decode every eval image once before predicting (remembered for unchanged files) and return the
+    unreadable ones' paths, listed in `output_dir/bad_images.csv`. `bad_images` "stop": any unreadable
+    image stops the command (no image is dropped); "fill": they are warned about and returned, for
+    `predict_run` to fill their rows."""
     bad = check_images(paths, DEFAULT_CACHE_DIR, num_workers)
-    if bad:
-        listing = write_bad_images(bad, Path(output_dir) / "bad_images.csv")
-        raise BadImagesError(bad, f"{listing}; every eval image needs a prediction: fix or replace them")
+    if not bad:
+        return []
+    listing = write_bad_images(bad, Path(output_dir) / "bad_images.csv")
+    if bad_images == "stop" or len(bad) == len(paths):
+        raise BadImagesError(bad, f"{listing}; every eval image needs a prediction: fix or replace them, or pass "
+                                  "--bad_images fill to predict them as the mean of the others")
+    print(f"warning: {len(bad)} unreadable eval image(s) predicted as the mean of the others' probabilities "
+          f"(--bad_images fill), listed in {listing}: {', '.join(path for path, _ in bad[:3])}"
+          + (" ..." if len(bad) > 3 else ""))
+    return [path for path, _ in bad]
 
 
 def eval_images(data_dir):
@@ -76,10 +85,19 @@ def eval_images(data_dir):
 
 
 def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", tta="none", num_workers=2,
-                device=None, channels_last="auto") -> np.ndarray:
+                device=None, channels_last="auto", unreadable=()) -> np.ndarray:
     """18-class probabilities (N, 18) of the images at `paths` by a run folder's model; the model,
     input size, crop and mean/std all come from the run's config.json. `amp` and `channels_last`
-    take train.py's choices (auto: what this device and model run fastest with)."""
+    take train.py's choices (auto: what this device and model run fastest with). The `unreadable`
+    paths are not decoded: their rows get the mean of the other images' probabilities."""
+    unreadable = set(map(str, unreadable))
+    readable = np.array([str(p) not in unreadable for p in paths])
+    if not readable.all():
+        probs = np.empty((len(paths), 18), dtype=np.float32)
+        probs[readable] = predict_run(run_dir, [p for p, ok in zip(paths, readable, strict=True) if ok], checkpoint,
+                                      batch_size, amp, tta, num_workers, device, channels_last)
+        probs[~readable] = probs[readable].mean(0)
+        return probs
     config, state = read_run(run_dir, checkpoint)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model_from_config(config)
@@ -126,6 +144,12 @@ def add_precision_flags(parser):
                         help="auto: on for convolutional models")
 
 
+def add_bad_images_flag(parser):
+    parser.add_argument("--bad_images", default="stop", choices=["stop", "fill"],
+                        help="unreadable eval images: stop with their list, or fill: predict each as the mean of "
+                             "the other images' probabilities (warned, listed in bad_images.csv)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -143,6 +167,7 @@ def build_parser():
     parser.add_argument("--labels", default=None, help="CSV with ImageID and ans: score the predictions")
     parser.add_argument("--calibrate", action="store_true",
                         help="add per-class offsets fitted for macro F1 on the run's validation probabilities")
+    add_bad_images_flag(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
@@ -191,11 +216,11 @@ def main(argv=None):
         if args.labels:
             labels = read_labels(args.labels, image_ids)
         offsets = validation_offsets([run_dir]) if args.calibrate else None
-        check_eval_images(paths, args.output_dir, args.num_workers)
+        unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images)
         print(f"predicting {len(paths)} images of {args.data_dir} with {run_dir} ({args.checkpoint}.pth, "
               f"tta {args.tta})")
         probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
-                            channels_last=args.channels_last)
+                            channels_last=args.channels_last, unreadable=unreadable)
         if offsets is not None:
             probs = apply_offsets(probs, offsets)
         write_submission(submission, probs_path, image_ids, probs, info)

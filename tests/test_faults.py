@@ -16,6 +16,7 @@ import torch
 
 from conftest import ROOT
 
+import ensemble
 import inference
 import runs
 import train
@@ -108,7 +109,23 @@ def test_unreadable_eval_image_stops_inference_with_one_line(tiny_data, tmp_path
     messages = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and "images:" not in line]
     assert len(messages) == 1 and messages[0].startswith("error: 1 unreadable image(s)"), result.stderr
     assert image.name in messages[0] and "Traceback" not in result.stderr and "/__w/" not in result.stderr
+    assert "--bad_images fill" in messages[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bad_images.csv"]
+    # --bad_images fill: every row is written, the unreadable image gets the mean of the others
+    flags = ["--data_dir", str(data / "eval"), "--output_dir", str(tmp_path / "filled"), "--num_workers", "0",
+             "--bad_images", "fill"]
+    inference.main(["--model_dir", str(tmp_path / "runs"), *flags])
+    info = pd.read_csv(data / "eval" / "info.csv")
+    submission = pd.read_csv(tmp_path / "filled" / "submission.csv")
+    assert submission["ImageID"].tolist() == info["ImageID"].tolist() and submission["ans"].between(0, 17).all()
+    probs = runs.read_probabilities(tmp_path / "filled" / "submission_probs.csv").set_index("ImageID")[
+        runs.PROB_COLUMNS]
+    others = probs.drop(index=image.name)
+    assert probs.loc[image.name].to_numpy() == pytest.approx(others.mean().to_numpy(), abs=1e-5)
+    assert pd.read_csv(tmp_path / "filled" / "bad_images.csv")["path"].tolist() == [str(image)]
+    run_dir = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    ensemble.main([str(run_dir), str(tmp_path / "filled" / "submission_probs.csv"), *flags])
+    assert pd.read_csv(tmp_path / "filled" / "ensemble.csv")["ImageID"].tolist() == info["ImageID"].tolist()
 
 
 def test_an_error_inside_a_loader_worker_is_one_clean_line(broken_data):
