@@ -65,17 +65,6 @@ class MaskModel(nn.Module):
                     for name, layer in group_parameters(backbone, backbone.group_matcher(coarse), reverse=True).items()}
         return lambda name: layer_of.get(name, float("inf"))
 
-    def train(self, mode=True):
-        """nn.Module.train, except that a batch norm whose parameters are all frozen (`freeze`) stays in
-        eval mode: its running statistics stay the pretrained ones, as timm's own `freeze` keeps them."""
-        super().train(mode)
-        for module in self.modules():
-            params = list(module.parameters(recurse=False))
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(
-                    p.requires_grad for p in params):
-                module.eval()
-        return self
-
     def forward(self, images):
         if "shared" in self.backbones:
             features = self.backbones["shared"](images)

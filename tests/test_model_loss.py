@@ -134,24 +134,6 @@ def test_freezing_leaves_exactly_the_intended_parameters(name):
         freeze(model, "half")
 
 
-def test_frozen_batch_norms_keep_their_running_statistics_in_training():
-    """A frozen layer's batch norm stays in eval mode under model.train() (its pretrained statistics
-    are kept, like timm's freeze); a trainable one still learns the data's statistics."""
-    model = build_model("three_head", "test_efficientnet")
-    freeze(model, 2)
-    norms = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    frozen = {name for name, m in norms.items() if not m.weight.requires_grad}
-    assert frozen and frozen != set(norms)
-    before = {name: m.running_mean.clone() for name, m in norms.items()}
-    model.train()
-    model(torch.randn(4, 3, 32, 32) * 3 + 1)
-    for name, m in norms.items():
-        assert m.training == (name not in frozen)
-        assert torch.equal(m.running_mean, before[name]) == (name in frozen), name
-    freeze(model, "none")
-    assert all(m.training for m in model.train().modules())
-
-
 @pytest.mark.parametrize("kind,name", [("three_head", "test_efficientnet"), ("single_head", "test_vit"),
                                        ("multi_backbone", "test_resnet")])
 def test_layer_decay_scales_the_backbone_layers_below_the_heads(kind, name):
