@@ -134,6 +134,21 @@ def test_freezing_leaves_exactly_the_intended_parameters(name):
         freeze(model, "half")
 
 
+def test_frozen_layers_batch_norms_still_learn_the_data_statistics():
+    """--freeze stops gradients only: a frozen layer's batch norm still normalises by batch statistics
+    in training and updates its running ones (on utkmask, keeping the ImageNet statistics instead cost
+    0.010 macro F1 over four seeds and 0.017 for their vote, benchmarks/README.md)."""
+    model = build_model("three_head", "test_efficientnet")
+    freeze(model, 2)
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    frozen = [name for name, m in norms.items() if not m.weight.requires_grad]
+    assert frozen
+    before = {name: norms[name].running_mean.clone() for name in frozen}
+    model.train()
+    model(torch.randn(4, 3, 32, 32) * 3 + 1)
+    assert all(norms[name].training and not torch.equal(norms[name].running_mean, before[name]) for name in frozen)
+
+
 @pytest.mark.parametrize("kind,name", [("three_head", "test_efficientnet"), ("single_head", "test_vit"),
                                        ("multi_backbone", "test_resnet")])
 def test_layer_decay_scales_the_backbone_layers_below_the_heads(kind, name):
