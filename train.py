@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "up to DECAY, e.g. 0.999); validation, best.pth and inference use it (0: off)")
     optim.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                        help="mixed precision; auto: bf16 on GPUs (8.0+), fp16 on older GPUs (V100, T4); on a CPU "
-                            "with native bf16 the faster of bf16 and fp32 as timed on the model; else off")
+                            "with native bf16 the faster of bf16 and fp32 as timed on the model (bf16 only if 10%% "
+                            "faster); else off")
     optim.add_argument("--channels_last", nargs="?", const="on", default="auto", choices=CHANNELS_LAST_CHOICES,
                        help="channels-last memory format (bare flag: on); auto: on for convolutional models")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
