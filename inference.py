@@ -5,6 +5,7 @@ score it locally.
 """
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def check_eval_images(paths, output_dir, num_workers, bad_images="stop") -> list
                                   "--bad_images fill to predict them as the mean of the others")
     print(f"warning: {len(bad)} unreadable eval image(s) predicted as the mean of the others' probabilities "
           f"(--bad_images fill), listed in {listing}: {', '.join(path for path, _ in bad[:3])}"
-          + (" ..." if len(bad) > 3 else ""))
+          + (" ..." if len(bad) > 3 else ""), file=sys.stderr)
     return [path for path, _ in bad]
 
 

@@ -204,8 +204,8 @@ def faster_cpu_precision(model, input_size, batch_size, train=True, channels_las
     """("bf16" or "off", {precision: images/s}) for `model` on this CPU: a few forward passes (and
     backward with `train`) of a copy of it on random images of `input_size` (H, W) at the run's
     `batch_size` (at most PROBE_MAX_BATCH), in each precision, alternated, best time kept (about six
-    steps' time); bf16 only where clearly faster (`faster_of`). Whether bf16 pays differs by model and input size
-    as well as CPU (on an AMX Xeon bf16 trains ResNet-18 2x faster, EfficientNet-Lite0 at 128 px slower:
+    steps' time); bf16 only where clearly faster (`faster_of`). Whether bf16 pays differs by model and
+    input size as well as CPU (on an AMX Xeon bf16 trains ResNet-18 2x faster, EfficientNet-Lite0 at 128 px slower:
     benchmarks/bench_layout.py --probe); the model, its weights, its BatchNorm statistics and the random
     state are left as they were."""
     batch_size = min(batch_size, PROBE_MAX_BATCH[train])
