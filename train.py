@@ -432,12 +432,18 @@ def make_loaders(args, dataset, model, rank, world, device):
             PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard)
 
 
-def resolve_precision(args, model, device, world=1):
+def resolve_precision(args, model, device, world=1, resumed=None):
     """`args` with --amp and --channels_last resolved for this model and device (what the loop
     uses), and the one-line explanation the run header prints. On a CPU with native bf16, auto times
-    training steps of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank)."""
-    amp, channels_last, line = model_precision(model, args.amp, args.channels_last, device, args.resize,
-                                               args.batch_size, agree=lambda choice: gather(choice, world)[0])
+    training steps of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank).
+    A run resumed (`resumed`: its saved config) on the same kind of device keeps the precision it was
+    trained in: auto's timing could otherwise pick the other one mid-run."""
+    if resumed and resumed.get("device_type") == device.type and "amp_resolved" in resumed:
+        amp, channels_last = resumed["amp_resolved"], resumed["channels_last_resolved"]
+        line = f"amp {amp}, channels_last {'on' if channels_last else 'off'}: as the resumed run was trained"
+    else:
+        amp, channels_last, line = model_precision(model, args.amp, args.channels_last, device, args.resize,
+                                                   args.batch_size, agree=lambda choice: gather(choice, world)[0])
     return argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last}), line
 
 
@@ -468,8 +474,14 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     trainable, total = freeze(model, args.freeze)
     train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
     config = run_config(args, model, run_dir, fold)  # the flags as asked ...
-    args, precision = resolve_precision(args, model, device, world)  # ... and as this device runs them
-    config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last, skipped_images=len(skipped))
+    state = None
+    if args.resume:
+        state = torch.load(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
+                           map_location=device, weights_only=False)
+    args, precision = resolve_precision(args, model, device, world,  # ... and as this device runs them
+                                        resumed=state and state.get("config"))
+    config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last, device_type=device.type,
+                  skipped_images=len(skipped))
     n_val = sum(gather(len(val_shard), world))
     if is_main:
         write_json(run_dir / "config.json", config)
@@ -495,9 +507,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
                                        gamma=args.focal_gamma, smoothing=args.smoothing, age_soft=args.age_soft,
                                        age_bins=args.age_bins, age_years=args.age_years).to(device)
     start_epoch, best_f1, since_best, log = 0, -1.0, 0, []
-    if args.resume:
-        state = torch.load(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
-                           map_location=device, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

@@ -76,6 +76,8 @@ def test_ctrl_c_saves_last_and_resume_equals_an_uninterrupted_run(tmp_path, tiny
         run(tmp_path, tiny_data, *flags, name="part")
     assert torch.load(tmp_path / "part" / "last.pth", weights_only=False)["epoch"] == 1
     monkeypatch.undo()
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["device_type"] == "cpu"
+    monkeypatch.setattr(train, "model_precision", lambda *a, **k: pytest.fail("resumed runs keep their precision"))
     train.main(["--resume", str(tmp_path / "part"), "--num_workers", "0"])
     full = torch.load(tmp_path / "full" / "last.pth", weights_only=False)
     part = torch.load(tmp_path / "part" / "last.pth", weights_only=False)
