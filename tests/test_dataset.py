@@ -117,12 +117,19 @@ def test_relabel(tiny_data, tmp_path, capsys):
     first = table.iloc[0]
     fixes = pd.DataFrame([dict(id=first["id"], gender="female" if first["gender"] == "male" else "male", age=65),
                           dict(path=f"{first['person']}/mask1", mask="normal")])
-    fixes.to_csv(tmp_path / "fix.csv", index=False)
+    fixes.to_csv(tmp_path / "fix.csv", index=False, encoding="utf-8-sig")  # as Excel saves it: a BOM first
     fixed = scan_people(tiny_data / "train", relabel=tmp_path / "fix.csv")
     person = fixed[fixed["id"] == first["id"]]
     assert (person["gender"] != first["gender"]).all() and (person["age_label"] == 2).all()
     assert person[person["path"].str.endswith("mask1.jpg")]["mask"].item() == 2
     assert "changed gender of 1 people, age of 1 people, mask of 1 images" in capsys.readouterr().out
+
+
+def test_an_info_csv_saved_with_a_byte_order_mark_reads(tiny_data, tmp_path):
+    shutil.copytree(tiny_data / "eval", tmp_path / "eval")
+    info = pd.read_csv(tmp_path / "eval" / "info.csv")
+    info.to_csv(tmp_path / "eval" / "info.csv", index=False, encoding="utf-8-sig")
+    assert TestDataset(tmp_path / "eval").info["ImageID"].tolist() == info["ImageID"].tolist()
 
 
 def test_profile_split_has_no_shared_person_and_keeps_proportions(tiny_data):
