@@ -32,7 +32,10 @@ def probability_files(inputs) -> tuple:
     files, configs = [], []
     for item in map(Path, inputs):
         if item.suffix == ".json" and item.is_file():
-            folders = [Path(p) for p in json.loads(item.read_text())["folds"]]
+            try:
+                folders = [Path(p) for p in json.loads(item.read_text())["folds"]]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{item}: not a train.py <name>_cv.json (it lists the fold run folders)") from None
         elif item.is_dir():
             folders = [item]
         elif item.is_file():

@@ -16,6 +16,7 @@ from inference import (
     add_bad_images_flag,
     add_precision_flags,
     check_eval_images,
+    check_loader_flags,
     eval_images,
     output_paths,
     predict_run,
@@ -126,6 +127,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     with one_line_errors(KeyError):
+        check_loader_flags(args)
         inputs = expand_inputs(args.inputs)
         weights = args.weights or [1.0] * len(inputs)
         if len(weights) != len(inputs):

@@ -52,6 +52,14 @@ def newest_run(model_dir, checkpoint="best") -> Path:
     return max(runs, key=lambda p: (p / f"{checkpoint}.pth").stat().st_mtime)
 
 
+def check_loader_flags(args) -> None:
+    """One-line errors for --batch_size and --num_workers before any work (inference and ensembling)."""
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num_workers must be >= 0, got {args.num_workers}")
+
+
 def check_eval_images(paths, output_dir, num_workers, bad_images="stop") -> list:
     """Decode every eval image once before predicting (remembered for unchanged files) and return the
     unreadable ones' paths, listed in `output_dir/bad_images.csv`. `bad_images` "stop": any unreadable
@@ -210,6 +218,7 @@ def write_submission(submission_path, probs_path, image_ids, probs, info=None, c
 def main(argv=None):
     args = build_parser().parse_args(argv)
     with one_line_errors():
+        check_loader_flags(args)
         run_dir = newest_run(args.model_dir, args.checkpoint)
         check_run(run_dir, args.checkpoint)
         submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)

@@ -19,6 +19,8 @@ def synthesize_people(data_dir, out_dir, age_group=2, n_people=100, seed=0, age_
                       blend=(0.35, 0.65), first_id=900000) -> pd.DataFrame:
     """Mix random same-gender pairs of `age_group` people (pixel blend with a weight drawn from
     `blend`); the new person's age is the pair's mean. Returns the written train.csv table."""
+    if n_people < 1:
+        raise ValueError(f"--n_people must be at least 1, got {n_people}")
     table = scan_people(data_dir, age_bins, check_images=False)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

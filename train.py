@@ -299,6 +299,14 @@ def validate(args):
         raise FlagError("--early_stop needs validation: drop it or use --val_ratio > 0")
     if args.epochs <= 0 or args.batch_size <= 0 or args.grad_accum <= 0:
         raise FlagError("--epochs, --batch_size and --grad_accum must be positive")
+    if args.valid_batch_size <= 0 or args.num_workers < 0:
+        raise FlagError(f"--valid_batch_size must be positive and --num_workers >= 0, got {args.valid_batch_size} "
+                        f"and {args.num_workers}")
+    if args.early_stop < 0:
+        raise FlagError(f"--early_stop must be >= 0 (0: off), got {args.early_stop}")
+    if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.mix_prob <= 1:
+        raise FlagError(f"--mixup and --cutmix must be >= 0 (0: off) and --mix_prob in [0, 1], got {args.mixup}, "
+                        f"{args.cutmix} and {args.mix_prob}")
     if not 0 <= args.ema < 1:
         raise FlagError(f"--ema DECAY must be in [0, 1) (0: off), got {args.ema}")
     if not 0 <= args.warmup_epochs < args.epochs:

@@ -135,6 +135,9 @@ def test_files_that_do_not_match_the_train_folder_are_errors(noisy, tmp_path):
     (other / "config.json").write_text(json.dumps(dict(data_dir=str(noisy["clean"]), age_bins=[30, 60])))
     with pytest.raises(SystemExit, match="different train folders"):
         audit.main([str(other), *noisy["folds"][1:], "--output_dir", str(tmp_path)])
+    (tmp_path / "bad_cv.json").write_text("not json")
+    with pytest.raises(SystemExit, match="bad_cv.json: not a train.py <name>_cv.json"):
+        audit.main([str(tmp_path / "bad_cv.json"), "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="pass the train folder with --data_dir"):
         audit.main([f"{noisy['folds'][0]}/val_probs.csv", "--output_dir", str(tmp_path)])
 

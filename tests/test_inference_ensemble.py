@@ -83,6 +83,16 @@ def test_missing_image_fails_before_work(trained, tiny_data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags,message", [(["--batch_size", "0"], "--batch_size must be positive, got 0"),
+                                           (["--num_workers", "-1"], "--num_workers must be >= 0, got -1")])
+def test_bad_loader_flags_are_one_line_errors(trained, tiny_data, tmp_path, flags, message):
+    common = ["--data_dir", str(tiny_data / "eval"), "--output_dir", str(tmp_path / "out"), *flags]
+    for command in (["--model_dir", str(trained)], [str(trained)]):
+        with pytest.raises(SystemExit, match=message):
+            (inference if command[0] == "--model_dir" else ensemble).main(command + common)
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_folder_without_checkpoint_is_clear(trained, tiny_data, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

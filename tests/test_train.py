@@ -192,6 +192,10 @@ def test_config_file_sets_flags_and_the_command_line_wins(tmp_path, tiny_data):
     (["--freeze", "half"], "--freeze must be"),
     (["--ema", "1"], "--ema DECAY must be in [0, 1)"),
     (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
+    (["--mixup", "-1"], "--mixup and --cutmix must be >= 0"),
+    (["--mix_prob", "2"], "--mix_prob in [0, 1]"),
+    (["--early_stop", "-2"], "--early_stop must be >= 0"),
+    (["--valid_batch_size", "0"], "--valid_batch_size must be positive"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, tiny_data, flags, message):
     with pytest.raises(SystemExit) as error:
@@ -249,6 +253,9 @@ def test_mixing_synthetic_people_and_crop(tmp_path, tiny_data):
     assert all(len(list((tmp_path / "synthetic" / "images" / p).iterdir())) == 7 for p in people["path"])
     with pytest.raises(FileExistsError):
         synthesize_people(tiny_data / "train", tmp_path / "synthetic", n_people=1)
+    with pytest.raises(ValueError, match="--n_people must be at least 1"):
+        synthesize_people(tiny_data / "train", tmp_path / "none", n_people=0)
+    assert not (tmp_path / "none").exists()
     for i, kind in enumerate(["three_head", "single_head"]):
         run(tmp_path, tiny_data, "--epochs", "1", "--kind", kind, "--mixup", "0.4", "--cutmix", "1.0",
             "--mix_prob", "1", "--extra_data", str(tmp_path / "synthetic"), "--crop", "1", "1", name=f"mix{i}")
