@@ -87,9 +87,9 @@ def test_missing_image_fails_before_work(trained, tiny_data, tmp_path):
                                            (["--num_workers", "-1"], "--num_workers must be >= 0, got -1")])
 def test_bad_loader_flags_are_one_line_errors(trained, tiny_data, tmp_path, flags, message):
     common = ["--data_dir", str(tiny_data / "eval"), "--output_dir", str(tmp_path / "out"), *flags]
-    for command in (["--model_dir", str(trained)], [str(trained)]):
+    for main, run_args in ((inference.main, ["--model_dir", str(trained)]), (ensemble.main, [str(trained)])):
         with pytest.raises(SystemExit, match=message):
-            (inference if command[0] == "--model_dir" else ensemble).main(command + common)
+            main(run_args + common)
     assert not (tmp_path / "out").exists()
 
 
