@@ -95,6 +95,10 @@ def check_image(path: Path) -> None:
         raise ValueError(f"unreadable image {path}: {error}") from None
 
 
+class DataWarning(UserWarning):
+    """Something in a data folder was skipped or is incomplete (the run goes on without it)."""
+
+
 def _is_hidden(name: str) -> bool:
     """Hidden files and folders (`.*`, `._*` from macOS, `.ipynb_checkpoints`) and `__MACOSX`."""
     return name.startswith(".") or name == "__MACOSX"
@@ -137,7 +141,7 @@ def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=
                         ("people with fewer than 7 images", incomplete)):
         if names:
             warnings.warn(f"{root}: skipped or incomplete, {len(names)} {what}: {', '.join(names[:10])}"
-                          + (" ..." if len(names) > 10 else ""), stacklevel=2)
+                          + (" ..." if len(names) > 10 else ""), DataWarning, stacklevel=2)
     if not rows:
         raise ValueError(f"no usable images under {root}: expected <id>_<gender>_<race>_<age>/mask1.jpg ...")
     table = pd.DataFrame(rows)

@@ -5,13 +5,14 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from dataset import without_source_locations
+from dataset import DataWarning, without_source_locations
 from model import HEADS, head_probs
 
 UMASK = os.umask(0)
@@ -68,14 +69,24 @@ def one_line(error) -> str:
 @contextlib.contextmanager
 def one_line_errors(*more):
     """Turn the user's errors raised in the block (bad files, flags and values: ValueError, OSError,
-    RuntimeError and `more`) into `error: <one line>` on stderr and exit status 1;
-    MASKTRAIN_TRACEBACK=1 shows the traceback instead."""
+    RuntimeError and `more`) into `error: <one line>` on stderr and exit status 1, and data-folder
+    warnings into `warning: <one line>`; MASKTRAIN_TRACEBACK=1 shows the traceback instead."""
+    default_format = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, DataWarning):
+            return f"warning: {message}\n"
+        return default_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
     try:
         yield
     except (ValueError, OSError, RuntimeError, *more) as error:
         if os.environ.get("MASKTRAIN_TRACEBACK"):
             raise
         raise SystemExit(f"error: {one_line(error)}") from None
+    finally:
+        warnings.formatwarning = default_format
 
 
 def write_json(path, data):

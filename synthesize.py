@@ -13,6 +13,7 @@ import pandas as pd
 from PIL import Image
 
 from dataset import DEFAULT_AGE_BINS, scan_people
+from runs import one_line_errors
 
 
 def synthesize_people(data_dir, out_dir, age_group=2, n_people=100, seed=0, age_bins=DEFAULT_AGE_BINS,
@@ -61,11 +62,9 @@ def main(argv=None):
     parser.add_argument("--age_bins", type=int, nargs=2, default=list(DEFAULT_AGE_BINS))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         people = synthesize_people(args.data_dir, args.out_dir, args.age_group, args.n_people, args.seed,
                                    tuple(args.age_bins))
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
     print(f"wrote {len(people)} synthetic people to {args.out_dir}; train with --extra_data {args.out_dir}")
 
 

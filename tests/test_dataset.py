@@ -1,4 +1,5 @@
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -7,9 +8,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+import runs
 from augment import CustomAugmentation, create_transforms
 from dataset import (
     AgeLabels,
+    DataWarning,
     MaskBaseDataset,
     MaskSplitByProfileDataset,
     MultiLabelDataset,
@@ -78,6 +81,15 @@ def test_scan_messy_tree(tiny_data, tmp_path):
     (people[5] / "mask3.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="mask3.jpg"):
         scan_people(tmp_path)
+
+
+def test_data_warnings_print_as_one_line_in_the_commands():
+    with runs.one_line_errors():
+        data_text = warnings.formatwarning(DataWarning("x: skipped"), DataWarning, "dataset.py", 139, "line")
+        other_text = warnings.formatwarning(UserWarning("y"), UserWarning, "lib.py", 7, "source")
+    assert data_text == "warning: x: skipped\n"
+    assert "lib.py:7: UserWarning: y" in other_text
+    assert "dataset.py" in warnings.formatwarning(DataWarning("x"), DataWarning, "dataset.py", 139, "line")
 
 
 def test_every_image_mode_decodes_to_uint8_rgb(tmp_path):
