@@ -1,7 +1,8 @@
 """Find likely label errors in a train folder from out-of-fold predictions: gender and age judged per
 person (their images pooled), mask wear per image, a swapped `incorrect_mask` / `normal` pair as one
-suspect. Writes a ranked `audit.csv`, a `relabel_draft.csv` that `train.py --relabel` reads, and
-`audit.png`, a contact sheet of the top suspects.
+suspect; and people whose unmasked photos are the same picture (one person under two ids, often with
+two different labels). Writes a ranked `audit.csv`, a `relabel_draft.csv` that `train.py --relabel`
+reads, and `audit.png`, a contact sheet of the top suspects.
 
     python train.py --n_folds 5 --name cv ...        # every person validated once
     python audit.py model/cv_cv.json                  # -> audit/audit.csv, relabel_draft.csv, audit.png
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from cleanlab.filter import find_label_issues
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from dataset import DEFAULT_AGE_BINS, MASK_FILES, decode_multi_class, images_dir, scan_people
 from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_probabilities, write_csv
@@ -24,6 +25,8 @@ RELABEL_COLUMNS = ["id", "gender", "age", "path", "mask"]
 KINDS = ("gender", "age", "mask", "mask swap")
 MIN_SCORE = 0.9  # the draft's threshold for every kind not given one
 DRAFT_KINDS = ("gender", "mask swap", "mask")  # age moves to a neighbouring group are mostly the model's own errors
+DUPLICATE_MIN = 0.85  # utkmask train + eval: 10 pairs of one photo at 0.86-0.99, other people at most 0.79
+SIGNATURE_SIZE = 64
 
 
 def probability_files(inputs) -> tuple:
@@ -164,15 +167,57 @@ def mask_suspects(data) -> list:
     return rows
 
 
+def signature(path) -> np.ndarray:
+    """A photo as a vector whose dot product with another's is the mean of two pixel correlations at
+    SIGNATURE_SIZE^2 grayscale: of the images (the layout) and of their fine detail (the image less its
+    blur), so a re-saved, re-cropped or slightly rotated copy scores high and two look-alike aligned faces
+    do not (utkmask train + eval: ten copies 0.86-0.99; below them one woman in two photos, 0.79)."""
+    with Image.open(path) as image:
+        gray = image.convert("L").resize((SIGNATURE_SIZE, SIGNATURE_SIZE), Image.BILINEAR)
+        blurred = gray.filter(ImageFilter.GaussianBlur(2))
+    pixels = np.asarray(gray, np.float32).ravel()
+    parts = [pixels, pixels - np.asarray(blurred, np.float32).ravel()]
+    parts = [(part - part.mean()) / (np.linalg.norm(part - part.mean()) + 1e-6) for part in parts]
+    return np.concatenate(parts) / np.sqrt(2)
+
+
+def duplicate_suspects(data, min_similarity=DUPLICATE_MIN, block=1024) -> list:
+    """Pairs of people whose `normal` photos (the unmasked face) match at least `min_similarity` (`signature`):
+    the same picture under two ids. Such a pair often carries two labels (UTKFace: ages 93 and 85 on
+    one photo), and split into train and validation it leaks. Not in the relabel draft: look and decide."""
+    stems = data["path"].map(lambda p: Path(p).stem.lower())
+    normal = data[stems == "normal"].drop_duplicates("person")
+    if len(normal) < 2:
+        return []
+    people = normal["person"].to_numpy()
+    vectors = np.stack([signature(p) for p in normal["path"]])
+    rows = []
+    for start in range(0, len(vectors), block):
+        similar = vectors[start:start + block] @ vectors.T
+        for i, j in zip(*np.nonzero(similar >= min_similarity), strict=True):
+            first = start + i
+            if j > first:
+                a, b = normal.iloc[first], normal.iloc[j]
+                rows.append(dict(kind="duplicate", person=people[first], id=a["id"], path="",
+                                 given=f"{GENDERS[a['gender_label']]} {a['age']}",
+                                 suggested=f"same photo as {b['id']} ({GENDERS[b['gender_label']]} {b['age']})",
+                                 score=float(similar[i, j]), relabel=None, other=people[j]))
+    return rows
+
+
 def relabel_path(image_id) -> str:
     """person/file.jpg -> person/file (the relabel CSV takes it without an extension)."""
     return str(Path(image_id).with_suffix(""))
 
 
-def audit(data, bins) -> pd.DataFrame:
-    """Every suspect, most likely first: kind, person, id, path, given, suggested, score, relabel."""
-    rows = person_suspects(data, "gender", bins) + person_suspects(data, "age", bins) + mask_suspects(data)
-    frame = pd.DataFrame(rows, columns=["kind", "person", "id", "path", "given", "suggested", "score", "relabel"])
+def audit(data, bins, min_similarity=DUPLICATE_MIN) -> pd.DataFrame:
+    """Every suspect, most likely first: kind, person, id, path, given, suggested, score, relabel, other
+    (a duplicate's second person; its score is the photos' correlation)."""
+    rows = (person_suspects(data, "gender", bins) + person_suspects(data, "age", bins) + mask_suspects(data)
+            + duplicate_suspects(data, min_similarity))
+    frame = pd.DataFrame(rows, columns=["kind", "person", "id", "path", "given", "suggested", "score", "relabel",
+                                        "other"])
+    frame["other"] = frame["other"].fillna("")
     return frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -207,13 +252,30 @@ def relabel_draft(suspects, min_score, kinds=DRAFT_KINDS) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RELABEL_COLUMNS, dtype=object).fillna("")  # ages stay whole numbers
 
 
+def tiles(suspect, by_person) -> list:
+    """(image file or None, framed) per column of a suspect's contact sheet row: the person's images
+    (the suspect image, or a swap's pair, framed); for a duplicate, three of each person's images side
+    by side, the two `normal` photos framed."""
+    def files(person, stems):
+        images = by_person[person]
+        found = {Path(p).stem.lower(): (image, p) for image, p in zip(images.index, images["path"], strict=True)}
+        return [(found[stem][1], found[stem][0]) if stem in found else (None, None) for stem in stems]
+
+    if suspect.kind == "duplicate":
+        stems = ("normal", "incorrect_mask", "mask1")
+        pairs = files(suspect.person, stems) + [(None, None)] + files(suspect.other, stems)
+        return [(file, file is not None and Path(file).stem.lower() == "normal") for file, _ in pairs]
+    order = sorted(MASK_FILES, key=lambda stem: (MASK_FILES[stem], stem))
+    return [(file, image == suspect.path or (suspect.kind == "mask swap" and stem in ("incorrect_mask", "normal")))
+            for stem, (file, image) in zip(order, files(suspect.person, order), strict=True)]
+
+
 def contact_sheet(path, suspects, data, top=12, thumb=72):
-    """One row per suspect: the person's images (the suspect image framed in red) and the given and
+    """One row per suspect: its images (see `tiles`; the suspect image framed in red) and the given and
     suggested labels written beside them."""
     suspects = suspects.head(top)
-    order = sorted(MASK_FILES, key=lambda stem: (MASK_FILES[stem], stem))
     label_width, pad = 260, 4
-    sheet = Image.new("RGB", (label_width + len(order) * (thumb + pad), max(len(suspects), 1) * (thumb + pad)),
+    sheet = Image.new("RGB", (label_width + len(MASK_FILES) * (thumb + pad), max(len(suspects), 1) * (thumb + pad)),
                       "white")
     draw = ImageDraw.Draw(sheet)
     by_person = {person: group for person, group in data.groupby("person")}
@@ -223,17 +285,14 @@ def contact_sheet(path, suspects, data, top=12, thumb=72):
         draw.text((4, y + 22), str(suspect.person)[:40], fill="gray")
         draw.text((4, y + 40), f"given {suspect.given}"[:42], fill="black")
         draw.text((4, y + 56), f"suggested {suspect.suggested}"[:42], fill="darkred")
-        images = by_person[suspect.person]
-        stems = {Path(p).stem.lower(): (image, p) for image, p in zip(images.index, images["path"], strict=True)}
-        for column, stem in enumerate(order):
-            if stem not in stems:
+        for column, (file, framed) in enumerate(tiles(suspect, by_person)):
+            if file is None:
                 continue
-            image, file = stems[stem]
             with Image.open(file) as picture:
                 tile = picture.convert("RGB").resize((thumb, thumb))
             x = label_width + column * (thumb + pad)
             sheet.paste(tile, (x, y))
-            if image == suspect.path or (suspect.kind == "mask swap" and stem in ("incorrect_mask", "normal")):
+            if framed:
                 draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], outline="red", width=3)
     atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
@@ -248,6 +307,8 @@ def build_parser():
                              "of the given label")
     parser.add_argument("--draft_kinds", nargs="+", default=list(DRAFT_KINDS), choices=KINDS,
                         help="kinds of suspects the relabel draft holds (all are listed in audit.csv)")
+    parser.add_argument("--duplicate_min", type=float, default=DUPLICATE_MIN, metavar="CORRELATION",
+                        help="report two people as one photo where their normal images correlate at least this")
     parser.add_argument("--top", type=int, default=12, help="suspects on the contact sheet")
     parser.add_argument("--output_dir", default="audit")
     return parser
@@ -257,6 +318,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     with one_line_errors(KeyError):
         thresholds = min_scores(args.min_score)
+        if not 0 < args.duplicate_min <= 1:
+            raise ValueError(f"--duplicate_min must be in (0, 1], got {args.duplicate_min}")
         files, configs = probability_files(args.inputs)
         data_dir = args.data_dir or (configs[0]["data_dir"] if configs else None)
         if data_dir is None:
@@ -269,7 +332,7 @@ def main(argv=None):
         data = join(table, out_of_fold(files))
         given = decode_multi_class(data["ans"].to_numpy())
         data["mask"], data["gender_label"], data["age_label"] = given
-        suspects = audit(data, bins)
+        suspects = audit(data, bins, args.duplicate_min)
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "audit.csv", suspects.drop(columns="relabel"))

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny generated data in the competition layout."""
+import os
 import sys
 from pathlib import Path
 
@@ -23,3 +24,16 @@ def shared_weights():
     if not path.is_file():
         pytest.skip(f"shared weights not found: {path}")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def child_temp_dir(tmp_path_factory):
+    """The processes the tests start (and kill) keep their temporary files under pytest's folder:
+    timm imports wandb, which makes two temporary folders per process that a killed one leaves."""
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("child_tmp"))
+    yield
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous

@@ -210,3 +210,22 @@ def test_a_swap_is_judged_on_the_pair_not_on_cleanlabs_flags():
     suspects = audit.mask_suspects(data)
     assert [(row["kind"], row["id"]) for row in suspects] == [("mask swap", "000000")]
     assert suspects[0]["score"] == pytest.approx((0.7 + 0.9) / 2)  # 1 - p(given): 0.3 and 0.1
+
+
+def test_one_photo_under_two_ids_is_a_duplicate(tmp_path):
+    """A person's folder copied under another id with another label, its `normal` photo re-saved darker,
+    is the best-matching pair (generated people are drawn from a few shapes, so some of them match
+    too: on real faces copies score 0.86-0.99 and other people at most 0.79)."""
+    train_dir = make_sample(tmp_path, n_people=12, n_eval_people=0, size=(48, 36), seed=3) / "train"
+    images = train_dir / "images"
+    source = sorted(images.iterdir())[4]
+    copy = images / "000777_female_Asian_61"
+    shutil.copytree(source, copy)
+    with Image.open(copy / "normal.jpg") as photo:
+        photo.point(lambda v: int(v * 0.8)).save(copy / "normal.jpg", quality=70)
+    table = audit.audit_table(train_dir)
+    found = sorted(audit.duplicate_suspects(table), key=lambda row: -row["score"])
+    assert {found[0]["person"], found[0]["other"]} == {source.name, copy.name}
+    assert found[0]["score"] > 0.99 and found[0]["relabel"] is None
+    assert found[0]["suggested"].startswith("same photo as ")
+    assert audit.duplicate_suspects(table, min_similarity=0.999) == []
