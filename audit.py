@@ -212,7 +212,7 @@ def relabel_path(image_id) -> str:
 
 def audit(data, bins, min_similarity=DUPLICATE_MIN) -> pd.DataFrame:
     """Every suspect, most likely first: kind, person, id, path, given, suggested, score, relabel, other
-    (a duplicate's second person; its score is the photos' correlation)."""
+    (a duplicate's second person; its score is how well the two photos match, `signature`)."""
     rows = (person_suspects(data, "gender", bins) + person_suspects(data, "age", bins) + mask_suspects(data)
             + duplicate_suspects(data, min_similarity))
     frame = pd.DataFrame(rows, columns=["kind", "person", "id", "path", "given", "suggested", "score", "relabel",

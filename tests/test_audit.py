@@ -115,7 +115,8 @@ def test_the_draft_holds_each_kind_above_its_threshold(noisy, tmp_path):
     assert len(draft) == expected and (draft["mask"] == "").all()  # the swap is under its own threshold
     assert audit.min_scores(["swap=0.5", "0.7"]) == {"gender": 0.7, "age": 0.7, "mask": 0.7, "mask swap": 0.5}
     for flags, message in ((["--min_score", "eyes=0.5"], "unknown kind 'eyes'"),
-                           (["--min_score", "1.5"], r"must be in \[0, 1\]")):
+                           (["--min_score", "1.5"], r"must be in \[0, 1\]"),
+                           (["--duplicate_min", "0"], r"--duplicate_min must be in \(0, 1\]")):
         with pytest.raises(SystemExit, match=message):
             audit.main([str(noisy["root"] / "runs" / "cv_cv.json"), "--output_dir", str(tmp_path / "c"), *flags])
 
