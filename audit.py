@@ -264,7 +264,7 @@ def tiles(suspect, by_person) -> list:
     if suspect.kind == "duplicate":
         stems = ("normal", "incorrect_mask", "mask1")
         pairs = files(suspect.person, stems) + [(None, None)] + files(suspect.other, stems)
-        return [(file, file is not None and Path(file).stem.lower() == "normal") for file, _ in pairs]
+        return [(file, stem == "normal") for stem, (file, _) in zip((*stems, "", *stems), pairs, strict=True)]
     order = sorted(MASK_FILES, key=lambda stem: (MASK_FILES[stem], stem))
     return [(file, image == suspect.path or (suspect.kind == "mask swap" and stem in ("incorrect_mask", "normal")))
             for stem, (file, image) in zip(order, files(suspect.person, order), strict=True)]
