@@ -270,10 +270,19 @@ def tiles(suspect, by_person) -> list:
             for stem, (file, image) in zip(order, files(suspect.person, order), strict=True)]
 
 
+def sheet_rows(suspects, top) -> pd.DataFrame:
+    """The `top` most likely suspects of each kind, kind after kind (mask swap, gender, mask, duplicate, age:
+    the surest finds first), so that many confident age suspects cannot push the others off the sheet."""
+    order = ("mask swap", "gender", "mask", "duplicate", "age")
+    ranked = suspects.assign(rank=suspects.groupby("kind").cumcount() + 1)
+    ranked = ranked[ranked["rank"] <= top]
+    return ranked.sort_values("kind", key=lambda kind: kind.map(order.index), kind="stable")
+
+
 def contact_sheet(path, suspects, data, top=12, thumb=72):
-    """One row per suspect: its images (see `tiles`; the suspect image framed in red) and the given and
-    suggested labels written beside them."""
-    suspects = suspects.head(top)
+    """One row per suspect of `sheet_rows`: its images (see `tiles`; the suspect image framed in red) and
+    the given and suggested labels written beside them."""
+    suspects = sheet_rows(suspects, top)
     label_width, pad = 260, 4
     sheet = Image.new("RGB", (label_width + len(MASK_FILES) * (thumb + pad), max(len(suspects), 1) * (thumb + pad)),
                       "white")
@@ -281,7 +290,7 @@ def contact_sheet(path, suspects, data, top=12, thumb=72):
     by_person = {person: group for person, group in data.groupby("person")}
     for row, suspect in enumerate(suspects.itertuples()):
         y = row * (thumb + pad)
-        draw.text((4, y + 4), f"#{row + 1} {suspect.kind}  score {suspect.score:.2f}", fill="black")
+        draw.text((4, y + 4), f"{suspect.kind} #{suspect.rank}  score {suspect.score:.2f}", fill="black")
         draw.text((4, y + 22), str(suspect.person)[:40], fill="gray")
         draw.text((4, y + 40), f"given {suspect.given}"[:42], fill="black")
         draw.text((4, y + 56), f"suggested {suspect.suggested}"[:42], fill="darkred")
@@ -309,7 +318,7 @@ def build_parser():
                         help="kinds of suspects the relabel draft holds (all are listed in audit.csv)")
     parser.add_argument("--duplicate_min", type=float, default=DUPLICATE_MIN, metavar="CORRELATION",
                         help="report two people as one photo where their normal images correlate at least this")
-    parser.add_argument("--top", type=int, default=12, help="suspects on the contact sheet")
+    parser.add_argument("--top", type=int, default=12, help="suspects of each kind on the contact sheet")
     parser.add_argument("--output_dir", default="audit")
     return parser
 
@@ -318,6 +327,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     with one_line_errors(KeyError):
         thresholds = min_scores(args.min_score)
+        if args.top < 1:
+            raise ValueError(f"--top must be at least 1, got {args.top}")
         if not 0 < args.duplicate_min <= 1:
             raise ValueError(f"--duplicate_min must be in (0, 1], got {args.duplicate_min}")
         files, configs = probability_files(args.inputs)

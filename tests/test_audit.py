@@ -230,3 +230,16 @@ def test_one_photo_under_two_ids_is_a_duplicate(tmp_path):
     assert found[0]["score"] > 0.99 and found[0]["relabel"] is None
     assert found[0]["suggested"].startswith("same photo as ")
     assert audit.duplicate_suspects(table, min_similarity=0.999) == []
+
+
+def test_the_contact_sheet_shows_the_top_of_each_kind():
+    """Thirty confident age suspects do not push a weaker gender suspect or a duplicate off the sheet."""
+    rows = [dict(kind="age", score=0.99 - i / 1000) for i in range(30)]
+    rows += [dict(kind="gender", score=0.7), dict(kind="duplicate", score=0.9), dict(kind="gender", score=0.6)]
+    suspects = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable")
+    shown = audit.sheet_rows(suspects, top=5)
+    assert list(shown["kind"]) == ["gender", "gender", "duplicate"] + ["age"] * 5
+    assert list(shown["rank"]) == [1, 2, 1, 1, 2, 3, 4, 5]
+    assert shown["score"].iloc[3:].tolist() == sorted(shown["score"].iloc[3:], reverse=True)
+    with pytest.raises(SystemExit, match="--top must be at least 1, got 0"):
+        audit.main(["x_cv.json", "--top", "0"])
