@@ -164,20 +164,30 @@ def add_labels(table: pd.DataFrame, age_bins=DEFAULT_AGE_BINS) -> pd.DataFrame:
 def apply_relabel(table: pd.DataFrame, relabel_csv) -> pd.DataFrame:
     """Apply corrections: rows with `id` set `gender` and/or `age` of that person; rows with `path`
     (relative to images/, extension optional, e.g. `000020_female_Asian_50/normal`) set `mask`
-    (0/1/2 or wear/incorrect/normal). Blank cells change nothing. Prints what changed."""
+    (0/1/2 or wear/incorrect/normal); a `drop` of yes/1/true leaves the row's person (`id`) or image
+    (`path`) out. Blank cells change nothing. Prints what changed."""
     fixes = pd.read_csv(relabel_csv, dtype=str).fillna("")
-    for column in ("id", "gender", "age", "path", "mask"):
+    for column in ("id", "gender", "age", "path", "mask", "drop"):
         if column not in fixes:
             fixes[column] = ""
     table = table.copy()
     changed = {"gender": 0, "age": 0, "mask": 0}
+    dropped = pd.Series(False, index=table.index)
     mask_names = {"wear": 0, "mask": 0, "incorrect": 1, "normal": 2, "not wear": 2}
     keys = table["path"].map(lambda p: "/".join(Path(p).with_suffix("").parts[-2:]).lower())
     for row in fixes.itertuples():
+        drop = row.drop.strip().lower()
+        if drop not in ("", "0", "no", "false", "1", "yes", "true"):
+            raise ValueError(f"{relabel_csv}: bad drop value {row.drop!r} (yes/1/true or no/0/false)")
+        drop = drop in ("1", "yes", "true")
+        if drop and not (row.id or row.path):
+            raise ValueError(f"{relabel_csv}: a drop row needs an id (a person) or a path (an image)")
         if row.id:
             person = table["id"] == row.id
             if not person.any():
                 raise ValueError(f"{relabel_csv}: person id {row.id} is not in the data")
+            if drop:
+                dropped |= person
             if row.gender:
                 changed["gender"] += int(person.any() and (table.loc[person, "gender"] != row.gender.lower()).any())
                 table.loc[person, "gender"] = GenderLabels.from_str(row.gender).name.lower()
@@ -185,18 +195,25 @@ def apply_relabel(table: pd.DataFrame, relabel_csv) -> pd.DataFrame:
                 age = int(float(row.age))
                 changed["age"] += int((table.loc[person, "age"] != age).any())
                 table.loc[person, "age"] = age
-        if row.path and row.mask:
+        if row.path and (row.mask or drop):
             image = keys == str(Path(row.path).with_suffix("")).lower().replace("\\", "/")
             if not image.any():
                 raise ValueError(f"{relabel_csv}: image {row.path} is not in the data")
+            if drop and not row.id:
+                dropped |= image
+        if row.path and row.mask:
             mask = mask_names.get(row.mask.lower(), None) if not row.mask.isdigit() else int(row.mask)
             if mask not in (0, 1, 2):
                 raise ValueError(f"{relabel_csv}: bad mask value {row.mask!r} for {row.path}")
             changed["mask"] += int((table.loc[image, "mask"] != mask).any())
             table.loc[image, "mask"] = mask
+    if dropped.all():
+        raise ValueError(f"{relabel_csv}: its drop rows leave no image")
+    people_dropped = int(dropped.groupby(table["id"]).all().sum())
     print(f"relabel {relabel_csv}: changed gender of {changed['gender']} people, age of {changed['age']} "
-          f"people, mask of {changed['mask']} images")
-    return table
+          f"people, mask of {changed['mask']} images"
+          + (f"; left out {int(dropped.sum())} images ({people_dropped} whole people)" if dropped.any() else ""))
+    return table[~dropped].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- splits

@@ -257,3 +257,24 @@ def test_bundled_sample_is_small_and_valid():
     assert size <= 5 * 1024 * 1024
     assert len(scan_people(ROOT / "sample_data" / "train")) == 24 * 7
     assert len(TestDataset(ROOT / "sample_data" / "eval")) == 42
+
+
+def test_relabel_drop_rows_leave_a_person_or_an_image_out(tiny_data, tmp_path, capsys):
+    table = scan_people(tiny_data / "train")
+    first, second = table["person"].unique()[:2]
+    first_id = table.loc[table["person"] == first, "id"].iloc[0]
+    fixes = pd.DataFrame([dict(id=first_id, drop="yes"), dict(path=f"{second}/normal", drop="1"),
+                          dict(path=f"{second}/mask2", mask="incorrect", drop="no")])
+    fixes.to_csv(tmp_path / "fix.csv", index=False)
+    fixed = scan_people(tiny_data / "train", relabel=tmp_path / "fix.csv")
+    assert first not in set(fixed["person"]) and len(fixed) == len(table) - 7 - 1
+    kept = fixed[fixed["person"] == second]
+    assert not kept["path"].str.contains("normal").any() and len(kept) == 6
+    assert kept[kept["path"].str.contains("mask2")]["mask"].item() == 1
+    assert "mask of 1 images; left out 8 images (1 whole people)" in capsys.readouterr().out
+    for rows, message in (([dict(id=first_id, drop="maybe")], "bad drop value 'maybe'"),
+                          ([dict(gender="male", drop="yes")], "a drop row needs an id"),
+                          ([dict(path="999_male_Asian_30/normal", drop="yes")], "999_male_Asian_30/normal is not in")):
+        pd.DataFrame(rows).to_csv(tmp_path / "bad.csv", index=False)
+        with pytest.raises(ValueError, match=message):
+            scan_people(tiny_data / "train", relabel=tmp_path / "bad.csv")
