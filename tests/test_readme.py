@@ -1,0 +1,50 @@
+"""The READMEs stay true: every flag they show exists where they show it."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
+FLAG = r"(?<![\w-])--[a-z][\w-]*"
+NOT_OURS = {"--help", "--nproc_per_node"}  # argparse's own, torchrun's
+
+
+def shown_commands(text):
+    """(script, flags) of each `python X.py ...` command of the text's code blocks and of each inline
+    `X.py --flag ...`; flags after ` -- ` (search.py passes them to train.py) are train.py's."""
+    lines = [line for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+             for line in re.sub(r"\\\n\s*", " ", block).splitlines()]
+    lines += re.findall(r"`([^`\n]*\.py [^`\n]*)`", text)
+    for line in lines:
+        for part in re.split(r"&&|\|\||;|\|", line.split(" #")[0]):
+            found = re.search(r"(?:python (?:-m )?)?([\w/]+\.py)(.*)", part)
+            if found:
+                own, _, passed = found.group(2).partition(" -- ")
+                yield found.group(1), re.findall(FLAG, own)
+                if passed:
+                    yield "train.py", re.findall(FLAG, passed)
+
+
+def script(doc, name):
+    """The script a README names: from the project root, else beside the README."""
+    for path in (ROOT / name, doc.parent / name, ROOT / "benchmarks" / name):
+        if path.is_file():
+            return path
+    raise AssertionError(f"{doc.name} shows {name}, which does not exist")
+
+
+def test_every_flag_on_a_shown_command_line_is_that_scripts():
+    unknown, checked = [], 0
+    for doc in DOCS:
+        for name, flags in shown_commands(doc.read_text()):
+            text = script(doc, name).read_text()
+            unknown += [f"{doc.name}: {name} {flag}" for flag in flags
+                        if f'"{flag}"' not in text and flag not in NOT_OURS]
+            checked += 1
+    assert checked >= 20 and not unknown, unknown
+
+
+def test_every_flag_the_readmes_name_exists_in_some_script():
+    sources = "".join(path.read_text() for pattern in ("*.py", "benchmarks/*.py") for path in ROOT.glob(pattern))
+    named = {flag for doc in DOCS for span in re.findall(r"`([^`\n]+)`", doc.read_text())
+             for flag in re.findall(FLAG, span)} - NOT_OURS
+    assert len(named) > 50 and not sorted(f for f in named if f'"{f}"' not in sources)
