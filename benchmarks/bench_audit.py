@@ -170,7 +170,7 @@ def main(argv=None):
                   f"{args.epochs} epochs, --amp auto{' ' + args.train_flags if args.train_flags else ''}, "
                   "trained on the noisy folder")
     run([ROOT / "audit.py", *inputs, "--data_dir", work / "noisy", "--output_dir", work / "audit", "--min_score",
-         *args.min_score, "--top", "16"], log)
+         *args.min_score, "--top", "8"], log)
     thresholds = audit.min_scores(args.min_score)
     suspects = pd.read_csv(work / "audit" / "audit.csv", dtype={"id": str})
     table = pd.DataFrame([scores(suspects, injected, kind, thresholds[kind])
