@@ -199,14 +199,14 @@ def apply_relabel(table: pd.DataFrame, relabel_csv) -> pd.DataFrame:
             image = keys == str(Path(row.path).with_suffix("")).lower().replace("\\", "/")
             if not image.any():
                 raise ValueError(f"{relabel_csv}: image {row.path} is not in the data")
-            if drop and not row.id:
+            if drop:
                 dropped |= image
-        if row.path and row.mask:
-            mask = mask_names.get(row.mask.lower(), None) if not row.mask.isdigit() else int(row.mask)
-            if mask not in (0, 1, 2):
-                raise ValueError(f"{relabel_csv}: bad mask value {row.mask!r} for {row.path}")
-            changed["mask"] += int((table.loc[image, "mask"] != mask).any())
-            table.loc[image, "mask"] = mask
+            if row.mask:
+                mask = mask_names.get(row.mask.lower(), None) if not row.mask.isdigit() else int(row.mask)
+                if mask not in (0, 1, 2):
+                    raise ValueError(f"{relabel_csv}: bad mask value {row.mask!r} for {row.path}")
+                changed["mask"] += int((table.loc[image, "mask"] != mask).any())
+                table.loc[image, "mask"] = mask
     if dropped.all():
         raise ValueError(f"{relabel_csv}: its drop rows leave no image")
     people_dropped = int(dropped.groupby(table["id"]).all().sum())

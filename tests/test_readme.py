@@ -25,8 +25,8 @@ def shown_commands(text):
 
 
 def script(doc, name):
-    """The script a README names: from the project root, else beside the README."""
-    for path in (ROOT / name, doc.parent / name, ROOT / "benchmarks" / name):
+    """The script a README names: from the project root, else in benchmarks/."""
+    for path in (ROOT / name, ROOT / "benchmarks" / name):
         if path.is_file():
             return path
     raise AssertionError(f"{doc.name} shows {name}, which does not exist")
