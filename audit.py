@@ -243,13 +243,18 @@ def min_scores(items, default=MIN_SCORE) -> dict:
     return {kind: per_kind.get(kind, every) for kind in KINDS}
 
 
-def relabel_draft(suspects, min_score, kinds=DRAFT_KINDS) -> pd.DataFrame:
-    """The suspects of `kinds` scoring at least `min_score` ({kind: score}) as `train.py --relabel` rows."""
+def relabel_draft(suspects, min_score, kinds=DRAFT_KINDS, drop=()) -> pd.DataFrame:
+    """The suspects of `kinds` and `drop` scoring at least `min_score` ({kind: score}) as `train.py
+    --relabel` rows: relabelled, or for the kinds in `drop` left out (the person, or the image)."""
     rows = []
-    chosen = suspects["kind"].isin(kinds) & (suspects["score"] >= suspects["kind"].map(min_score))
-    for relabel in suspects.loc[chosen, "relabel"]:
-        rows.extend(relabel if isinstance(relabel, list) else [relabel])
-    return pd.DataFrame(rows, columns=RELABEL_COLUMNS, dtype=object).fillna("")  # ages stay whole numbers
+    chosen = suspects["kind"].isin([*kinds, *drop]) & (suspects["score"] >= suspects["kind"].map(min_score))
+    for kind, relabel in suspects.loc[chosen, ["kind", "relabel"]].itertuples(index=False):
+        for row in relabel if isinstance(relabel, list) else [relabel]:
+            if kind in drop:
+                row = {"id": row["id"], "drop": "yes"} if row.get("id") else {"path": row["path"], "drop": "yes"}
+            rows.append(row)
+    columns = RELABEL_COLUMNS + ["drop"] if drop else RELABEL_COLUMNS
+    return pd.DataFrame(rows, columns=columns, dtype=object).fillna("")  # ages stay whole numbers
 
 
 def tiles(suspect, by_person) -> list:
@@ -316,6 +321,9 @@ def build_parser():
                              "of the given label")
     parser.add_argument("--draft_kinds", nargs="+", default=list(DRAFT_KINDS), choices=KINDS,
                         help="kinds of suspects the relabel draft holds (all are listed in audit.csv)")
+    parser.add_argument("--drop", nargs="+", default=[], choices=KINDS, metavar="KIND",
+                        help="kinds whose suspects the draft leaves out of training (a `drop` row: the person, "
+                             "or the image) instead of relabelling them, where the audit is too unsure to relabel")
     parser.add_argument("--duplicate_min", type=float, default=DUPLICATE_MIN, metavar="CORRELATION",
                         help="report two people as one photo where their normal images correlate at least this")
     parser.add_argument("--top", type=int, default=12, help="suspects of each kind on the contact sheet")
@@ -347,12 +355,14 @@ def main(argv=None):
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "audit.csv", suspects.drop(columns="relabel"))
-        draft = relabel_draft(suspects, thresholds, args.draft_kinds)
+        draft = relabel_draft(suspects, thresholds, args.draft_kinds, args.drop)
         write_csv(out / "relabel_draft.csv", draft)
         contact_sheet(out / "audit.png", suspects, data, args.top)
     counts = suspects["kind"].value_counts().to_dict()
+    rules = [f"{k} >= {thresholds[k]}" for k in args.draft_kinds if k not in args.drop]
+    rules += [f"{k} >= {thresholds[k]} left out" for k in args.drop]
     print(f"{len(suspects)} suspects in {len(data)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
-          f"{len(draft)} relabel rows ({', '.join(f'{k} >= {thresholds[k]}' for k in args.draft_kinds)}) -> "
+          f"{len(draft)} relabel rows ({', '.join(rules)}) -> "
           f"{out / 'relabel_draft.csv'}, "
           f"{out / 'audit.csv'}, {out / 'audit.png'}")
     return suspects

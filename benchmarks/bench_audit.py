@@ -28,12 +28,11 @@ WEIGHTS = SHARED / "weights" / "efficientnet_lite0.safetensors"
 AGE_RANGES = ((18, 29), (30, 59), (60, 80))
 
 
-def inject(clean, noisy, seed, gender=0.03, age=0.03, swap=0.02) -> pd.DataFrame:
-    """Copy `clean` to `noisy` with errors in disjoint random people; returns what was injected (kind,
-    id, the person's clean and noisy folder names)."""
-    shutil.copytree(clean, noisy)
+def injection_plan(people, seed, gender=0.03, age=0.03, swap=0.02) -> pd.DataFrame:
+    """The errors to inject into disjoint random people of `people` (folder names): kind, id, the
+    person's clean and noisy folder names. The same seed gives the same plan."""
     rng = np.random.default_rng(seed)
-    people = sorted(p.name for p in (noisy / "images").iterdir() if p.is_dir())
+    people = sorted(people)
     counts = [round(len(people) * share) for share in (gender, age, swap)]
     chosen = rng.permutation(people)
     rows = []
@@ -41,7 +40,7 @@ def inject(clean, noisy, seed, gender=0.03, age=0.03, swap=0.02) -> pd.DataFrame
                            strict=True):
         for name in map(str, names):
             person_id, sex, race, years = PERSON_FOLDER.match(name).groups()
-            folder, new_name = noisy / "images" / name, name
+            new_name = name
             if kind == "gender":
                 new_name = f"{person_id}_{'female' if sex == 'male' else 'male'}_{race}_{years}"
             elif kind == "age":
@@ -50,16 +49,25 @@ def inject(clean, noisy, seed, gender=0.03, age=0.03, swap=0.02) -> pd.DataFrame
                 low, high = AGE_RANGES[target]
                 new_age = int(rng.integers(low, low + 5)) if target > group else int(rng.integers(high - 4, high + 1))
                 new_name = f"{person_id}_{sex}_{race}_{new_age}"
-            else:
-                files = {p.stem.lower(): p for p in folder.iterdir()}
-                incorrect, normal = files["incorrect_mask"], files["normal"]
-                tmp = folder / f"swap{incorrect.suffix}"
-                incorrect.rename(tmp)
-                normal.rename(folder / f"incorrect_mask{normal.suffix}")
-                tmp.rename(folder / f"normal{incorrect.suffix}")
-            folder.rename(folder.with_name(new_name))
             rows.append(dict(kind=kind, id=person_id, clean=name, noisy=new_name))
     return pd.DataFrame(rows)
+
+
+def inject(clean, noisy, seed, gender=0.03, age=0.03, swap=0.02) -> pd.DataFrame:
+    """Copy `clean` to `noisy` with the errors of `injection_plan` applied; returns the plan."""
+    shutil.copytree(clean, noisy)
+    plan = injection_plan([p.name for p in (noisy / "images").iterdir() if p.is_dir()], seed, gender, age, swap)
+    for row in plan.itertuples():
+        folder = noisy / "images" / row.clean
+        if row.kind == "mask swap":
+            files = {p.stem.lower(): p for p in folder.iterdir()}
+            incorrect, normal = files["incorrect_mask"], files["normal"]
+            tmp = folder / f"swap{incorrect.suffix}"
+            incorrect.rename(tmp)
+            normal.rename(folder / f"incorrect_mask{normal.suffix}")
+            tmp.rename(folder / f"normal{incorrect.suffix}")
+        folder.rename(folder.with_name(row.noisy))
+    return plan
 
 
 def noisy_image_id(image_id, injected) -> str:
@@ -116,29 +124,73 @@ def scores(suspects, injected, kind, min_score) -> dict:
 
 
 def train_and_score(name, data_dir, recipe, work, log, relabel=None) -> dict:
-    """Train `recipe` on `data_dir` and score the best checkpoint on utkmask eval."""
+    """Train `recipe` on `data_dir` and score the best checkpoint on utkmask eval; a run scored before
+    in this work folder (`--reuse`) is read back, one left unscored is trained again."""
+    run_dir, out = work / "retrain" / name, work / "eval" / name
+    if (out / "submission_scores.json").is_file():
+        return json.loads((out / "submission_scores.json").read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)
     extra = ["--relabel", relabel] if relabel else []
-    run([ROOT / "train.py", "--data_dir", data_dir, "--model_dir", work / "runs", "--name", name, *recipe, *extra], log)
-    out = work / "eval" / name
-    run([ROOT / "inference.py", "--model_dir", work / "runs" / name, "--data_dir", UTKMASK / "eval",
-         "--output_dir", out, "--labels", UTKMASK / "eval_labels.csv", "--num_workers", "0"], log)
+    run([ROOT / "train.py", "--data_dir", data_dir, "--model_dir", run_dir.parent, "--name", name, *recipe, *extra],
+        log)
+    run([ROOT / "inference.py", "--model_dir", run_dir, "--data_dir", UTKMASK / "eval", "--output_dir", out,
+         "--labels", UTKMASK / "eval_labels.csv", "--num_workers", "0"], log)
     return json.loads((out / "submission_scores.json").read_text())
+
+
+def describe(cv_json) -> str:
+    """A k-fold run's recipe in a few words, from its first fold's config."""
+    config = json.loads((Path(json.loads(Path(cv_json).read_text())["folds"][0]) / "config.json").read_text())
+    return (f"{config['n_folds']}-fold {config['model']}, {config['resize'][0]}x{config['resize'][1]}, "
+            f"{config['epochs']} epochs, --age_soft {config['age_soft']}, --seed {config['seed']}, "
+            f"--amp {config.get('amp_resolved')}")
+
+
+def retrain_table(arms, seeds, recipe, work, log, size, epochs) -> list:
+    """Train the recipe on each arm's folder once per seed, score on utkmask eval; markdown lines."""
+    evals = {arm: [train_and_score(f"{arm}_s{seed}", folder, recipe(seed), work, log, relabel) for seed in seeds]
+             for arm, (folder, relabel) in arms.items()}
+    f1 = {arm: np.array([s["f1"] for s in runs]) for arm, runs in evals.items()}
+    lines = ["", f"Trained on the whole folder ({size}x{size}, {epochs} epochs, 20% of the people held out for the "
+             f"best epoch), seeds {' '.join(map(str, seeds))}, scored on utkmask eval:", "",
+             "| train folder | eval macro F1 (mean +- sd) | per seed | mask acc | gender acc | age acc |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for arm, runs in evals.items():
+        mean = {k: np.mean([s[k] for s in runs]) for k in ("mask_acc", "gender_acc", "age_acc")}
+        lines.append(f"| {arm} | {f1[arm].mean():.4f} +- {f1[arm].std(ddof=1) if len(seeds) > 1 else 0:.4f} | "
+                     f"{' '.join(f'{v:.4f}' for v in f1[arm])} | {mean['mask_acc']:.4f} | {mean['gender_acc']:.4f} "
+                     f"| {mean['age_acc']:.4f} |")
+    cost = f1["clean"] - f1["noisy"]
+    lines += ["", f"The noise cost {cost.mean():+.4f} macro F1 (per seed {' '.join(f'{c:+.4f}' for c in cost)})."]
+    for arm in list(arms)[2:]:
+        gain = f1[arm] - f1["noisy"]
+        recovered = gain.mean() / cost.mean() if cost.mean() > 0 else float("nan")
+        lines.append(f"`{arm}` recovered {recovered:.0%} of it (gain over noisy per seed "
+                     f"{' '.join(f'{g:+.4f}' for g in gain)}).")
+    return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "masktrain_audit"))
+    parser.add_argument("--reuse", action="store_true", help="keep --work_dir from an earlier run with the same "
+                        "--seed: its noisy folder, its k-fold runs (every runs/*_cv.json, averaged) and any scored "
+                        "retrain runs; only the audit and what is missing run again")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n_folds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--min_score", nargs="+", default=audit.build_parser().get_default("min_score"),
                         help="audit.py's --min_score: the draft's and the table's thresholds")
+    parser.add_argument("--drop_draft", default="--min_score 0.9 swap=0.5 gender=0.7 --drop gender",
+                        help="audit.py flags of a second draft that leaves the unsure suspects out, retrained "
+                             "beside the relabel draft ('' for none)")
     parser.add_argument("--train_flags", default="", help="more train.py flags for the k-fold and retrain runs, "
                         "e.g. '--age_soft 3 --age_years 0.5'")
     parser.add_argument("--oof", metavar="CV_JSON", help="audit this k-fold run of the clean train folder, its "
                         "out-of-fold probabilities moved onto the noisy folder, instead of training on the noisy one")
     parser.add_argument("--skip_retrain", action="store_true", help="only the audit (no eval F1 of the drafts)")
+    parser.add_argument("--retrain_seeds", nargs="+", type=int, help="seeds of the retrain runs (default: --seed)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_audit.md"))
     args = parser.parse_args(argv)
     if not (UTKMASK / "train").is_dir() or not WEIGHTS.is_file():
@@ -146,25 +198,37 @@ def main(argv=None):
     if args.oof and not Path(args.oof).is_file():
         raise SystemExit(f"error: --oof: {args.oof} not found")
     work = Path(args.work_dir)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    reused = sorted((work / "runs").glob("*_cv.json")) if args.reuse else []
+    if args.reuse and not ((work / "noisy").is_dir() and (args.oof or reused)):
+        raise SystemExit(f"error: --reuse: {work} holds no noisy folder and k-fold runs (runs/*_cv.json)")
+    if not args.reuse:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     log = work / "log.txt"
     started = time.time()
-    injected = inject(UTKMASK / "train", work / "noisy", args.seed)
-    recipe = ["--model", "efficientnet_lite0", "--pretrained", WEIGHTS, "--resize", args.size, args.size,
-              "--crop", "1", "1", "--epochs", args.epochs, "--batch_size", "64", "--lr", "1e-3", "--cache",
-              "--cache_dir", work / "cache", "--num_workers", "0", "--seed", args.seed, *args.train_flags.split()]
+    if args.reuse:
+        injected = injection_plan([p.name for p in (UTKMASK / "train" / "images").iterdir() if p.is_dir()], args.seed)
+        if not all((work / "noisy" / "images" / name).is_dir() for name in injected["noisy"]):
+            raise SystemExit(f"error: --reuse: {work / 'noisy'} was not injected with --seed {args.seed}")
+    else:
+        injected = inject(UTKMASK / "train", work / "noisy", args.seed)
+
+    def recipe(seed):
+        return ["--model", "efficientnet_lite0", "--pretrained", WEIGHTS, "--resize", args.size, args.size,
+                "--crop", "1", "1", "--epochs", args.epochs, "--batch_size", "64", "--lr", "1e-3", "--cache",
+                "--cache_dir", work / "cache", "--num_workers", "0", "--seed", seed, *args.train_flags.split()]
     if args.oof:
         inputs = labels_only_oof(args.oof, work / "noisy", injected, work / "oof")
-        config = json.loads((Path(json.loads(Path(args.oof).read_text())["folds"][0]) / "config.json").read_text())
-        source = (f"the out-of-fold probabilities of {args.oof} (trained on the clean folder: {config['n_folds']}-fold "
-                  f"{config['model']}, {config['resize'][0]}x{config['resize'][1]}, {config['epochs']} epochs, "
-                  f"--age_soft {config['age_soft']}, --amp {config.get('amp_resolved')}) moved onto the noisy folder; "
-                  "the models never saw the injected labels, so this is the best such a recipe can find")
+        source = (f"the out-of-fold probabilities of {args.oof} (trained on the clean folder: {describe(args.oof)}) "
+                  "moved onto the noisy folder; the models never saw the injected labels, so this is the best such "
+                  "a recipe can find")
+    elif reused:
+        inputs = reused
+        source = (f"the k-fold runs already in {work / 'runs'} ({'; '.join(describe(cv) for cv in reused)}), each "
+                  "image's out-of-fold probabilities averaged, trained on the noisy folder")
     else:
         run([ROOT / "train.py", "--data_dir", work / "noisy", "--model_dir", work / "runs", "--name", "kfold",
-             "--n_folds", args.n_folds, *recipe], log)
+             "--n_folds", args.n_folds, *recipe(args.seed)], log)
         inputs = [work / "runs" / "kfold_cv.json"]
         source = (f"{args.n_folds}-fold efficientnet_lite0 (shared weights), {args.size}x{args.size}, --crop 1 1, "
                   f"{args.epochs} epochs, --amp auto{' ' + args.train_flags if args.train_flags else ''}, "
@@ -191,18 +255,14 @@ def main(argv=None):
               f"(UTKFace faces, kept out of the project): {work / 'audit' / 'audit.png'}, "
               f"{work / 'audit' / 'not_injected.png'}."]
     if not args.skip_retrain:
-        evals = {name: train_and_score(name, folder, recipe, work, log, relabel) for name, folder, relabel in (
-            ("clean", UTKMASK / "train", None), ("noisy", work / "noisy", None),
-            ("noisy_relabelled", work / "noisy", work / "audit" / "relabel_draft.csv"))}
-        cost = evals["clean"]["f1"] - evals["noisy"]["f1"]
-        recovered = (evals["noisy_relabelled"]["f1"] - evals["noisy"]["f1"]) / cost if cost > 0 else float("nan")
-        lines += ["", f"Trained on the whole folder ({args.size}x{args.size}, {args.epochs} epochs, 20% of the people "
-                  "held out for the best epoch), scored on utkmask eval:", "",
-                  "| train folder | eval macro F1 | mask acc | gender acc | age acc |",
-                  "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {name} | {s['f1']:.4f} | {s['mask_acc']:.4f} | {s['gender_acc']:.4f} | {s['age_acc']:.4f} |"
-                  for name, s in evals.items()]
-        lines += ["", f"The noise cost {cost:+.4f} macro F1; the relabel draft recovered {recovered:.0%} of it."]
+        arms = {"clean": (UTKMASK / "train", None), "noisy": (work / "noisy", None),
+                "noisy_relabelled": (work / "noisy", work / "audit" / "relabel_draft.csv")}
+        if args.drop_draft:
+            run([ROOT / "audit.py", *inputs, "--data_dir", work / "noisy", "--output_dir", work / "audit_drop",
+                 *args.drop_draft.split()], log)
+            lines += ["", f"`noisy_dropped`: the draft of `audit.py {args.drop_draft}`."]
+            arms["noisy_dropped"] = (work / "noisy", work / "audit_drop" / "relabel_draft.csv")
+        lines += retrain_table(arms, args.retrain_seeds or [args.seed], recipe, work, log, args.size, args.epochs)
     report(lines, args.out)
 
 
