@@ -103,6 +103,23 @@ def test_the_draft_reads_back_through_train_relabel(noisy, tmp_path, capsys):
     assert changed.sum() == 7 + 2
 
 
+def test_a_drop_draft_leaves_the_suspect_person_out(noisy, tmp_path):
+    """--drop gender: the gender suspect becomes a `drop` row (the person left out of training), the swap
+    is still relabelled."""
+    audit.main([str(noisy["root"] / "runs" / "cv_cv.json"), "--output_dir", str(tmp_path), "--drop", "gender"])
+    draft = pd.read_csv(tmp_path / "relabel_draft.csv", dtype=str).fillna("")
+    assert list(draft.columns) == [*audit.RELABEL_COLUMNS, "drop"]
+    flipped_id = noisy["flipped"].split("_")[0]
+    assert draft.loc[draft["drop"] == "yes", "id"].tolist() == [flipped_id]
+    assert (draft.loc[draft["drop"] == "yes", "gender"] == "").all() and (draft["mask"] != "").sum() == 2
+    before = scan_people(noisy["root"] / "noisy")
+    after = scan_people(noisy["root"] / "noisy", relabel=tmp_path / "relabel_draft.csv")
+    assert set(before["person"]) - set(after["person"]) == {noisy["flipped"]} and len(after) == len(before) - 7
+    swapped = after[after["person"] == noisy["swapped"]].set_index("path")
+    assert sorted(swapped["mask"]) == sorted(before[before["person"] == noisy["swapped"]]["mask"])
+    assert (swapped["mask"] != before.set_index("path").loc[swapped.index, "mask"]).sum() == 2
+
+
 def test_the_draft_holds_each_kind_above_its_threshold(noisy, tmp_path):
     """Defaults: gender and mask suspects at 0.9, mask swaps at 0.5, no age moves; KIND=SCORE sets one kind."""
     suspects = audit.main([str(noisy["root"] / "runs" / "cv_cv.json"), "--output_dir", str(tmp_path / "a")])
@@ -153,6 +170,8 @@ def test_bench_audit_moves_clean_out_of_fold_probabilities_onto_the_noisy_folder
     write_fake_folds(table, table[["mask", "gender_label", "age_label"]], tmp_path / "runs", clean, seed=1)
     injected = bench_audit.inject(clean, tmp_path / "noisy", seed=0, gender=0.1, age=0.1, swap=0.1)
     assert injected["kind"].value_counts().to_dict() == {"gender": 2, "age": 2, "mask swap": 2}
+    plan = bench_audit.injection_plan([p.name for p in (clean / "images").iterdir()], 0, 0.1, 0.1, 0.1)
+    assert plan.equals(injected)  # what --reuse relies on: the plan alone gives the injected folder's names
     files = bench_audit.labels_only_oof(tmp_path / "runs" / "cv_cv.json", tmp_path / "noisy", injected,
                                         tmp_path / "oof")
     moved = pd.concat(map(pd.read_csv, files)).set_index("ImageID")
