@@ -6,6 +6,7 @@ the noisy and the noisy-plus-relabel-draft folders and score each on utkmask eva
     python benchmarks/bench_audit.py                      # needs ../shared/data/utkmask and the lite0 weights
 """
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -124,17 +125,23 @@ def scores(suspects, injected, kind, min_score) -> dict:
 
 
 def train_and_score(name, data_dir, recipe, work, log, relabel=None) -> dict:
-    """Train `recipe` on `data_dir` and score the best checkpoint on utkmask eval; a run scored before
-    in this work folder (`--reuse`) is read back, one left unscored is trained again."""
+    """Train `recipe` on `data_dir` and score the best checkpoint on utkmask eval. A run scored before in
+    this work folder (`--reuse`) with the same command and draft is read back; any other is trained anew."""
     run_dir, out = work / "retrain" / name, work / "eval" / name
-    if (out / "submission_scores.json").is_file():
+    extra = ["--relabel", relabel] if relabel else []
+    command = [ROOT / "train.py", "--data_dir", data_dir, "--model_dir", run_dir.parent, "--name", name, *recipe,
+               *extra]
+    key = hashlib.sha1(json.dumps(list(map(str, command))).encode()
+                       + (Path(relabel).read_bytes() if relabel else b"")).hexdigest()
+    if (out / "submission_scores.json").is_file() and (out / "key.txt").is_file() \
+            and (out / "key.txt").read_text() == key:
         return json.loads((out / "submission_scores.json").read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
-    extra = ["--relabel", relabel] if relabel else []
-    run([ROOT / "train.py", "--data_dir", data_dir, "--model_dir", run_dir.parent, "--name", name, *recipe, *extra],
-        log)
+    shutil.rmtree(out, ignore_errors=True)
+    run(command, log)
     run([ROOT / "inference.py", "--model_dir", run_dir, "--data_dir", UTKMASK / "eval", "--output_dir", out,
          "--labels", UTKMASK / "eval_labels.csv", "--num_workers", "0"], log)
+    (out / "key.txt").write_text(key)
     return json.loads((out / "submission_scores.json").read_text())
 
 
@@ -182,9 +189,9 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--min_score", nargs="+", default=audit.build_parser().get_default("min_score"),
                         help="audit.py's --min_score: the draft's and the table's thresholds")
-    parser.add_argument("--drop_draft", default="--min_score 0.9 swap=0.5 gender=0.7 --drop gender",
-                        help="audit.py flags of a second draft that leaves the unsure suspects out, retrained "
-                             "beside the relabel draft ('' for none)")
+    parser.add_argument("--drop_drafts", nargs="*", default=["--min_score 0.9 swap=0.5 gender=0.7 --drop gender"],
+                        metavar="AUDIT_FLAGS", help="audit.py flags of more drafts that leave unsure suspects out, "
+                        "each retrained beside the relabel draft (noisy_dropped, noisy_dropped2, ...; none: no drafts)")
     parser.add_argument("--train_flags", default="", help="more train.py flags for the k-fold and retrain runs, "
                         "e.g. '--age_soft 3 --age_years 0.5'")
     parser.add_argument("--oof", metavar="CV_JSON", help="audit this k-fold run of the clean train folder, its "
@@ -257,11 +264,12 @@ def main(argv=None):
     if not args.skip_retrain:
         arms = {"clean": (UTKMASK / "train", None), "noisy": (work / "noisy", None),
                 "noisy_relabelled": (work / "noisy", work / "audit" / "relabel_draft.csv")}
-        if args.drop_draft:
-            run([ROOT / "audit.py", *inputs, "--data_dir", work / "noisy", "--output_dir", work / "audit_drop",
-                 *args.drop_draft.split()], log)
-            lines += ["", f"`noisy_dropped`: the draft of `audit.py {args.drop_draft}`."]
-            arms["noisy_dropped"] = (work / "noisy", work / "audit_drop" / "relabel_draft.csv")
+        for k, flags in enumerate(args.drop_drafts, 1):
+            name, out = ("noisy_dropped", "audit_drop") if k == 1 else (f"noisy_dropped{k}", f"audit_drop{k}")
+            run([ROOT / "audit.py", *inputs, "--data_dir", work / "noisy", "--output_dir", work / out,
+                 *flags.split()], log)
+            lines += ["", f"`{name}`: the draft of `audit.py {flags}`."]
+            arms[name] = (work / "noisy", work / out / "relabel_draft.csv")
         lines += retrain_table(arms, args.retrain_seeds or [args.seed], recipe, work, log, args.size, args.epochs)
     report(lines, args.out)
 
