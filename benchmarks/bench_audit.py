@@ -174,7 +174,27 @@ def retrain_table(arms, seeds, recipe, work, log, size, epochs) -> list:
         recovered = gain.mean() / cost.mean() if cost.mean() > 0 else float("nan")
         lines.append(f"`{arm}` recovered {recovered:.0%} of it (gain over noisy per seed "
                      f"{' '.join(f'{g:+.4f}' for g in gain)}).")
+    if len(seeds) > 1:
+        voted = {arm: voted_scores([work / "eval" / f"{arm}_s{seed}" for seed in seeds]) for arm in arms}
+        lines += ["", "The seeds of each arm voted (their eval probabilities averaged), which takes out most of one "
+                  "model's run-to-run spread:", "", "| train folder | eval macro F1 | gender acc | age F1 |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {arm} | {v['f1']:.4f} | {v['gender_acc']:.4f} | {v['age_f1']:.4f} |" for arm, v in voted.items()]
+        cost = voted["clean"]["f1"] - voted["noisy"]["f1"]
+        lines += [""] + [f"Voted: the noise cost {cost:+.4f}; `{arm}` recovered "
+                         f"{(voted[arm]['f1'] - voted['noisy']['f1']) / cost if cost > 0 else float('nan'):.0%}."
+                         for arm in list(arms)[2:]]
     return lines
+
+
+def voted_scores(eval_dirs) -> dict:
+    """Scores of the mean of several runs' eval probabilities (inference.py's submission_probs.csv)."""
+    from inference import read_labels
+    from metrics import score
+    from runs import PROB_COLUMNS
+    probs = [pd.read_csv(Path(d) / "submission_probs.csv").set_index("ImageID") for d in eval_dirs]
+    mean = sum(p[PROB_COLUMNS] for p in probs) / len(probs)
+    return score(read_labels(UTKMASK / "eval_labels.csv", mean.index), mean.to_numpy())
 
 
 def main(argv=None):
