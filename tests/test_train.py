@@ -69,7 +69,9 @@ def interrupt_at_epoch(monkeypatch, epoch_index):
 
 
 def test_ctrl_c_saves_last_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_data, monkeypatch):
-    flags = ["--epochs", "3", "--augmentation", "CustomAugmentation", "--drop_rate", "0.2", "--seed", "7"]
+    # --amp auto would time both precisions for each run, and a loaded machine can tip the two runs apart
+    flags = ["--epochs", "3", "--augmentation", "CustomAugmentation", "--drop_rate", "0.2", "--seed", "7", "--amp",
+             "off"]
     run(tmp_path, tiny_data, *flags, name="full")
     interrupt_at_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
@@ -92,7 +94,7 @@ def test_ctrl_c_saves_last_and_resume_equals_an_uninterrupted_run(tmp_path, tiny
 
 
 def test_ema_weights_are_validated_saved_and_resumed(tmp_path, tiny_data, monkeypatch):
-    flags = ["--epochs", "2", "--ema", "0.9", "--seed", "3", "--val_ratio", "0"]
+    flags = ["--epochs", "2", "--ema", "0.9", "--seed", "3", "--val_ratio", "0", "--amp", "off"]  # as above
     run(tmp_path, tiny_data, *flags, name="full")
     full = torch.load(tmp_path / "full" / "last.pth", weights_only=False)
     best = torch.load(tmp_path / "full" / "best.pth", weights_only=False)
