@@ -296,61 +296,27 @@ def autocast(device: torch.device, amp="off"):
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp] or torch.float32, enabled=AMP_DTYPES[amp] is not None)
 
 
-TTA_CHOICES = ("none", "hflip", "scales")
-TTA_SCALES = (1.0, 0.9, 1.1)  # the image's centre 0.9 of it enlarged to the input (the face 11% larger), and
-# the whole image shrunk by 1.1 with its edges repeated around it (the face 9% smaller)
-
-
-def zoom(images, scale):
-    """A batch (N, C, H, W) zoomed about its centre at the same size: scale < 1 crops that fraction and
-    enlarges it, scale > 1 shrinks the image by it and pads with the edge pixels."""
-    if scale == 1:
-        return images
-    height, width = images.shape[-2:]
-    if scale < 1:
-        crop_h, crop_w = round(height * scale), round(width * scale)
-        top, left = (height - crop_h) // 2, (width - crop_w) // 2
-        return F.interpolate(images[..., top:top + crop_h, left:left + crop_w], size=(height, width),
-                             mode="bilinear", align_corners=False)
-    small = F.interpolate(images, size=(round(height / scale), round(width / scale)), mode="bilinear",
-                          align_corners=False)
-    pad_h, pad_w = height - small.shape[-2], width - small.shape[-1]
-    return F.pad(small, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="replicate")
-
-
-def tta_views(images, tta):
-    """The views of a batch that `tta` averages: none (the batch), hflip (and its mirror image), scales
-    (the batch and its mirror image at each of TTA_SCALES: six views)."""
-    scales = TTA_SCALES if tta == "scales" else (1.0,)
-    for scale in scales:
-        view = zoom(images, scale)
-        yield view
-        if tta != "none":
-            yield view.flip(3)
-
-
 @torch.no_grad()
 def predict(model, loader, amp="off", tta="none", progress=False, channels_last=False, with_years=False):
     """Run `model` over a (prefetch) loader: returns (probabilities (N, 18) float32 on CPU, the
     loader's targets (N, ...)), and with `with_years` the `years` head's ages (N,) (None without
-    that head). `tta` averages the predictions of `tta_views`; `amp` is a resolved precision;
-    `channels_last` feeds the batches in that layout."""
-    if tta not in TTA_CHOICES:
-        raise ValueError(f"--tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
+    that head). `tta="hflip"` averages the plain and the flipped predictions; `amp` is a resolved
+    precision; `channels_last` feeds the batches in that layout."""
+    if tta not in ("none", "hflip"):
+        raise ValueError(f"--tta must be none or hflip, got {tta!r}")
     model.eval()
     device = next(model.parameters()).device
     probs, targets, years = [], [], []
     for images, target in tqdm(loader, desc="predict", disable=not progress, leave=False, dynamic_ncols=True):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        batch, age, n_views = 0, 0, 0
         with autocast(device, amp):
-            for view in tta_views(images, tta):
-                outputs = model(view)
-                batch, n_views = batch + probs18(outputs), n_views + 1
-                age = None if outputs.get("years") is None else age + outputs["years"]
-        batch = batch / n_views
-        age = None if age is None else age / n_views
+            outputs = model(images)
+            batch, age = probs18(outputs), outputs.get("years")
+            if tta == "hflip":
+                flipped = model(images.flip(3))
+                batch = (batch + probs18(flipped)) / 2
+                age = None if age is None else (age + flipped["years"]) / 2
         probs.append(batch.float().cpu())
         targets.append(target.cpu())
         if age is not None:

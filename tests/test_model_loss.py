@@ -186,19 +186,3 @@ def test_pretrained_errors_are_clear(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
     assert result.returncode != 0 and "--pretrained PATH" in result.stderr
-
-
-def test_zoom_enlarges_the_centre_or_shrinks_with_repeated_edges():
-    from model import tta_views, zoom
-    images = torch.rand(2, 3, 20, 10)
-    assert zoom(images, 1.0) is images
-    enlarged = zoom(images, 0.9)  # the centre 18x9 brought to 20x10
-    assert enlarged.shape == images.shape
-    assert torch.allclose(enlarged, F.interpolate(images[..., 1:19, 0:9], size=(20, 10), mode="bilinear"))
-    shrunk = zoom(images, 1.1)  # 18x9 inside, the edge rows and columns repeated around it
-    assert shrunk.shape == images.shape
-    assert torch.equal(shrunk[..., 0, :], shrunk[..., 1, :]) and torch.equal(shrunk[..., -1, :], shrunk[..., -2, :])
-    assert torch.equal(shrunk[..., :, -1], shrunk[..., :, -2])
-    views = list(tta_views(images, "scales"))
-    assert len(views) == 6 and torch.equal(views[0], images) and torch.equal(views[1], images.flip(3))
-    assert [len(list(tta_views(images, tta))) for tta in ("none", "hflip")] == [1, 2]
