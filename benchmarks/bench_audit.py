@@ -276,8 +276,9 @@ def main(argv=None):
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r.kind} | {r.injected} | {r.suspects} | {r.above} | {r.precision_above:.2f} | {r.recall_above:.2f} "
               f"| {r.precision_top:.2f} | {r.recall_top:.2f} |" for r in table.itertuples()]
+    minutes = f"{audit_minutes:.1f} minutes{' (the k-fold runs reused, not trained)' if reused else ''}"
     lines += ["", f"K = the number injected of that kind. Injection, out-of-fold probabilities and audit: "
-              f"{audit_minutes:.1f} minutes. Suspects that were not injected: {len(not_injected)} "
+              f"{minutes}. Suspects that were not injected: {len(not_injected)} "
               f"({', '.join(f'{k} {v}' for k, v in not_injected['kind'].value_counts().items())}); contact sheets "
               f"(UTKFace faces, kept out of the project): {work / 'audit' / 'audit.png'}, "
               f"{work / 'audit' / 'not_injected.png'}."]
