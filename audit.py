@@ -254,7 +254,8 @@ def relabel_draft(suspects, min_score, kinds=DRAFT_KINDS, drop=()) -> pd.DataFra
                 row = {"id": row["id"], "drop": "yes"} if row.get("id") else {"path": row["path"], "drop": "yes"}
             rows.append(row)
     columns = RELABEL_COLUMNS + ["drop"] if drop else RELABEL_COLUMNS
-    return pd.DataFrame(rows, columns=columns, dtype=object).fillna("")  # ages stay whole numbers
+    draft = pd.DataFrame(rows, columns=columns, dtype=object).fillna("")  # ages stay whole numbers
+    return draft.drop_duplicates(ignore_index=True)  # a person suspect of two dropped kinds: one row
 
 
 def tiles(suspect, by_person) -> list:
