@@ -126,13 +126,15 @@ def scores(suspects, injected, kind, min_score) -> dict:
 
 def train_and_score(name, data_dir, recipe, work, log, relabel=None) -> dict:
     """Train `recipe` on `data_dir` and score the best checkpoint on utkmask eval. A run scored before in
-    this work folder (`--reuse`) with the same command and draft is read back; any other is trained anew."""
+    this work folder (`--reuse`) with the same command, draft and code (the project's top-level .py files) is
+    read back; any other is trained anew."""
     run_dir, out = work / "retrain" / name, work / "eval" / name
     extra = ["--relabel", relabel] if relabel else []
     command = [ROOT / "train.py", "--data_dir", data_dir, "--model_dir", run_dir.parent, "--name", name, *recipe,
                *extra]
     key = hashlib.sha1(json.dumps(list(map(str, command))).encode()
-                       + (Path(relabel).read_bytes() if relabel else b"")).hexdigest()
+                       + (Path(relabel).read_bytes() if relabel else b"")
+                       + b"".join(path.read_bytes() for path in sorted(ROOT.glob("*.py")))).hexdigest()
     if (out / "submission_scores.json").is_file() and (out / "key.txt").is_file() \
             and (out / "key.txt").read_text() == key:
         return json.loads((out / "submission_scores.json").read_text())

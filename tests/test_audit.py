@@ -262,3 +262,41 @@ def test_the_contact_sheet_shows_the_top_of_each_kind():
     assert shown["score"].iloc[3:].tolist() == sorted(shown["score"].iloc[3:], reverse=True)
     with pytest.raises(SystemExit, match="--top must be at least 1, got 0"):
         audit.main(["x_cv.json", "--top", "0"])
+
+
+def test_bench_audit_reuse_reads_a_retrain_back_only_while_command_draft_and_code_are_unchanged(tmp_path, monkeypatch):
+    """bench_audit --reuse: a scored retrain is read back for the same command, draft and code, and trained
+    anew when the draft or any of the project's .py files changes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_audit
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("# v1\n")
+    monkeypatch.setattr(bench_audit, "ROOT", project)
+    trained = []
+
+    def fake_run(command, log):
+        trained.append(Path(command[0]).name)
+        if Path(command[0]).name == "inference.py":
+            out = Path(command[command.index("--output_dir") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "submission_scores.json").write_text(json.dumps({"f1": 0.5}))
+
+    monkeypatch.setattr(bench_audit, "run", fake_run)
+    draft = tmp_path / "draft.csv"
+    draft.write_text("id,gender\n1,male\n")
+
+    def score_again():
+        trained.clear()
+        result = bench_audit.train_and_score("arm_s0", tmp_path / "noisy", ["--seed", "0"], tmp_path / "work",
+                                             tmp_path / "log.txt", relabel=draft)
+        assert result == {"f1": 0.5}
+        return bool(trained)
+
+    assert score_again()
+    assert not score_again()
+    draft.write_text("id,gender\n2,male\n")
+    assert score_again()
+    assert not score_again()
+    (project / "dataset.py").write_text("# new code\n")
+    assert score_again()
