@@ -26,7 +26,7 @@ from inference import (
     write_submission,
 )
 from metrics import apply_offsets
-from model import combine_heads, head_probs
+from model import TTA_CHOICES, combine_heads, head_probs
 from runs import PROB_COLUMNS, one_line_errors, probability_frame, read_probabilities, write_csv, write_json
 
 
@@ -111,7 +111,7 @@ def build_parser():
                         help="eval folder: its info.csv gives the rows and their order")
     parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"))
     parser.add_argument("--name", default="ensemble.csv")
-    parser.add_argument("--tta", default="hflip", choices=["none", "hflip"], help="for run folders")
+    parser.add_argument("--tta", default="hflip", choices=TTA_CHOICES, help="for run folders")
     parser.add_argument("--batch_size", type=int, default=256)
     add_precision_flags(parser)
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))

@@ -20,6 +20,7 @@ from metrics import apply_offsets, class_report, fit_offsets, score
 from model import (
     AMP_CHOICES,
     CHANNELS_LAST_CHOICES,
+    TTA_CHOICES,
     model_from_config,
     predict,
     resolve_precision,
@@ -170,7 +171,7 @@ def build_parser():
     parser.add_argument("--name", default="submission.csv", help="submission file name")
     parser.add_argument("--batch_size", type=int, default=256)
     add_precision_flags(parser)
-    parser.add_argument("--tta", default="hflip", choices=["none", "hflip"],
+    parser.add_argument("--tta", default="hflip", choices=TTA_CHOICES,
                         help="hflip averages plain and flipped predictions (+0.01 to +0.03 macro F1 on utkmask)")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--labels", default=None, help="CSV with ImageID and ans: score the predictions")

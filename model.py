@@ -296,13 +296,16 @@ def autocast(device: torch.device, amp="off"):
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp] or torch.float32, enabled=AMP_DTYPES[amp] is not None)
 
 
+TTA_CHOICES = ("none", "hflip")
+
+
 @torch.no_grad()
 def predict(model, loader, amp="off", tta="none", progress=False, channels_last=False, with_years=False):
     """Run `model` over a (prefetch) loader: returns (probabilities (N, 18) float32 on CPU, the
     loader's targets (N, ...)), and with `with_years` the `years` head's ages (N,) (None without
     that head). `tta="hflip"` averages the plain and the flipped predictions; `amp` is a resolved
     precision; `channels_last` feeds the batches in that layout."""
-    if tta not in ("none", "hflip"):
+    if tta not in TTA_CHOICES:
         raise ValueError(f"--tta must be none or hflip, got {tta!r}")
     model.eval()
     device = next(model.parameters()).device
