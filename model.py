@@ -306,7 +306,7 @@ def predict(model, loader, amp="off", tta="none", progress=False, channels_last=
     that head). `tta="hflip"` averages the plain and the flipped predictions; `amp` is a resolved
     precision; `channels_last` feeds the batches in that layout."""
     if tta not in TTA_CHOICES:
-        raise ValueError(f"--tta must be none or hflip, got {tta!r}")
+        raise ValueError(f"--tta must be {' or '.join(TTA_CHOICES)}, got {tta!r}")
     model.eval()
     device = next(model.parameters()).device
     probs, targets, years = [], [], []
