@@ -104,12 +104,13 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=True) -> pd.DataFrame:
+def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=True,
+                expect_complete=True) -> pd.DataFrame:
     """Scan `train/images/<id>_<gender>_<race>_<age>/<mask file>` into one table, a row per image.
 
     Columns: path, person, id, gender, race, age, mask, gender_label, age_label, class.
-    Bad folder names, unknown files and incomplete people are warned about by name; a relabel CSV
-    (see `apply_relabel`) is applied here.
+    Bad folder names, unknown files and (where `expect_complete`) people with fewer than 7 images are
+    warned about by name; a relabel CSV (see `apply_relabel`) is applied here.
     """
     root = images_dir(data_dir)
     rows, bad_folders, unknown_files, duplicates, incomplete = [], [], [], [], []
@@ -132,7 +133,7 @@ def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=
             found.add(file.stem.lower())
             rows.append(dict(path=str(file), person=folder.name, id=person_id, gender=gender.lower(),
                              race=race, age=int(age), mask=MaskLabels.from_file_stem(file.stem).value))
-        if len(found) < IMAGES_PER_PERSON:
+        if expect_complete and len(found) < IMAGES_PER_PERSON:
             incomplete.append(f"{folder.name} ({len(found)} images)")
     for what, names in (("folder names that do not parse as <id>_<gender>_<race>_<age>", bad_folders),
                         ("unknown files", unknown_files),

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--drop_ages", type=int, nargs="*", default=[], help="ages left out of training, e.g. 57 58 59")
     data.add_argument("--relabel", default=None, help="CSV of label corrections (see README)")
     data.add_argument("--extra_data", nargs="*", default=[], metavar="DIR",
-                      help="more train-layout folders (e.g. from synthesize.py) added to training only")
+                      help="more train-layout folders (e.g. from synthesize.py) added to training only; "
+                      "their people may have fewer than 7 images")
     data.add_argument("--skip_bad_images", action="store_true",
                       help="leave unreadable images out (with a warning) instead of stopping before the run")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -717,8 +718,9 @@ def main(argv=None, on_epoch=None) -> list:
         with one_line_errors(FlagError, FloatingPointError):
             try:
                 table = scan_people(args.data_dir, tuple(args.age_bins), args.relabel, check_images=False)
-                extra_table = pd.concat([scan_people(d, tuple(args.age_bins), check_images=False)
-                                         for d in args.extra_data], ignore_index=True) if args.extra_data else None
+                extra_tables = [scan_people(d, tuple(args.age_bins), check_images=False, expect_complete=False)
+                                for d in args.extra_data]
+                extra_table = pd.concat(extra_tables, ignore_index=True) if extra_tables else None
                 table, extra_table, skipped = check_data(args, table, extra_table)
                 folds = [args.fold] if args.fold is not None else list(range(args.n_folds)) if args.n_folds else [None]
                 if args.resume:

@@ -77,6 +77,10 @@ def test_scan_messy_tree(tiny_data, tmp_path):
     assert ".ipynb" not in messages and "._" not in messages
     assert len(table) == 24 * 7 - 1
     assert table["path"].str.endswith("MASK1.JPG").sum() == 1 and table["path"].str.endswith("normal.png").sum() == 1
+    with pytest.warns(UserWarning) as record:
+        scan_people(tmp_path, expect_complete=False)  # --extra_data: partial people are expected there
+    messages = " ".join(str(w.message) for w in record)
+    assert "fewer than 7" not in messages and "mask6.jpg" in messages
 
     (people[5] / "mask3.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="mask3.jpg"):
