@@ -411,9 +411,17 @@ class TestDataset(ImageFiles):
         info_path = data_dir / "info.csv"
         if not info_path.is_file():
             raise FileNotFoundError(f"eval folder has no info.csv: {info_path}")
-        self.info = pd.read_csv(info_path)
+        try:
+            self.info = pd.read_csv(info_path, dtype={"ImageID": str})  # ids such as 000123 stay text
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"{info_path} is empty: expected a header ImageID,ans and a row per image") from None
         if "ImageID" not in self.info:
             raise ValueError(f"{info_path} has no ImageID column")
+        if self.info.empty:
+            raise ValueError(f"{info_path} lists no images")
+        if self.info["ImageID"].isna().any():
+            raise ValueError(f"{info_path}: row {int(self.info['ImageID'].isna().to_numpy().argmax()) + 2} has "
+                             "no ImageID")
         paths = [str(data_dir / "images" / image_id) for image_id in self.info["ImageID"]]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from augment import create_transforms
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
-from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, scan_people
+from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, images_dir, scan_people
 from metrics import apply_offsets, class_report, fit_offsets, score
 from model import (
     AMP_CHOICES,
@@ -88,6 +88,9 @@ def eval_images(data_dir):
     if (data_dir / "info.csv").is_file():
         dataset = TestDataset(data_dir)
         return list(dataset.info["ImageID"]), dataset.paths, None, dataset.info
+    if not any(p.is_dir() for p in images_dir(data_dir).iterdir()):
+        raise FileNotFoundError(f"{data_dir} has no info.csv (an eval folder) and no person folders "
+                                "(a labelled train-layout folder)")
     table = scan_people(data_dir, check_images=False)
     root = Path(table["path"].iloc[0]).parents[1]
     ids = [str(Path(p).relative_to(root)) for p in table["path"]]
@@ -127,7 +130,7 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", t
 
 def read_labels(path, image_ids) -> np.ndarray:
     """18-class labels from a CSV with ImageID and ans, in the order of `image_ids`."""
-    labels = pd.read_csv(path)
+    labels = pd.read_csv(path, dtype={"ImageID": str})
     if not {"ImageID", "ans"} <= set(labels):
         raise ValueError(f"{path}: a labels file needs columns ImageID and ans")
     found = labels.set_index("ImageID")["ans"].reindex(image_ids)

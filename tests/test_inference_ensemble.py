@@ -185,3 +185,33 @@ def test_mismatched_inputs_fail_clearly(tiny_data, tmp_path):
     shuffled.to_csv(tmp_path / "shuffled.csv", index=False)
     ensemble.main([good, str(tmp_path / "shuffled.csv"), *common])
     assert pd.read_csv(tmp_path / "out" / "ensemble.csv")["ImageID"].tolist() == ids
+
+
+def test_image_ids_that_look_like_numbers_stay_text(trained, tiny_data, tmp_path):
+    shutil.copytree(tiny_data / "eval", tmp_path / "eval")
+    info = pd.read_csv(tmp_path / "eval" / "info.csv")
+    numbers = [f"{i:06d}" for i in range(len(info))]  # 000000 ... without an extension
+    for old, new in zip(info["ImageID"], numbers, strict=True):
+        (tmp_path / "eval" / "images" / old).rename(tmp_path / "eval" / "images" / new)
+    info["ImageID"] = numbers
+    info.to_csv(tmp_path / "eval" / "info.csv", index=False)
+    inference.main(["--model_dir", str(trained), "--data_dir", str(tmp_path / "eval"), "--output_dir",
+                    str(tmp_path / "out"), "--num_workers", "0"])
+    ensemble.main([str(tmp_path / "out" / "submission_probs.csv"), "--data_dir", str(tmp_path / "eval"),
+                   "--output_dir", str(tmp_path / "ens")])
+    for written in (tmp_path / "out" / "submission.csv", tmp_path / "ens" / "ensemble.csv"):
+        assert (tmp_path / "eval" / "info.csv").read_text().splitlines()[1].split(",")[0] == "000000"
+        assert written.read_text().splitlines()[1].startswith("000000,"), written
+
+
+@pytest.mark.parametrize("text, message", [("", "info.csv is empty"), ("ImageID,ans\n", "info.csv lists no images")])
+def test_an_info_csv_without_rows_fails_clearly(trained, tiny_data, tmp_path, text, message):
+    shutil.copytree(tiny_data / "eval", tmp_path / "eval")
+    (tmp_path / "eval" / "info.csv").write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        inference.main(["--model_dir", str(trained), "--data_dir", str(tmp_path / "eval"), "--output_dir",
+                        str(tmp_path / "out"), "--num_workers", "0"])
+    (tmp_path / "eval" / "info.csv").unlink()
+    with pytest.raises(SystemExit, match="has no info.csv .an eval folder. and no person folders"):
+        inference.main(["--model_dir", str(trained), "--data_dir", str(tmp_path / "eval"), "--output_dir",
+                        str(tmp_path / "out"), "--num_workers", "0"])
