@@ -23,6 +23,7 @@ from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_probabilities
 GENDERS, AGE_GROUPS, MASKS = ("male", "female"), ("<30", "30-59", ">=60"), ("wear", "incorrect", "normal")
 RELABEL_COLUMNS = ["id", "gender", "age", "path", "mask"]
 KINDS = ("gender", "age", "mask", "mask swap")
+DROP_KINDS = (*KINDS, "duplicate")  # --drop duplicate: the first person of each pair left out, the other kept
 MIN_SCORE = 0.9  # the draft's threshold for every kind not given one
 DRAFT_KINDS = ("gender", "mask swap", "mask")  # age moves to a neighbouring group are mostly the model's own errors
 DUPLICATE_MIN = 0.85  # utkmask train + eval: 10 pairs of one photo at 0.86-0.99, other people at most 0.79
@@ -184,7 +185,8 @@ def signature(path) -> np.ndarray:
 def duplicate_suspects(data, min_similarity=DUPLICATE_MIN, block=1024) -> list:
     """Pairs of people whose `normal` photos (the unmasked face) match at least `min_similarity` (`signature`):
     the same picture under two ids. Such a pair often carries two labels (UTKFace: ages 93 and 85 on
-    one photo), and split into train and validation it leaks. Not in the relabel draft: look and decide."""
+    one photo), and split into train and validation it leaks. In the relabel draft only with `--drop
+    duplicate` (the row's person left out, `other` kept); otherwise look and decide."""
     stems = data["path"].map(lambda p: Path(p).stem.lower())
     normal = data[stems == "normal"].drop_duplicates("person")
     if len(normal) < 2:
@@ -201,7 +203,7 @@ def duplicate_suspects(data, min_similarity=DUPLICATE_MIN, block=1024) -> list:
                 rows.append(dict(kind="duplicate", person=people[first], id=a["id"], path="",
                                  given=f"{GENDERS[a['gender_label']]} {a['age']}",
                                  suggested=f"same photo as {b['id']} ({GENDERS[b['gender_label']]} {b['age']})",
-                                 score=float(similar[i, j]), relabel=None, other=people[j]))
+                                 score=float(similar[i, j]), relabel=dict(id=a["id"]), other=people[j]))
     return rows
 
 
@@ -247,7 +249,8 @@ def relabel_draft(suspects, min_score, kinds=DRAFT_KINDS, drop=()) -> pd.DataFra
     """The suspects of `kinds` and `drop` scoring at least `min_score` ({kind: score}) as `train.py
     --relabel` rows: relabelled, or for the kinds in `drop` left out (the person, or the image)."""
     rows = []
-    chosen = suspects["kind"].isin([*kinds, *drop]) & (suspects["score"] >= suspects["kind"].map(min_score))
+    threshold = suspects["kind"].map(min_score).fillna(0.0)  # duplicates: already at --duplicate_min
+    chosen = suspects["kind"].isin([*kinds, *drop]) & (suspects["score"] >= threshold)
     for kind, relabel in suspects.loc[chosen, ["kind", "relabel"]].itertuples(index=False):
         for row in relabel if isinstance(relabel, list) else [relabel]:
             if kind in drop:
@@ -322,9 +325,10 @@ def build_parser():
                              "of the given label")
     parser.add_argument("--draft_kinds", nargs="+", default=list(DRAFT_KINDS), choices=KINDS,
                         help="kinds of suspects the relabel draft holds (all are listed in audit.csv)")
-    parser.add_argument("--drop", nargs="+", default=[], choices=KINDS, metavar="KIND",
+    parser.add_argument("--drop", nargs="+", default=[], choices=DROP_KINDS, metavar="KIND",
                         help="kinds whose suspects the draft leaves out of training (a `drop` row: the person, "
-                             "or the image) instead of relabelling them, where the audit is too unsure to relabel")
+                             "or the image) instead of relabelling them, where the audit is too unsure to relabel; "
+                             "duplicate: one person of each pair of one photo")
     parser.add_argument("--duplicate_min", type=float, default=DUPLICATE_MIN, metavar="CORRELATION",
                         help="report two people as one photo where their normal images correlate at least this")
     parser.add_argument("--top", type=int, default=12, help="suspects of each kind on the contact sheet")
@@ -361,7 +365,7 @@ def main(argv=None):
         contact_sheet(out / "audit.png", suspects, data, args.top)
     counts = suspects["kind"].value_counts().to_dict()
     rules = [f"{k} >= {thresholds[k]}" for k in args.draft_kinds if k not in args.drop]
-    rules += [f"{k} >= {thresholds[k]} left out" for k in args.drop]
+    rules += [f"{k} >= {thresholds.get(k, args.duplicate_min)} left out" for k in args.drop]
     print(f"{len(suspects)} suspects in {len(data)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
           f"{len(draft)} relabel rows ({', '.join(rules)}) -> "
           f"{out / 'relabel_draft.csv'}, "

@@ -246,9 +246,15 @@ def test_one_photo_under_two_ids_is_a_duplicate(tmp_path):
     table = audit.audit_table(train_dir)
     found = sorted(audit.duplicate_suspects(table), key=lambda row: -row["score"])
     assert {found[0]["person"], found[0]["other"]} == {source.name, copy.name}
-    assert found[0]["score"] > 0.99 and found[0]["relabel"] is None
+    assert found[0]["score"] > 0.99 and found[0]["relabel"] == {"id": found[0]["id"]}
     assert found[0]["suggested"].startswith("same photo as ")
     assert audit.duplicate_suspects(table, min_similarity=0.999) == []
+    pair = pd.DataFrame(audit.duplicate_suspects(table, min_similarity=0.99))
+    draft = audit.relabel_draft(pair, audit.min_scores([]), kinds=(), drop=("duplicate",))
+    draft.to_csv(tmp_path / "draft.csv", index=False)
+    kept = set(scan_people(train_dir, relabel=tmp_path / "draft.csv")["person"])
+    assert len(pair) == 1 and draft["drop"].tolist() == ["yes"]
+    assert {source.name, copy.name} - kept == {pair["person"][0]} and pair["other"][0] in kept
 
 
 def test_the_contact_sheet_shows_the_top_of_each_kind():
