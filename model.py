@@ -296,6 +296,42 @@ def autocast(device: torch.device, amp="off"):
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp] or torch.float32, enabled=AMP_DTYPES[amp] is not None)
 
 
+def checked_compile(model, input_shape, device, amp="off", channels_last=False, tolerance=None) -> tuple:
+    """(`torch.compile(model)`, None) where the compiled model's training-mode outputs on a random batch of
+    `input_shape` are finite and match the eager model's, else (`model`, the one-line reason): inductor's
+    AVX2 code for the CPU has computed NaN in torch 2.14 (efficientnet_lite0, 160x160, batch 64,
+    channels_last, training mode; other batch sizes fine). Batch-norm statistics and random states are as
+    before the check; the compiled graph is the one training then uses. With dropout or drop path active
+    the two runs differ by chance, so only finiteness is checked."""
+    compiled = torch.compile(model)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    images = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device, memory_format=layout)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device, amp):
+        got = torch.cat([value.detach().float().flatten() for value in compiled(images).values()])
+        want = torch.cat([value.detach().float().flatten() for value in model(images).values()])
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    model.train(was_training)
+    stochastic = any((isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "drop_prob", 0) > 0 for m in model.modules())
+    tolerance = tolerance if tolerance is not None else 0.01 if amp == "off" else 0.05
+    difference = ((got - want).norm() / (want.norm() + 1e-6)).item()  # fp32 on a CPU: about 1e-4
+    if torch.isfinite(got).all() and (stochastic or difference <= tolerance):
+        return compiled, None
+    isa = f"inductor vector ISA {_inductor_isa()}" if device.type == "cpu" else device.type
+    return model, (f"torch.compile's output differs from the eager model's on this machine ({isa}; relative "
+                   f"difference {difference:.3g} on a batch of {tuple(input_shape)}): training without compiling")
+
+
+def _inductor_isa() -> str:
+    """The vector instruction set inductor generates CPU code for (avx512, avx2, ...)."""
+    from torch._inductor import cpu_vec_isa
+    return str(cpu_vec_isa.pick_vec_isa() or "none")
+
+
 TTA_CHOICES = ("none", "hflip")
 
 

@@ -47,6 +47,7 @@ from model import (
     MODEL_KINDS,
     autocast,
     build_model,
+    checked_compile,
     freeze,
     predict,
     preprocessing,
@@ -529,7 +530,12 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
         if is_main:
             remove_stale_temporaries(run_dir)
             print(f"resumed at epoch {start_epoch + 1} (best F1 so far {best_f1:.4f})")
-    train_model = torch.compile(model) if args.compile else model
+    train_model = model
+    if args.compile:
+        train_model, fallback = checked_compile(model, (args.batch_size, 3, *args.resize), device, args.amp,
+                                                args.channels_last)
+        if fallback and is_main:
+            print(f"warning: --compile: {fallback}", file=sys.stderr)
     if world > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 

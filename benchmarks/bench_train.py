@@ -3,6 +3,7 @@ toolkit's, with the same model, batch and optimizer; explicit precisions beside 
 
     python benchmarks/bench_train.py                        # resnet18 128x96, efficientnet_lite0 224x224
     python benchmarks/bench_train.py --models test_resnet:64x48 --steps 2 --batch_size 8   # smoke run
+    python benchmarks/bench_train.py --models efficientnet_lite0:160x160 --configs auto auto_compile  # torch.compile
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_train.py ...  # as an AVX2-only CPU
 """
 import argparse
@@ -21,14 +22,15 @@ from augment import create_transforms  # noqa: E402
 from cache import DecodedCache  # noqa: E402
 from dataset import MaskBaseDataset, PrefetchLoader, Subset, fast_collate  # noqa: E402
 from loss import create_multi_head_loss  # noqa: E402
-from model import build_model, predict, resolve_precision  # noqa: E402
+from model import build_model, checked_compile, predict, resolve_precision  # noqa: E402
 
 CONFIGS = {"reference": ("baseline loop + loader, fp32", None),
            "fp32": ("masktrain, --amp off --channels_last off", ["--amp", "off", "--channels_last", "off"]),
            "fp32_cl": ("masktrain, --amp off --channels_last", ["--amp", "off", "--channels_last"]),
            "bf16_cl": ("masktrain, --amp bf16 --channels_last", ["--amp", "bf16", "--channels_last"]),
            "auto": ("masktrain, defaults (--amp auto --channels_last auto)", []),
-           "auto_cache": ("masktrain, defaults + --cache", ["--cache"])}
+           "auto_cache": ("masktrain, defaults + --cache", ["--cache"]),
+           "auto_compile": ("masktrain, defaults + --compile", ["--compile"])}
 
 
 def reference_epoch(model, loader, criterion, optimizer):
@@ -47,7 +49,8 @@ def reference_epoch(model, loader, criterion, optimizer):
 
 
 def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir):
-    """(seconds per image of `rows` images after one warm-up batch, resolved precision)."""
+    """(seconds per image of `rows` images after one warm-up batch, resolved precision, seconds of the warm-up
+    batch: where `torch.compile` spends its compile time)."""
     torch.manual_seed(0)
     precision = "fp32"
     if config == "reference":
@@ -73,16 +76,23 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
         precision = ("fp32" if args.amp == "off" else args.amp) + (", channels_last" if args.channels_last else "")
         if args.cache:
             dataset.cache = DecodedCache.build(table["path"], val_tf, cache_dir, workers)
+        step_model, fallback = checked_compile(model, (batch_size, 3, *resize), torch.device("cpu"), args.amp,
+                                               args.channels_last) if args.compile else (model, None)
+        if fallback:
+            print(f"{name}: {fallback}", flush=True)
+            precision += "; compiled output wrong, timed eager"
 
         def epoch(indices):
             loader = DataLoader(Subset(dataset, indices, train_tf), batch_size, shuffle=True, num_workers=workers,
                                 collate_fn=fast_collate)
-            train.train_epoch(model, PrefetchLoader(loader, MEAN, STD, "cpu"), criterion, optimizer, scaler, args,
+            train.train_epoch(step_model, PrefetchLoader(loader, MEAN, STD, "cpu"), criterion, optimizer, scaler, args,
                               0, torch.device("cpu"), is_main=False)
+    started = time.perf_counter()
     epoch(list(range(batch_size)))
+    warm_up = time.perf_counter() - started
     started = time.perf_counter()
     epoch(list(range(batch_size, batch_size + rows)))
-    return (time.perf_counter() - started) / rows, precision
+    return (time.perf_counter() - started) / rows, precision, warm_up
 
 
 def inference_speed(config, name, resize, table, rows, batch_size, workers):
@@ -107,10 +117,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18:128x96", "efficientnet_lite0:224x224"],
                         metavar="NAME:HxW")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "auto_compile"],
+                        choices=list(CONFIGS), help="auto_compile is left out by default: its compile takes a minute")
     parser.add_argument("--inference", action="store_true", help="also time inference before / after auto")
     parser.add_argument("--people", type=int, default=200)
     parser.add_argument("--steps", type=int, default=8, help="timed batches per configuration")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the configurations this many times, interleaved; the table gives the mean")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="loader workers (the baseline's default: cores // 2)")
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "masktrain_bench"))
@@ -121,23 +134,29 @@ def main(argv=None):
     rows = args.steps * args.batch_size
     if len(table) < rows + args.batch_size:
         raise SystemExit(f"error: {len(table)} images are too few for {args.steps} steps of {args.batch_size}")
-    lines = [f"End-to-end CPU training, batch {args.batch_size}, {args.steps} timed steps, {args.workers} loader "
+    lines = [f"End-to-end CPU training, batch {args.batch_size}, {args.steps} timed steps"
+             + (f" x {args.rounds} interleaved rounds (images/s: their mean)" if args.rounds > 1 else "")
+             + f", {args.workers} loader "
              f"worker(s), AdamW, {machine()}", "",
              "| model | input | configuration | resolved precision | images/s | ratio to reference | "
-             "ratio to fp32 + channels_last |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "ratio to fp32 + channels_last | first batch s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, resize in model_specs(args.models):
         size = f"{resize[0]}x{resize[1]}"
-        speeds, precisions = {}, {}
-        for config in args.configs:
-            seconds, precisions[config] = run_config(config, name, resize, table, rows, args.batch_size, args.workers,
-                                                     Path(args.work_dir) / "cache")
-            speeds[config] = 1 / seconds
-            print(f"{name} {size} {config} ({precisions[config]}): {speeds[config]:.1f} img/s", flush=True)
+        rounds, precisions, warm_ups = {config: [] for config in args.configs}, {}, {}
+        for _ in range(args.rounds):
+            for config in args.configs:
+                seconds, precisions[config], warm_up = run_config(
+                    config, name, resize, table, rows, args.batch_size, args.workers, Path(args.work_dir) / "cache")
+                rounds[config].append(1 / seconds)
+                warm_ups.setdefault(config, warm_up)
+                print(f"{name} {size} {config} ({precisions[config]}): {1 / seconds:.1f} img/s", flush=True)
+        speeds = {config: sum(values) / len(values) for config, values in rounds.items()}
         for config in args.configs:
             ratios = [f"{speeds[config] / speeds[base]:.2f}x" if base in speeds else "-"
                       for base in ("reference", "fp32_cl")]
-            lines.append(f"| {name} | {size} | {CONFIGS[config][0]} | {precisions[config]} | {speeds[config]:.1f} | "
-                         + " | ".join(ratios) + " |")
+            each = f" ({', '.join(f'{v:.1f}' for v in rounds[config])})" if args.rounds > 1 else ""
+            lines.append(f"| {name} | {size} | {CONFIGS[config][0]} | {precisions[config]} | "
+                         f"{speeds[config]:.1f}{each} | " + " | ".join(ratios) + f" | {warm_ups[config]:.1f} |")
     if args.inference:
         lines += ["", f"Inference (`predict` with flip TTA, batch {args.batch_size}, {rows} images), forward passes/s:",
                   "", "| model | input | configuration | resolved precision | passes/s | ratio to fp32 |",

@@ -131,3 +131,39 @@ def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf
 def test_bare_channels_last_flag_means_on():
     assert train.parse_args(["--channels_last"]).channels_last == "on"
     assert train.parse_args([]).channels_last == "auto" and train.parse_args([]).amp == "auto"
+
+
+class _Miscompiled(torch.nn.Module):
+    """What a miscompile looks like: the model's outputs, one of them NaN (inductor's AVX2 code did this)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images):
+        return {head: value * float("nan") for head, value in self.inner(images).items()}
+
+
+def test_compile_falls_back_to_eager_where_the_compiled_output_is_wrong(monkeypatch):
+    """checked_compile keeps the compiled model where it matches the eager one, returns the eager model and
+    a reason where it does not, and leaves batch-norm statistics and the random state as they were."""
+    torch.manual_seed(0)
+    net = build_model("three_head", "test_resnet").eval()
+    before = {name: buffer.clone() for name, buffer in net.named_buffers()}
+    rng = torch.get_rng_state()
+    monkeypatch.setattr(model.torch, "compile", lambda module: module)  # "compiles" to itself: a match
+    compiled, reason = model.checked_compile(net, (4, 3, 32, 32), torch.device("cpu"))
+    assert compiled is net and reason is None and not net.training
+    monkeypatch.setattr(model.torch, "compile", _Miscompiled)
+    compiled, reason = model.checked_compile(net, (4, 3, 32, 32), torch.device("cpu"), channels_last=True)
+    assert compiled is net and "differs from the eager model's" in reason and "(4, 3, 32, 32)" in reason
+    assert all(torch.equal(buffer, before[name]) for name, buffer in net.named_buffers())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_train_compile_with_a_wrong_compiled_model_trains_eager_and_says_so(monkeypatch, tiny_data, tmp_path, capsys):
+    monkeypatch.setattr(model.torch, "compile", _Miscompiled)
+    train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
+                "--resize", "32", "24", "--epochs", "1", "--num_workers", "0", "--report", "off", "--compile"])
+    assert "warning: --compile: torch.compile's output differs from the eager model's" in capsys.readouterr().err
+    assert (tmp_path / "exp" / "best.pth").is_file()
