@@ -243,11 +243,13 @@ def test_honest_learning_on_the_generated_sample(tmp_path):
 
 def test_compile_with_channels_last_cache_and_device_aug(tmp_path, tiny_data, capsys):
     """torch.compile (inductor on CPU) with every fast-path option; slow (~1 minute) but the only check.
-    The compiled model matches the eager one here (the check in `checked_compile` keeps it)."""
+    Where inductor's code is wrong for this CPU (its AVX2 code in torch 2.14 gives NaN for this model) the
+    run trains eager and says so; elsewhere it trains compiled, silently."""
     scores = run(tmp_path, tiny_data, "--epochs", "1", "--compile", "--channels_last", "--device_aug", "--cache",
                  "--cache_dir", str(tmp_path / "cache"))
     assert 0 <= scores[0] <= 1 and (tmp_path / "exp" / "best.pth").is_file()
-    assert "--compile:" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ("--compile:" in err) == ("training without compiling" in err)
 
 
 def test_mixing_synthetic_people_and_crop(tmp_path, tiny_data):
