@@ -147,4 +147,10 @@ def read_probabilities(path) -> pd.DataFrame:
                          f"{'an' if 'ImageID' in frame else 'no'} ImageID and {len(class_columns)} class columns")
     if frame["ImageID"].duplicated().any():
         raise ValueError(f"{path}: ImageID values repeat")
+    probs = frame[PROB_COLUMNS].apply(pd.to_numeric, errors="coerce").to_numpy()
+    wrong = ~np.isfinite(probs).all(1) | (probs < 0).any(1) | (np.abs(np.nan_to_num(probs).sum(1) - 1) > 0.01)
+    if wrong.any():
+        row = int(np.flatnonzero(wrong)[0])
+        raise ValueError(f"{path}: {int(wrong.sum())} rows of p0..p17 are not probabilities (numbers >= 0 that sum to "
+                         f"1), e.g. ImageID {frame['ImageID'].iloc[row]}")
     return frame

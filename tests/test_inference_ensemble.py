@@ -181,6 +181,14 @@ def test_mismatched_inputs_fail_clearly(tiny_data, tmp_path):
         ensemble.main([good, str(tmp_path / "classes.csv"), *common])
     with pytest.raises(SystemExit, match="--weights: 1 weights for 2 inputs"):
         ensemble.main([good, good, "--weights", "1", *common])
+    broken = frame.copy()
+    broken.loc[3, "p5"] = float("nan")
+    broken.to_csv(tmp_path / "nan.csv", index=False)
+    with pytest.raises(SystemExit, match=f"nan.csv: 1 rows of p0..p17 are not probabilities .* ImageID {ids[3]}"):
+        ensemble.main([good, str(tmp_path / "nan.csv"), *common])
+    frame.assign(p0=frame["p0"] + 1).to_csv(tmp_path / "logits.csv", index=False)
+    with pytest.raises(SystemExit, match=f"logits.csv: {len(ids)} rows of p0..p17 are not probabilities"):
+        ensemble.main([good, str(tmp_path / "logits.csv"), *common])
     shuffled = frame.sample(frac=1, random_state=0)
     shuffled.to_csv(tmp_path / "shuffled.csv", index=False)
     ensemble.main([good, str(tmp_path / "shuffled.csv"), *common])
