@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 IMAGES_PER_PERSON = len(MASK_FILES)
-PERSON_FOLDER = re.compile(r"^(\d+)_(male|female)_([^_]+)_(\d+)$", re.IGNORECASE)
+PERSON_FOLDER = re.compile(r"^(\d+)_(male|female)_(.+?)_(\d+)$", re.IGNORECASE)  # a race may hold "_"
 DEFAULT_AGE_BINS = (30, 60)
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 

@@ -282,3 +282,12 @@ def test_relabel_drop_rows_leave_a_person_or_an_image_out(tiny_data, tmp_path, c
         pd.DataFrame(rows).to_csv(tmp_path / "bad.csv", index=False)
         with pytest.raises(ValueError, match=message):
             scan_people(tiny_data / "train", relabel=tmp_path / "bad.csv")
+
+
+def test_a_race_with_an_underscore_still_parses(tiny_data, tmp_path):
+    root = tmp_path / "images"
+    source = sorted((tiny_data / "train" / "images").iterdir())[0]
+    shutil.copytree(source, root / "000321_female_South_Asian_33")
+    person = scan_people(tmp_path)
+    assert len(person) == 7 and person["race"].eq("South_Asian").all() and person["age"].eq(33).all()
+    assert person["gender"].eq("female").all() and person["id"].eq("000321").all()
