@@ -298,11 +298,11 @@ def autocast(device: torch.device, amp="off"):
 
 def checked_compile(model, input_shape, device, amp="off", channels_last=False, tolerance=None) -> tuple:
     """(`torch.compile(model)`, None) where the compiled model's training-mode outputs on a random batch of
-    `input_shape` are finite and match the eager model's, else (`model`, the one-line reason): inductor's
-    AVX2 code for the CPU has computed NaN in torch 2.14 (efficientnet_lite0, 160x160, batch 64,
-    channels_last, training mode; other batch sizes fine). Batch-norm statistics and random states are as
-    before the check; the compiled graph is the one training then uses. With dropout or drop path active
-    the two runs differ by chance, so only finiteness is checked."""
+    `input_shape` are finite and match the eager model's, else (`model`, the one-line reason). Inductor's
+    AVX2 code (forced on an AVX-512 Xeon, torch 2.14.1) computed NaN or wrong training-mode outputs for
+    efficientnet_lite0, resnet18 and test_resnet (channels_last, two threads) while eager was right.
+    Batch-norm statistics and random states are as before the check; the compiled graph is the one training
+    then uses. With dropout or drop path active the two runs differ by chance: only finiteness is checked."""
     compiled = torch.compile(model)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device, memory_format=layout)
