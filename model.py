@@ -40,9 +40,29 @@ def create_backbone(name, pretrained=False, drop_path_rate=0.0) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {path}")
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     except RuntimeError as error:
         raise RuntimeError(f"weights file {path} does not fit model {name}: {str(error).splitlines()[0]}") from None
+    check_weights_fit(path, backbone, name)
+    return backbone
+
+
+def check_weights_fit(path, backbone, name) -> None:
+    """Raise where a weights file holds tensors the backbone has no place for, or lacks some it needs (timm
+    loads such a file with a warning: efficientnet_lite1's file into efficientnet_lite0 leaves 92 tensors
+    unused). The classifier, which the backbone drops, may be in the file."""
+    from timm.models import load_state_dict
+    classifier = backbone.pretrained_cfg.get("classifier") or "classifier"
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    in_file = {key for key in load_state_dict(str(path)) if not key.startswith(tuple(c + "." for c in classifiers))}
+    in_model = set(backbone.state_dict())
+    extra, missing = sorted(in_file - in_model), sorted(key for key in in_model - in_file
+                                                        if not key.endswith("num_batches_tracked"))
+    if extra or missing:
+        example = f"e.g. {(extra or missing)[0]}"
+        raise RuntimeError(f"weights file {path} does not fit model {name}: {len(extra)} of its tensors have no place "
+                           f"in the model and {len(missing)} of the model's are not in it ({example}); is it another "
+                           "model's file?")
 
 
 class MaskModel(nn.Module):

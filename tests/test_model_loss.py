@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
@@ -186,3 +187,19 @@ def test_pretrained_errors_are_clear(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
     assert result.returncode != 0 and "--pretrained PATH" in result.stderr
+
+
+def test_a_weights_file_of_another_model_is_an_error_not_a_partial_load(tmp_path):
+    """timm loads a file with tensors to spare (efficientnet_lite1's into lite0) with only a warning."""
+    from safetensors.torch import save_file
+    weights = {k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=18).state_dict().items()}
+    save_file(weights, tmp_path / "fits.safetensors")
+    model = build_model("three_head", "test_resnet", pretrained=str(tmp_path / "fits.safetensors"))
+    assert torch.equal(model.backbones["shared"].state_dict()["conv1.0.weight"], weights["conv1.0.weight"])
+    save_file({**weights, "layer9.conv.weight": torch.zeros(1)}, tmp_path / "more.safetensors")
+    with pytest.raises(RuntimeError, match=r"does not fit model test_resnet: 1 of its tensors have no place .*"
+                                           r"layer9.conv.weight"):
+        build_model("three_head", "test_resnet", pretrained=str(tmp_path / "more.safetensors"))
+    save_file({k: v for k, v in weights.items() if k != "conv1.0.weight"}, tmp_path / "less.safetensors")
+    with pytest.raises(RuntimeError, match=r"0 of its tensors .* and 1 of the model's are not in it"):
+        build_model("three_head", "test_resnet", pretrained=str(tmp_path / "less.safetensors"))
