@@ -4,6 +4,7 @@ score it locally.
     python inference.py --model_dir model/exp --data_dir eval --tta hflip
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,6 +45,9 @@ def newest_run(model_dir, checkpoint="best") -> Path:
     is one): folders without `<checkpoint>.pth` (a run that failed or was stopped before its first
     epoch) are passed over."""
     model_dir = Path(model_dir)
+    if model_dir.is_file() and model_dir.name.endswith("_cv.json"):
+        raise ValueError(f"{model_dir} is a k-fold run's summary: vote its folds with python ensemble.py {model_dir} "
+                         "(inference.py predicts with one run folder)")
     if (model_dir / "config.json").is_file():
         return model_dir
     runs = [p.parent for p in model_dir.glob("*/config.json") if (p.parent / f"{checkpoint}.pth").is_file()]
@@ -51,6 +55,16 @@ def newest_run(model_dir, checkpoint="best") -> Path:
         raise FileNotFoundError(f"no finished run folder (config.json and {checkpoint}.pth) in {model_dir}: "
                                 "train one with train.py first")
     return max(runs, key=lambda p: (p / f"{checkpoint}.pth").stat().st_mtime)
+
+
+def fold_note(run_dir) -> str:
+    """", one fold of ..." where `run_dir` is one fold of a k-fold run (the others are not used), else ""."""
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    if not config.get("n_folds") or config.get("fold") is None:
+        return ""
+    summary = Path(run_dir).parent / f"{config['name']}_cv.json"
+    return (f"; this is fold {config['fold']} of {config['n_folds']}: python ensemble.py {summary} votes them all"
+            if summary.is_file() else f"; this is fold {config['fold']} of {config['n_folds']}")
 
 
 def check_loader_flags(args) -> None:
@@ -232,7 +246,7 @@ def main(argv=None):
         offsets = validation_offsets([run_dir]) if args.calibrate else None
         unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images)
         print(f"predicting {len(paths)} images of {args.data_dir} with {run_dir} ({args.checkpoint}.pth, "
-              f"tta {args.tta})")
+              f"tta {args.tta})" + fold_note(run_dir))
         probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
                             channels_last=args.channels_last, unreadable=unreadable)
         if offsets is not None:

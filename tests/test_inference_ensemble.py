@@ -222,3 +222,15 @@ def test_an_info_csv_without_rows_fails_clearly(trained, tiny_data, tmp_path, te
     with pytest.raises(SystemExit, match="has no info.csv .an eval folder. and no person folders"):
         inference.main(["--model_dir", str(trained), "--data_dir", str(tmp_path / "eval"), "--output_dir",
                         str(tmp_path / "out"), "--num_workers", "0"])
+
+
+def test_inference_points_a_k_fold_run_to_ensemble(tiny_data, tmp_path, capsys):
+    train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--name", "cv", "--model",
+                "test_resnet", "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--n_folds", "2",
+                "--report", "off"])
+    summary = tmp_path / "cv_cv.json"
+    with pytest.raises(SystemExit, match=f"cv_cv.json is a k-fold run's summary: vote its folds with python "
+                                         f"ensemble.py {summary}"):
+        predict(summary, tiny_data, tmp_path / "out")
+    predict(tmp_path, tiny_data, tmp_path / "out")  # the newest run folder: the last fold
+    assert f"this is fold 1 of 2: python ensemble.py {summary} votes them all" in capsys.readouterr().out
