@@ -79,7 +79,10 @@ def key_values(items, cast=str):
         key, sep, value = item.partition("=")
         if not sep:
             raise FlagError(f"expected head=value, got {item!r}")
-        pairs[key] = cast(value)
+        try:
+            pairs[key] = cast(value)
+        except ValueError:
+            raise FlagError(f"{item!r}: {value!r} is not a {cast.__name__}") from None
     return pairs
 
 
@@ -341,8 +344,12 @@ def validate(args):
         raise FlagError("--age_years needs a weight W >= 0, --dataset MultiLabelDataset and --kind three_head")
     if isinstance(criteria, dict) and args.kind == "single_head":
         raise FlagError("--criterion per head needs a three_head or multi_backbone model")
-    if set(key_values(args.head_weights, float)) - set(HEADS):
-        raise FlagError("--head_weights: heads are mask, gender, age")
+    try:
+        weights = key_values(args.head_weights, float)
+    except FlagError as error:
+        raise FlagError(f"--head_weights: {error}") from None
+    if set(weights) - set(HEADS) or any(not (w >= 0) for w in weights.values()):
+        raise FlagError("--head_weights: heads are mask, gender, age, each weight a number >= 0")
 
 
 def criterion_spec(args):

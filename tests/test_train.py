@@ -198,6 +198,8 @@ def test_config_file_sets_flags_and_the_command_line_wins(tmp_path, tiny_data):
     (["--mix_prob", "2"], "--mix_prob in [0, 1]"),
     (["--early_stop", "-2"], "--early_stop must be >= 0"),
     (["--valid_batch_size", "0"], "--valid_batch_size must be positive"),
+    (["--head_weights", "age=x"], "--head_weights: 'age=x': 'x' is not a float"),
+    (["--head_weights", "age=-1"], "each weight a number >= 0"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, tiny_data, flags, message):
     with pytest.raises(SystemExit) as error:
