@@ -140,7 +140,10 @@ def freeze(model: MaskModel, spec="none") -> tuple:
         for backbone in model.backbones.values():
             groups = timm.models.group_parameters(backbone, backbone.group_matcher(coarse=True))
             ordered = [groups[key] for key in sorted(groups)]
-            frozen = ordered if spec == "all" else ordered[: max(len(ordered) - int(spec), 0)]
+            if spec != "all" and int(spec) >= len(ordered):
+                raise ValueError(f"--freeze {spec}: this backbone has {len(ordered)} parameter groups, so nothing "
+                                 f"would be frozen; use none, or 0 to {len(ordered) - 1} groups to train")
+            frozen = ordered if spec == "all" else ordered[: len(ordered) - int(spec)]
             params = dict(backbone.named_parameters())
             for names in frozen:
                 for name in names:

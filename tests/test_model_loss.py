@@ -125,7 +125,6 @@ def test_freezing_leaves_exactly_the_intended_parameters(name):
     assert freeze(model, "all") == (heads, total)
     assert all(p.requires_grad for p in model.heads.parameters())
     trainable, _ = freeze(model, 2)
-    import timm
     groups = timm.models.group_parameters(backbone, backbone.group_matcher(coarse=True))
     last_two = [n for key in sorted(groups)[-2:] for n in groups[key]]
     params = dict(backbone.named_parameters())
@@ -133,6 +132,9 @@ def test_freezing_leaves_exactly_the_intended_parameters(name):
     assert {n for n, p in params.items() if p.requires_grad} == set(last_two)
     with pytest.raises(ValueError, match="--freeze"):
         freeze(model, "half")
+    with pytest.raises(ValueError, match=f"--freeze {len(groups)}: this backbone has {len(groups)} parameter groups, "
+                                         "so nothing would be frozen"):
+        freeze(model, len(groups))
 
 
 def test_frozen_layers_batch_norms_still_learn_the_data_statistics():
