@@ -15,9 +15,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from cleanlab.filter import find_label_issues
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
-from dataset import DEFAULT_AGE_BINS, MASK_FILES, decode_multi_class, images_dir, scan_people
+from dataset import (
+    DEFAULT_AGE_BINS,
+    DUPLICATE_MIN,
+    MASK_FILES,
+    decode_multi_class,
+    duplicate_pairs,
+    images_dir,
+    scan_people,
+)
 from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_probabilities, write_csv
 
 GENDERS, AGE_GROUPS, MASKS = ("male", "female"), ("<30", "30-59", ">=60"), ("wear", "incorrect", "normal")
@@ -26,8 +34,6 @@ KINDS = ("gender", "age", "mask", "mask swap")
 DROP_KINDS = (*KINDS, "duplicate")  # --drop duplicate: the first person of each pair left out, the other kept
 MIN_SCORE = 0.9  # the draft's threshold for every kind not given one
 DRAFT_KINDS = ("gender", "mask swap", "mask")  # age moves to a neighbouring group are mostly the model's own errors
-DUPLICATE_MIN = 0.85  # utkmask train + eval: 10 pairs of one photo at 0.86-0.99, other people at most 0.79
-SIGNATURE_SIZE = 64
 
 
 def probability_files(inputs) -> tuple:
@@ -168,42 +174,19 @@ def mask_suspects(data) -> list:
     return rows
 
 
-def signature(path) -> np.ndarray:
-    """A photo as a vector whose dot product with another's is the mean of two pixel correlations at
-    SIGNATURE_SIZE^2 grayscale: of the images (the layout) and of their fine detail (the image less its
-    blur), so a re-saved, re-cropped or slightly rotated copy scores high and two look-alike aligned faces
-    do not (utkmask train + eval: ten copies 0.86-0.99; below them one woman in two photos, 0.79)."""
-    with Image.open(path) as image:
-        gray = image.convert("L").resize((SIGNATURE_SIZE, SIGNATURE_SIZE), Image.BILINEAR)
-        blurred = gray.filter(ImageFilter.GaussianBlur(2))
-    pixels = np.asarray(gray, np.float32).ravel()
-    parts = [pixels, pixels - np.asarray(blurred, np.float32).ravel()]
-    parts = [(part - part.mean()) / (np.linalg.norm(part - part.mean()) + 1e-6) for part in parts]
-    return np.concatenate(parts) / np.sqrt(2)
-
-
-def duplicate_suspects(data, min_similarity=DUPLICATE_MIN, block=1024) -> list:
-    """Pairs of people whose `normal` photos (the unmasked face) match at least `min_similarity` (`signature`):
-    the same picture under two ids. Such a pair often carries two labels (UTKFace: ages 93 and 85 on
-    one photo), and split into train and validation it leaks. In the relabel draft only with `--drop
-    duplicate` (the row's person left out, `other` kept); otherwise look and decide."""
-    stems = data["path"].map(lambda p: Path(p).stem.lower())
-    normal = data[stems == "normal"].drop_duplicates("person")
-    if len(normal) < 2:
-        return []
-    people = normal["person"].to_numpy()
-    vectors = np.stack([signature(p) for p in normal["path"]])
+def duplicate_suspects(data, min_similarity=DUPLICATE_MIN) -> list:
+    """Pairs of people whose `normal` photos (the unmasked face) are one picture (`dataset.duplicate_pairs`).
+    Such a pair often carries two labels (UTKFace: ages 93 and 85 on one photo); the split keeps it on one
+    side. In the relabel draft only with `--drop duplicate` (the row's person left out, `other` kept);
+    otherwise look and decide."""
+    first_rows = data.drop_duplicates("person").set_index("person")
     rows = []
-    for start in range(0, len(vectors), block):
-        similar = vectors[start:start + block] @ vectors.T
-        for i, j in zip(*np.nonzero(similar >= min_similarity), strict=True):
-            first = start + i
-            if j > first:
-                a, b = normal.iloc[first], normal.iloc[j]
-                rows.append(dict(kind="duplicate", person=people[first], id=a["id"], path="",
-                                 given=f"{GENDERS[a['gender_label']]} {a['age']}",
-                                 suggested=f"same photo as {b['id']} ({GENDERS[b['gender_label']]} {b['age']})",
-                                 score=float(similar[i, j]), relabel=dict(id=a["id"]), other=people[j]))
+    for first, other, similarity in duplicate_pairs(data, min_similarity):
+        a, b = first_rows.loc[first], first_rows.loc[other]
+        rows.append(dict(kind="duplicate", person=first, id=a["id"], path="",
+                         given=f"{GENDERS[a['gender_label']]} {a['age']}",
+                         suggested=f"same photo as {b['id']} ({GENDERS[b['gender_label']]} {b['age']})",
+                         score=similarity, relabel=dict(id=a["id"]), other=other))
     return rows
 
 

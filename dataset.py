@@ -217,6 +217,75 @@ def apply_relabel(table: pd.DataFrame, relabel_csv) -> pd.DataFrame:
     return table[~dropped].reset_index(drop=True)
 
 
+# ---------------------------------------------------------------- one photo under two ids
+DUPLICATE_MIN = 0.85  # utkmask train + eval: 10 pairs of one photo at 0.86-0.99, other people at most 0.79
+SIGNATURE_SIZE = 64
+
+
+def signature(path) -> np.ndarray:
+    """A photo as a vector whose dot product with another's is the mean of two pixel correlations at
+    SIGNATURE_SIZE^2 grayscale: of the images (the layout) and of their fine detail (the image less its
+    blur), so a re-saved, re-cropped or slightly rotated copy scores high and two look-alike aligned faces
+    do not (utkmask train + eval: ten copies 0.86-0.99; below them one woman in two photos, 0.79)."""
+    with Image.open(path) as image:
+        gray = image.convert("L").resize((SIGNATURE_SIZE, SIGNATURE_SIZE), Image.BILINEAR)
+        blurred = gray.filter(ImageFilter.GaussianBlur(2))
+    pixels = np.asarray(gray, np.float32).ravel()
+    parts = [pixels, pixels - np.asarray(blurred, np.float32).ravel()]
+    parts = [(part - part.mean()) / (np.linalg.norm(part - part.mean()) + 1e-6) for part in parts]
+    return np.concatenate(parts) / np.sqrt(2)
+
+
+def duplicate_pairs(table: pd.DataFrame, min_similarity=DUPLICATE_MIN, block=1024) -> list:
+    """(first, other, similarity) for each pair of people whose `normal` photos (the unmasked face) match
+    at least `min_similarity` (`signature`): the same picture under two ids, `first` before `other` by
+    name. People without a readable `normal` photo are left out."""
+    normal = table[table["path"].map(lambda p: Path(p).stem.lower() == "normal")].drop_duplicates("person")
+    people, vectors = [], []
+    for person, path in zip(normal["person"], normal["path"], strict=True):
+        try:
+            vectors.append(signature(path))
+            people.append(person)
+        except (OSError, ValueError):
+            continue
+    if len(vectors) < 2:
+        return []
+    vectors = np.stack(vectors)
+    pairs = []
+    for start in range(0, len(vectors), block):
+        similar = vectors[start:start + block] @ vectors.T
+        for i, j in zip(*np.nonzero(similar >= min_similarity), strict=True):
+            if j > start + i:
+                first, other = sorted((people[start + i], people[j]))
+                pairs.append((first, other, float(similar[i, j])))
+    return pairs
+
+
+def keep_duplicates_together(side: pd.Series, table: pd.DataFrame) -> pd.Series:
+    """`side` (each person's split or fold) with every group of people sharing one photo (`duplicate_pairs`)
+    moved to the side of its first person by name, so one face is never on both sides (a leak)."""
+    pairs = duplicate_pairs(table)
+    if not pairs:
+        return side
+    leader = {person: person for person in side.index}
+    def find(person):
+        while leader[person] != person:
+            person = leader[person]
+        return person
+    for first, other, _ in pairs:
+        a, b = sorted((find(first), find(other)))
+        leader[b] = a
+    moved = pd.Series([side[find(person)] for person in side.index], index=side.index)
+    first, other, _ = pairs[0]
+    what = f"{len(pairs)} pair(s) of people share one photo (e.g. {first} and {other}; audit.py lists them)"
+    if moved.nunique() < side.nunique():  # too few people to keep them together and fill every side
+        warnings.warn(f"{what}: kept apart, too few people to split otherwise", DataWarning, stacklevel=3)
+        return side
+    warnings.warn(f"{what}: each kept on one side of the split, {int((moved != side).sum())} person(s) moved",
+                  DataWarning, stacklevel=3)
+    return moved
+
+
 # ---------------------------------------------------------------- splits
 def person_table(table: pd.DataFrame) -> pd.DataFrame:
     """One row per person with the stratum used for splitting (gender x age class, 0..5)."""
@@ -235,8 +304,10 @@ def split_people(table: pd.DataFrame, val_ratio: float, seed: int):
         val.extend(names[: int(round(len(names) * val_ratio))])
     if not val and val_ratio > 0:
         val = [rng.choice(people.index.to_numpy())]
-    val = set(val)
-    return sorted(set(people.index) - val), sorted(val)
+    in_val = pd.Series(people.index.isin(val), index=people.index)
+    if val:
+        in_val = keep_duplicates_together(in_val, table)
+    return sorted(people.index[~in_val]), sorted(people.index[in_val])
 
 
 def fold_people(table: pd.DataFrame, n_folds: int, fold: int, seed: int):
@@ -252,8 +323,11 @@ def fold_people(table: pd.DataFrame, n_folds: int, fold: int, seed: int):
         warnings.simplefilter("ignore", UserWarning)
         splits = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed)
                       .split(people.index, people["stratum"]))
-    train, val = splits[fold]
-    return sorted(people.index[train]), sorted(people.index[val])
+    fold_of = pd.Series(0, index=people.index)
+    for k, (_, val) in enumerate(splits):
+        fold_of.iloc[val] = k
+    fold_of = keep_duplicates_together(fold_of, table)
+    return sorted(people.index[fold_of != fold]), sorted(people.index[fold_of == fold])
 
 
 # ---------------------------------------------------------------- datasets
