@@ -66,6 +66,21 @@ def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp,
     return probs
 
 
+def mixed_age_bins(run_dirs) -> str | None:
+    """A note where the runs were trained with different `--age_bins` (e.g. the 58 cutoff beside 60):
+    their age groups are voted as the same three classes, which may be meant; None where they agree."""
+    bins = {}
+    for run_dir in run_dirs:
+        config = run_dir / "config.json"
+        if config.is_file():
+            bins.setdefault(tuple(json.loads(config.read_text()).get("age_bins", ())), []).append(run_dir.name)
+    if len(bins) < 2:
+        return None
+    groups = "; ".join(f"{' '.join(map(str, edges)) or 'unknown'}: {', '.join(names[:3])}"
+                       + (" ..." if len(names) > 3 else "") for edges, names in bins.items())
+    return f"note: the runs were trained with different --age_bins ({groups}); their age groups are voted as one"
+
+
 def aligned(frame, image_ids, name) -> np.ndarray:
     """The 18 probability columns of `frame` in the order of `image_ids`; the ImageIDs must match."""
     given, wanted = set(frame["ImageID"]), set(image_ids)
@@ -138,6 +153,9 @@ def main(argv=None):
         image_ids, paths, labels, info = eval_images(args.data_dir)
         if args.labels:
             labels = read_labels(args.labels, image_ids)
+        note = mixed_age_bins([path for path in inputs if path.is_dir()])
+        if note:
+            print(note)
         offsets = None
         if args.calibrate:
             run_dirs = [path for path in inputs if path.is_dir()]

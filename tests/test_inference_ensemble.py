@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import numpy as np
@@ -234,3 +235,16 @@ def test_inference_points_a_k_fold_run_to_ensemble(tiny_data, tmp_path, capsys):
         predict(summary, tiny_data, tmp_path / "out")
     predict(tmp_path, tiny_data, tmp_path / "out")  # the newest run folder: the last fold
     assert f"this is fold 1 of 2: python ensemble.py {summary} votes them all" in capsys.readouterr().out
+
+
+def test_ensemble_notes_runs_trained_with_different_age_bins(trained, tiny_data, tmp_path, capsys):
+    other = tmp_path / "bins58"
+    shutil.copytree(trained, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "age_bins": [30, 58]}))
+    flags = ["--data_dir", str(tiny_data / "eval"), "--num_workers", "0"]
+    ensemble.main([str(trained), str(trained), *flags, "--output_dir", str(tmp_path / "same")])
+    assert "age_bins" not in capsys.readouterr().out
+    ensemble.main([str(trained), str(other), *flags, "--output_dir", str(tmp_path / "mixed")])
+    out = capsys.readouterr().out
+    assert "note: the runs were trained with different --age_bins (30 60: exp; 30 58: bins58)" in out
