@@ -268,6 +268,7 @@ def keep_duplicates_together(side: pd.Series, table: pd.DataFrame) -> pd.Series:
     if not pairs:
         return side
     leader = {person: person for person in side.index}
+
     def find(person):
         while leader[person] != person:
             person = leader[person]
@@ -295,7 +296,8 @@ def person_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def split_people(table: pd.DataFrame, val_ratio: float, seed: int):
-    """Split people into (train, val) names, stratified by gender x age, reproducible from `seed`."""
+    """Split people into (train, val) names, stratified by gender x age, reproducible from `seed`; people
+    sharing one photo stay on one side (`keep_duplicates_together`)."""
     people = person_table(table)
     rng = np.random.default_rng(seed)
     val = []
@@ -312,7 +314,7 @@ def split_people(table: pd.DataFrame, val_ratio: float, seed: int):
 
 def fold_people(table: pd.DataFrame, n_folds: int, fold: int, seed: int):
     """Stratified K-fold over people: returns (train, val) names for `fold`; every person is in
-    exactly one validation fold."""
+    exactly one validation fold, people sharing one photo in the same one."""
     from sklearn.model_selection import StratifiedKFold
     people = person_table(table)
     if not 0 <= fold < n_folds:
