@@ -199,6 +199,17 @@ def test_one_photo_under_two_ids_stays_on_one_side_of_splits_and_folds(tmp_path)
         MultiLabelDataset(table=table, val_ratio=0.5, seed=0).split_indices()
 
 
+def test_two_people_sharing_one_photo_are_still_split_and_told(tiny_data, monkeypatch):
+    """Where keeping the group together would empty a side, the split stays as it was and says so."""
+    table = scan_people(tiny_data / "train")
+    two = table[table["person"].isin(sorted(table["person"].unique())[:2])]
+    pair = (*sorted(two["person"].unique()), 0.99)
+    monkeypatch.setattr(dataset_module, "duplicate_pairs", lambda *args, **kwargs: [pair])
+    with pytest.warns(DataWarning, match="kept apart, too few people"):
+        train, val = split_people(two, 0.5, 0)
+    assert len(train) == len(val) == 1
+
+
 def test_base_split_is_by_image(tiny_data):
     dataset = MaskBaseDataset(tiny_data / "train", val_ratio=0.2)
     train, val = dataset.split_indices()
