@@ -27,7 +27,15 @@ from inference import (
 )
 from metrics import apply_offsets
 from model import TTA_CHOICES, combine_heads, head_probs
-from runs import PROB_COLUMNS, one_line_errors, probability_frame, read_probabilities, write_csv, write_json
+from runs import (
+    PROB_COLUMNS,
+    one_line_errors,
+    probability_frame,
+    read_config,
+    read_probabilities,
+    write_csv,
+    write_json,
+)
 
 
 def expand_inputs(inputs) -> list:
@@ -71,9 +79,7 @@ def mixed_age_bins(run_dirs) -> str | None:
     their age groups are voted as the same three classes, which may be meant; None where they agree."""
     bins = {}
     for run_dir in run_dirs:
-        config = run_dir / "config.json"
-        if config.is_file():
-            bins.setdefault(tuple(json.loads(config.read_text()).get("age_bins", ())), []).append(run_dir.name)
+        bins.setdefault(tuple(read_config(run_dir).get("age_bins", ())), []).append(run_dir.name)
     if len(bins) < 2:
         return None
     groups = "; ".join(f"{' '.join(map(str, edges)) or 'unknown'}: {', '.join(names[:3])}"

@@ -4,7 +4,6 @@ score it locally.
     python inference.py --model_dir model/exp --data_dir eval --tta hflip
 """
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,9 +27,9 @@ from model import (
 )
 from runs import (
     PROB_COLUMNS,
-    check_run,
     one_line_errors,
     probability_frame,
+    read_config,
     read_probabilities,
     read_run,
     write_csv,
@@ -57,9 +56,9 @@ def newest_run(model_dir, checkpoint="best") -> Path:
     return max(runs, key=lambda p: (p / f"{checkpoint}.pth").stat().st_mtime)
 
 
-def fold_note(run_dir) -> str:
-    """", one fold of ..." where `run_dir` is one fold of a k-fold run (the others are not used), else ""."""
-    config = json.loads((Path(run_dir) / "config.json").read_text())
+def fold_note(run_dir, config) -> str:
+    """"; this is fold ..." where `run_dir` (its `config`) is one fold of a k-fold run (the others are not
+    used), else ""."""
     if not config.get("n_folds") or config.get("fold") is None:
         return ""
     summary = Path(run_dir).parent / f"{config['name']}_cv.json"
@@ -238,7 +237,7 @@ def main(argv=None):
     with one_line_errors():
         check_loader_flags(args)
         run_dir = newest_run(args.model_dir, args.checkpoint)
-        check_run(run_dir, args.checkpoint)
+        config = read_config(run_dir, args.checkpoint)
         submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
         image_ids, paths, labels, info = eval_images(args.data_dir)
         if args.labels:
@@ -246,7 +245,7 @@ def main(argv=None):
         offsets = validation_offsets([run_dir]) if args.calibrate else None
         unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images)
         print(f"predicting {len(paths)} images of {args.data_dir} with {run_dir} ({args.checkpoint}.pth, "
-              f"tta {args.tta})" + fold_note(run_dir))
+              f"tta {args.tta})" + fold_note(run_dir, config))
         probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
                             channels_last=args.channels_last, unreadable=unreadable)
         if offsets is not None:
