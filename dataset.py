@@ -501,8 +501,12 @@ class TestDataset(ImageFiles):
         paths = [str(data_dir / "images" / image_id) for image_id in self.info["ImageID"]]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
+            by_lower = {name.lower(): name for name in os.listdir(data_dir / "images")} if (
+                data_dir / "images").is_dir() else {}
+            near = by_lower.get(Path(missing[0]).name.lower())
             raise FileNotFoundError(f"{len(missing)} images listed in {info_path} are missing, e.g. "
-                                    + ", ".join(missing[:3]))
+                                    + ", ".join(missing[:3])
+                                    + (f" (images/ has {near}: the names differ in case)" if near else ""))
         super().__init__(paths, transform)
 
 

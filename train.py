@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from cache import DEFAULT_CACHE_DIR, BadImagesError, DecodedCache, check_images,
 from dataset import (
     DATASETS,
     SAMPLE_DIR,
+    DataWarning,
     PrefetchLoader,
     Subset,
     fast_collate,
@@ -375,6 +377,12 @@ def setup_distributed():
         return dist.get_rank(), world, torch.device("cuda", local_rank)
     dist.init_process_group("gloo")
     return dist.get_rank(), world, torch.device("cpu")
+
+
+def report_data_once(rank):
+    """Under torchrun every rank reads the train folder; only rank 0 prints what it found wrong."""
+    if rank != 0:
+        warnings.filterwarnings("ignore", category=DataWarning)
 
 
 def gather(obj, world):
@@ -726,6 +734,7 @@ def main(argv=None, on_epoch=None) -> list:
     except FlagError as error:
         raise SystemExit(f"error: {error}") from None
     rank, world, device = setup_distributed()
+    report_data_once(rank)
     run_dirs = []
     try:
         with one_line_errors(FlagError, FloatingPointError):

@@ -280,7 +280,13 @@ def test_test_dataset_order_and_missing(tiny_data, tmp_path):
     shutil.copytree(tiny_data / "eval", tmp_path / "eval")
     for image_id in info["ImageID"][:5]:
         (tmp_path / "eval" / "images" / image_id).unlink()
-    with pytest.raises(FileNotFoundError, match="5 images"):
+    with pytest.raises(FileNotFoundError, match="5 images") as error:
+        TestDataset(tmp_path / "eval")
+    assert "differ in case" not in str(error.value)
+    first = tmp_path / "eval" / "images" / info["ImageID"][5]
+    first.rename(first.with_name(first.stem + first.suffix.upper()))
+    (tmp_path / "eval" / "info.csv").write_text(info.iloc[5:].to_csv(index=False))
+    with pytest.raises(FileNotFoundError, match=rf"1 images.*has {first.stem}\.JPG: the names differ in case"):
         TestDataset(tmp_path / "eval")
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -221,18 +222,23 @@ def test_wandb_offline_writes_run_files(tmp_path, tiny_data, monkeypatch):
 
 
 def test_torchrun_two_cpu_processes(tmp_path, tiny_data):
+    data, model_dir = tmp_path / "data", tmp_path / "model"
+    shutil.copytree(tiny_data / "train", data)
+    person = next(p for p in (data / "images").iterdir() if p.is_dir())
+    (person / "notes.txt").write_text("not an image")  # a data warning that only rank 0 prints
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-               str(ROOT / "train.py"), "--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path),
+               str(ROOT / "train.py"), "--data_dir", str(data), "--model_dir", str(model_dir),
                "--epochs", "2", *FAST]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
-    log = pd.read_csv(tmp_path / "exp" / "log.csv")
+    assert result.stderr.count("notes.txt") == 1, result.stderr[-2000:]
+    log = pd.read_csv(model_dir / "exp" / "log.csv")
     assert list(log["epoch"]) == [1, 2]
-    probs = pd.read_csv(tmp_path / "exp" / "val_probs.csv")
+    probs = pd.read_csv(model_dir / "exp" / "val_probs.csv")
     _, val = MultiLabelDataset(tiny_data / "train", val_ratio=0.2, seed=42).split_indices()
     assert len(probs) == len(val) and probs["ImageID"].is_unique
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["exp"]
 
 
 def test_honest_learning_on_the_generated_sample(tmp_path):
