@@ -87,10 +87,13 @@ class MaskModel(nn.Module):
 
     def forward(self, images):
         if "shared" in self.backbones:
-            features = self.backbones["shared"](images)
-            outputs = {head: layer(features) for head, layer in self.heads.items()}
-        else:
-            outputs = {head: layer(self.backbones[head](images)) for head, layer in self.heads.items()}
+            return self.head_outputs(self.backbones["shared"](images))
+        return self.head_outputs({head: self.backbones[head](images) for head in self.heads})
+
+    def head_outputs(self, features):
+        """The heads' outputs from the pooled backbone features (one tensor, or one per head)."""
+        outputs = {head: layer(features[head] if isinstance(features, dict) else features)
+                   for head, layer in self.heads.items()}
         if "years" in outputs:
             outputs["years"] = YEARS_CENTRE + YEARS_SCALE * outputs["years"].float().squeeze(1)
         return outputs
@@ -225,7 +228,8 @@ def faster_of(speeds: dict) -> str:
 
 def faster_cpu_precision(model, input_size, batch_size, train=True, channels_last=False, repeats=2) -> tuple:
     """("bf16" or "off", {precision: images/s}) for `model` on this CPU: a few forward passes (and
-    backward with `train`) of a copy of it on random images of `input_size` (H, W) at the run's
+    backward with `train`) of a copy of it on random images of `input_size` (H, W; or the (C, H, W) of
+    the features a model such as features.FromFeatures takes) at the run's
     `batch_size` (at most PROBE_MAX_BATCH), in each precision, alternated, best time kept (about six
     steps' time); bf16 only where clearly faster (`faster_of`). Whether bf16 pays differs by model and
     input size as well as CPU (on an AMX Xeon bf16 trains ResNet-18 2x faster, EfficientNet-Lite0 at 128 px slower:
@@ -237,7 +241,8 @@ def faster_cpu_precision(model, input_size, batch_size, train=True, channels_las
     probe.to(memory_format=layout)
     seconds = {"off": [], "bf16": []}
     with torch.random.fork_rng(devices=[]):
-        images = torch.randn(batch_size, 3, *input_size).contiguous(memory_format=layout)
+        shape = (3, *input_size) if len(input_size) == 2 else tuple(input_size)
+        images = torch.randn(batch_size, *shape).contiguous(memory_format=layout)
         for _ in range(1 + repeats):  # the first round warms up and is not counted
             for amp in seconds:
                 started = time.perf_counter()

@@ -40,6 +40,7 @@ from dataset import (
     scan_people,
     to_class_targets,
 )
+from features import FromFeatures, OnDevice, build_feature_set, check_supported
 from loss import create_criterion, create_multi_head_loss
 from metrics import save_confusion_png, score
 from model import (
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "and runs")
     data.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR,
                       help="the decoded cache and the record of images already checked")
+    data.add_argument("--cache_features", action="store_true",
+                      help="with --freeze N: compute the frozen stages' output for every image and its mirror "
+                           "image once (kept in --cache_dir for later runs) and train the rest on it; flip is "
+                           "then the only augmentation (EfficientNet backbones; see features.py)")
     augment = parser.add_argument_group("training augmentation (never applied to validation or inference)")
     augment.add_argument("--color_jitter", type=float, default=0.0, metavar="S",
                          help="brightness, contrast and saturation factors drawn in 1 +- S")
@@ -340,6 +345,8 @@ def validate(args):
         check_augment_options(**augment_options(args))
     except ValueError as error:
         raise FlagError(str(error)) from None
+    if args.cache_features:
+        check_cache_features(args)
     if args.age_soft < 0 or (args.age_soft and (args.dataset != "MultiLabelDataset" or args.kind == "single_head")):
         raise FlagError("--age_soft needs a SIGMA >= 0, --dataset MultiLabelDataset and a model with heads")
     if args.age_years < 0 or (args.age_years and (args.dataset != "MultiLabelDataset" or args.kind != "three_head")):
@@ -352,6 +359,23 @@ def validate(args):
         raise FlagError(f"--head_weights: {error}") from None
     if set(weights) - set(HEADS) or any(not (w >= 0) for w in weights.values()):
         raise FlagError("--head_weights: heads are mask, gender, age, each weight a number >= 0")
+
+
+def check_cache_features(args):
+    """--cache_features trains on fixed features: only a mirror flip can be drawn per image."""
+    if str(args.freeze) == "none":
+        raise FlagError("--cache_features needs --freeze N (the frozen stages are what it computes once)")
+    if args.kind == "multi_backbone":
+        raise FlagError("--cache_features needs one shared backbone: --kind three_head or single_head")
+    if args.augmentation not in ("BaseAugmentation", "CustomAugmentation"):
+        raise FlagError(f"--cache_features allows a mirror flip only, not --augmentation {args.augmentation}")
+    others = [flag for flag, on in [("--color_jitter", args.color_jitter), ("--grayscale", args.grayscale),
+                                    ("--sharpness", args.sharpness), ("--noise", args.noise),
+                                    ("--randaugment", args.randaugment), ("--mixup", args.mixup),
+                                    ("--cutmix", args.cutmix), ("--device_aug", args.device_aug),
+                                    ("--compile", args.compile)] if on]
+    if others:
+        raise FlagError(f"--cache_features trains on fixed features: drop {', '.join(others)}")
 
 
 def criterion_spec(args):
@@ -445,29 +469,38 @@ def make_loaders(args, dataset, model, rank, world, device):
     elif world > 1:
         sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     val_shard = Subset(val_set.dataset, val_set.indices[rank::world], val_tf)
+    config = preprocessing(model)
+    if args.cache_features:
+        if world > 1:
+            raise FlagError("--cache_features does not work under torchrun yet: drop it or run one process")
+        train_set = build_feature_set(model, train_set, val_tf, config["mean"], config["std"], args.cache_dir,
+                                      device, args.channels_last in (True, "on", "auto"),
+                                      flip=args.augmentation == "CustomAugmentation")
     common = dict(num_workers=args.num_workers, collate_fn=fast_collate, pin_memory=device.type == "cuda")
     remainder = len(train_set) // world % args.batch_size  # a last batch of 1 breaks batch norm; of another
     drop_last = remainder == 1 or (args.compile and remainder > 0)  # size, a recompile under --compile
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
                               generator=generator, drop_last=drop_last, **common)
     val_loader = DataLoader(val_shard, args.valid_batch_size, shuffle=False, **common)
-    config = preprocessing(model)
     augment = DeviceAugment(generator=generator) if args.device_aug else None
-    return (PrefetchLoader(train_loader, config["mean"], config["std"], device, augment=augment), generator,
-            PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard)
+    train_loader = (OnDevice(train_loader, device) if args.cache_features else
+                    PrefetchLoader(train_loader, config["mean"], config["std"], device, augment=augment))
+    return train_loader, generator, PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard
 
 
-def resolve_precision(args, model, device, world=1, resumed=None):
+def resolve_precision(args, model, device, world=1, resumed=None, features_shape=None):
     """`args` with --amp and --channels_last resolved for this model and device (what the loop
     uses), and the one-line explanation the run header prints. On a CPU with native bf16, auto times
-    training steps of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank).
+    training steps of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank);
+    with --cache_features, steps of the layers after the frozen ones on features, what the loop runs.
     A run resumed (`resumed`: its saved config) on the same kind of device keeps the precision it was
     trained in: auto's timing could otherwise pick the other one mid-run."""
     if resumed and resumed.get("device_type") == device.type and "amp_resolved" in resumed:
         amp, channels_last = resumed["amp_resolved"], resumed["channels_last_resolved"]
         line = f"amp {amp}, channels_last {'on' if channels_last else 'off'}: as the resumed run was trained"
     else:
-        amp, channels_last, line = model_precision(model, args.amp, args.channels_last, device, args.resize,
+        timed, size = (FromFeatures(model), features_shape[2:]) if features_shape else (model, args.resize)
+        amp, channels_last, line = model_precision(timed, args.amp, args.channels_last, device, size,
                                                    args.batch_size, agree=lambda choice: gather(choice, world)[0])
     return argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last}), line
 
@@ -497,6 +530,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     pretrained = False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained
     model = build_model(pretrained=pretrained, **model_args(args))
     trainable, total = freeze(model, args.freeze)
+    if args.cache_features and check_supported(model):
+        raise FlagError(check_supported(model))
     train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
     config = run_config(args, model, run_dir, fold)  # the flags as asked ...
     state = None
@@ -504,7 +539,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
         state = torch.load(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
                            map_location=device, weights_only=False)
     args, precision = resolve_precision(args, model, device, world,  # ... and as this device runs them
-                                        resumed=state and state.get("config"))
+                                        resumed=state and state.get("config"),
+                                        features_shape=train_loader.dataset.shape if args.cache_features else None)
     config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last, device_type=device.type,
                   skipped_images=len(skipped))
     n_val = sum(gather(len(val_shard), world))
@@ -545,7 +581,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
         if is_main:
             remove_stale_temporaries(run_dir)
             print(f"resumed at epoch {start_epoch + 1} (best F1 so far {best_f1:.4f})")
-    train_model = model
+    train_model = FromFeatures(model) if args.cache_features else model  # the same modules, fed features
     if args.compile:
         train_model, fallback = checked_compile(model, (args.batch_size, 3, *args.resize), device, args.amp,
                                                 args.channels_last)

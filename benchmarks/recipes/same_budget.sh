@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Same-budget recipe (within the wall time of the plain reference): every person trains one model for
-# 3 epochs at 160x160 (utkmask's native size) with no centre crop and the backbone's stem and first three
+# 3 epochs at 160x160 (utkmask's native size) with no centre crop and the backbone's stem and first two
 # stages frozen (--freeze 5: about 1.9x the training speed on a CPU), three heads with focal loss and soft
 # age targets, scored with a moving average of its weights (--ema), predicted with flip TTA.
 # Variables: DATA (folder with train/ and eval/), WEIGHTS (efficientnet_lite0 weights), OUT (new folder),

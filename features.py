@@ -1,0 +1,182 @@
+"""Frozen stages run once (`train.py --cache_features`). With `--freeze N` the backbone's first stages
+never change, so their output for every training image and for its mirror image (the only random
+augmentation this allows) is computed once, kept in a file under `--cache_dir`, and every epoch, and
+every later run with the same weights and images (the members of an ensemble), trains the remaining
+stages and the heads on it. On a CPU the frozen stages' forward pass is about half of a `--freeze 5`
+training step of efficientnet_lite0 at 160x160.
+
+The frozen stages' batch norms first re-estimate their statistics on the training faces (AdaBN: 2,048
+images in a fixed order) and then stay fixed, in training as at inference: the run's checkpoint holds
+them, so inference runs the whole model as usual. Backbones: timm's EfficientNet family (a stem, then
+`blocks`), where the frozen part is a prefix of the stem and the stages."""
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cache import cache_key, locked
+from dataset import PrefetchLoader, Subset, fast_collate
+from runs import atomic_write, write_json
+
+FEATURES_VERSION = 1
+ADAPT_IMAGES = 2048
+
+
+def stage_chain(backbone) -> list:
+    """The backbone's stem and stages in forward order, or None where it is not built that way."""
+    if not all(hasattr(backbone, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        return None
+    return [backbone.conv_stem, backbone.bn1, *backbone.blocks]
+
+
+def check_supported(model) -> str:
+    """Why `model` cannot train on cached features (empty where it can)."""
+    if set(model.backbones) != {"shared"}:
+        return "--cache_features needs one backbone shared by the heads (--kind three_head or single_head)"
+    chain = stage_chain(model.backbones["shared"])
+    if chain is None:
+        return (f"--cache_features supports timm's EfficientNet family (a stem, then blocks), not "
+                f"{type(model.backbones['shared']).__name__}")
+    if frozen_prefix(chain) == 0:
+        return "--cache_features needs --freeze N to leave the backbone's stem frozen"
+    return ""
+
+
+def frozen_prefix(chain) -> int:
+    """How many modules at the start of `chain` have no trainable parameter."""
+    count = 0
+    for module in chain:
+        if any(p.requires_grad for p in module.parameters()):
+            break
+        count += 1
+    return count
+
+
+class FromFeatures(nn.Module):
+    """The model after its frozen stages: `forward(features)` gives what `model(images)` gives for the
+    images whose frozen-stage output `features` is. It shares the model's modules (the optimizer, the
+    weight average and the checkpoints see the model itself)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        chain = stage_chain(model.backbones["shared"])
+        self.frozen = nn.Sequential(*chain[:frozen_prefix(chain)])
+        self.rest = chain[frozen_prefix(chain):]
+
+    def forward(self, features):
+        backbone = self.model.backbones["shared"]
+        for module in self.rest:
+            features = module(features)
+        pooled = backbone.forward_head(backbone.bn2(backbone.conv_head(features)))
+        return self.model.head_outputs(pooled)
+
+
+def adapt_batch_norms(frozen: nn.Module, loader) -> None:
+    """AdaBN: replace the batch norms' running statistics by their averages over `loader`'s batches."""
+    norms = [m for m in frozen.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+    frozen.train()
+    with torch.no_grad():
+        for images, _ in loader:
+            frozen(images)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    frozen.eval()
+
+
+def state_digest(module: nn.Module) -> str:
+    digest = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+class FeatureSet(Dataset):
+    """(frozen-stage features, target) of training image i: the image's or, with probability 0.5
+    (`flip`), its mirror image's, read from the features file."""
+
+    def __init__(self, data_path, shape, targets, flip=True):
+        self.data, self.shape = np.memmap(data_path, dtype=np.float32, mode="r", shape=shape), shape
+        self.targets_, self.flip = targets, flip
+
+    def __len__(self):
+        return len(self.targets_)
+
+    def __getitem__(self, i):
+        view = 1 if self.flip and random.random() < 0.5 else 0
+        return torch.from_numpy(np.array(self.data[i, view])), self.targets_[i]
+
+
+class OnDevice:
+    """A loader's batches moved to `device` (the shape of PrefetchLoader for batches that need no
+    normalising)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __len__(self):
+        return len(self.loader)
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    def __iter__(self):
+        for features, targets in self.loader:
+            yield features.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+
+def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir, device, channels_last=False,
+                      flip=True, batch_size=64) -> FeatureSet:
+    """Adapt the frozen stages' batch norms to `train_set`'s images as `transform` (deterministic)
+    prepares them, then open the file of their features (and their mirror images'), computing it
+    first where no earlier run did."""
+    train_set = Subset(train_set.dataset, train_set.indices, transform)
+    source = FromFeatures(model)
+    frozen = source.frozen.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+    def batches(subset):
+        loader = DataLoader(subset, batch_size, shuffle=False, collate_fn=fast_collate)
+        for images, targets in PrefetchLoader(loader, mean, std, device):
+            yield (images.contiguous(memory_format=torch.channels_last) if channels_last else images), targets
+
+    order = np.random.RandomState(0).permutation(len(train_set))[:ADAPT_IMAGES]
+    adapt_batch_norms(frozen, batches(Subset(train_set.dataset, train_set.indices[order], train_set.transform)))
+    paths = [train_set.dataset.paths[i] for i in train_set.indices]
+    key = hashlib.sha1(json.dumps([FEATURES_VERSION, cache_key(paths, train_set.transform), state_digest(frozen),
+                                   flip]).encode()).hexdigest()[:20]
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    data_path, index_path = cache_dir / f"{key}.features", cache_dir / f"{key}.features.json"
+    with torch.no_grad():
+        sample = frozen(next(batches(Subset(train_set.dataset, train_set.indices[:1], train_set.transform)))[0])
+    shape = (len(paths), 1 + flip, *sample.shape[1:])
+    targets = [train_set.dataset.get_target(int(i)) for i in train_set.indices]
+
+    def write(tmp):
+        with open(tmp, "wb") as file, torch.no_grad():
+            for images, _ in tqdm(batches(train_set), desc="features", total=-(-len(paths) // batch_size),
+                                  leave=False, dynamic_ncols=True):
+                views = [frozen(images)] + ([frozen(images.flip(3))] if flip else [])
+                file.write(torch.stack(views, 1).float().cpu().contiguous().numpy().tobytes())
+
+    with locked(cache_dir / f"{key}.lock"):
+        if not (index_path.is_file() and data_path.is_file()):
+            atomic_write(data_path, write)
+            write_json(index_path, dict(shape=list(shape), images=len(paths)))
+    return FeatureSet(data_path, shape, targets, flip)
