@@ -57,9 +57,10 @@ def expand_inputs(inputs) -> list:
 
 
 def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp, num_workers,
-                      channels_last="auto", unreadable=()) -> np.ndarray:
+                      channels_last="auto", unreadable=(), shared_stages=None) -> np.ndarray:
     """A run folder's eval probabilities: read from `eval_probs.csv` when it was made for the same
     eval folder, TTA, checkpoint and unreadable images, else computed with inference.py's `predict_run`
+    (which keeps `--cache_features` runs' frozen-stage outputs in `shared_stages` for the next run)
     and stored there."""
     cache, source = run_dir / "eval_probs.csv", run_dir / "eval_probs.json"
     key = dict(data_dir=str(Path(data_dir).resolve()), tta=tta, n_images=len(image_ids),
@@ -68,7 +69,7 @@ def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp,
     if cache.is_file() and source.is_file() and json.loads(source.read_text()) == key:
         return aligned(read_probabilities(cache), image_ids, cache)
     probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers, channels_last=channels_last,
-                        unreadable=unreadable)
+                        unreadable=unreadable, shared_stages=shared_stages)
     write_csv(cache, probability_frame(image_ids, probs))
     write_json(source, key)
     return probs
@@ -172,9 +173,11 @@ def main(argv=None):
         unreadable = []
         if len(files) < len(inputs):
             unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images)
+        shared_stages = {}  # --cache_features members' frozen-stage outputs, computed once for all of them
         probs = np.stack([files[path] if path in files else
                           run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size, args.amp,
-                                            args.num_workers, args.channels_last, unreadable) for path in inputs])
+                                            args.num_workers, args.channels_last, unreadable, shared_stages)
+                          for path in inputs])
         if offsets is not None:
             probs = np.stack([apply_offsets(p, offsets) for p in probs])
     classes, mean = ensemble(probs, weights, args.method, args.per_head)

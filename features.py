@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from cache import cache_key, locked
 from dataset import PrefetchLoader, Subset, fast_collate
+from model import autocast, probs18
 from runs import atomic_write, write_json
 
 FEATURES_VERSION = 1
@@ -180,3 +181,31 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
             atomic_write(data_path, write)
             write_json(index_path, dict(shape=list(shape), images=len(paths)))
     return FeatureSet(data_path, shape, targets, flip)
+
+
+def frozen_outputs(frozen: nn.Module, loader, amp="off", tta="none", channels_last=False) -> torch.Tensor:
+    """(N, views, C, H, W): the frozen stages' output for every image of a (prefetch) loader, and with
+    `tta="hflip"` for its mirror image too, on the loader's device."""
+    frozen.eval()
+    outputs = []
+    with torch.no_grad(), autocast(loader.device, amp):
+        for images, _ in loader:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            views = [frozen(images)] + ([frozen(images.flip(3))] if tta == "hflip" else [])
+            outputs.append(torch.stack(views, 1))
+    return torch.cat(outputs)
+
+
+def predict_from_features(rest: FromFeatures, features: torch.Tensor, amp="off", batch_size=256,
+                          channels_last=False) -> torch.Tensor:
+    """18-class probabilities (N, 18) on the CPU from `frozen_outputs`: the mean over its views, as
+    model.predict's flip TTA averages the plain and the mirror image's."""
+    rest.eval()
+    probs = []
+    with torch.no_grad(), autocast(features.device, amp):
+        for batch in features.split(batch_size):
+            views = [batch[:, v].contiguous(memory_format=torch.channels_last if channels_last else
+                                            torch.contiguous_format) for v in range(batch.shape[1])]
+            probs.append(torch.stack([probs18(rest(view)) for view in views]).mean(0).float().cpu())
+    return torch.cat(probs) if probs else torch.zeros(0, 18)

@@ -16,11 +16,13 @@ from torch.utils.data import DataLoader
 from augment import create_transforms
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
 from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, images_dir, scan_people
+from features import FromFeatures, frozen_outputs, predict_from_features, state_digest
 from metrics import apply_offsets, class_report, fit_offsets, score
 from model import (
     AMP_CHOICES,
     CHANNELS_LAST_CHOICES,
     TTA_CHOICES,
+    freeze,
     model_from_config,
     predict,
     resolve_precision,
@@ -111,17 +113,21 @@ def eval_images(data_dir):
 
 
 def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", tta="none", num_workers=2,
-                device=None, channels_last="auto", unreadable=()) -> np.ndarray:
+                device=None, channels_last="auto", unreadable=(), shared_stages=None) -> np.ndarray:
     """18-class probabilities (N, 18) of the images at `paths` by a run folder's model; the model,
     input size, crop and mean/std all come from the run's config.json. `amp` and `channels_last`
     take train.py's choices (auto: what this device and model run fastest with). The `unreadable`
-    paths are not decoded: their rows get the mean of the other images' probabilities."""
+    paths are not decoded: their rows get the mean of the other images' probabilities.
+    `shared_stages` (a dict kept by the caller across runs): the output of a `--cache_features`
+    run's frozen stages is kept there and reused by the next run with the same frozen stages
+    (an ensemble's members), which then only runs the layers after them."""
     unreadable = set(map(str, unreadable))
     readable = np.array([str(p) not in unreadable for p in paths])
     if not readable.all():
         probs = np.empty((len(paths), 18), dtype=np.float32)
         probs[readable] = predict_run(run_dir, [p for p, ok in zip(paths, readable, strict=True) if ok], checkpoint,
-                                      batch_size, amp, tta, num_workers, device, channels_last)
+                                      batch_size, amp, tta, num_workers, device, channels_last,
+                                      shared_stages=shared_stages)
         probs[~readable] = probs[readable].mean(0)
         return probs
     config, state = read_run(run_dir, checkpoint)
@@ -136,8 +142,16 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", t
     loader = DataLoader(ImageFiles(paths, transform), batch_size, num_workers=num_workers, collate_fn=fast_collate,
                         pin_memory=device.type == "cuda")
     prep = config["preprocessing"]
-    probs, _ = predict(model, PrefetchLoader(loader, prep["mean"], prep["std"], device), amp_used, tta, progress=True,
-                       channels_last=layout)
+    loader = PrefetchLoader(loader, prep["mean"], prep["std"], device)
+    if shared_stages is not None and config.get("cache_features"):
+        freeze(model, config["freeze"])
+        rest = FromFeatures(model)
+        key = (state_digest(rest.frozen), tuple(map(str, paths)), str(config["resize"]), str(config.get("crop")),
+               tta, amp_used, layout)
+        if key not in shared_stages:
+            shared_stages[key] = frozen_outputs(rest.frozen, loader, amp_used, tta, layout)
+        return predict_from_features(rest, shared_stages[key], amp_used, batch_size, layout).numpy()
+    probs, _ = predict(model, loader, amp_used, tta, progress=True, channels_last=layout)
     return probs.numpy()
 
 

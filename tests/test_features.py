@@ -1,5 +1,8 @@
+import numpy as np
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 
 import inference
 import train
@@ -9,6 +12,15 @@ from runs import read_run
 
 FAST = ["--resize", "64", "48", "--num_workers", "0", "--batch_size", "32", "--model", "test_efficientnet",
         "--report", "off", "--freeze", "3", "--cache_features"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """One weights file, so that runs of any seed share their frozen stages (as with ImageNet weights)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "test_efficientnet.safetensors"
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(path))
+    return path
 
 
 def test_from_features_gives_the_models_outputs():
@@ -49,10 +61,10 @@ def test_which_models_can_train_on_features():
     assert "shared" in check_supported(build_model("multi_backbone", "test_efficientnet"))
 
 
-def test_runs_share_the_features_and_predict_as_usual(tmp_path, tiny_data):
+def test_runs_share_the_features_and_predict_as_usual(tmp_path, tiny_data, weights):
     cache = tmp_path / "cache"
     common = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--cache_dir", str(cache),
-              "--epochs", "2", *FAST]
+              "--epochs", "2", "--pretrained", str(weights), *FAST]
     train.main([*common, "--name", "a", "--seed", "1"])
     files = sorted(cache.glob("*.features"))
     assert len(files) == 1
@@ -62,7 +74,7 @@ def test_runs_share_the_features_and_predict_as_usual(tmp_path, tiny_data):
     assert len(list(cache.glob("*.features"))) == 2 and files[0].stat().st_mtime_ns == built
     states = [read_run(tmp_path / name, "best")[1]["model"] for name in ("b", "c")]
     key = next(k for k in states[0] if k.endswith("bn1.running_mean"))
-    init = build_model("three_head", "test_efficientnet").state_dict()[key]
+    init = build_model("three_head", "test_efficientnet", pretrained=str(weights)).state_dict()[key]
     torch.testing.assert_close(states[0][key], states[1][key])  # the same adapted statistics ...
     assert not torch.allclose(states[0][key], init)  # ... which are the faces', not the initial ones
     assert not torch.equal(states[0]["heads.age.1.weight"], states[1]["heads.age.1.weight"])
@@ -73,14 +85,28 @@ def test_runs_share_the_features_and_predict_as_usual(tmp_path, tiny_data):
 
 @pytest.mark.parametrize("flags, message", [
     ([], "needs --freeze N"),
-    (["--freeze", "3", "--mixup", "0.2", "--grayscale", "0.1"], "drop --grayscale, --mixup"),
+    (["--freeze", "3", "--mixup", "0.2", "--grayscale", "0.1"], "drop --grayscale, --mixup$"),
     (["--freeze", "3", "--augmentation", "AlbumentationsAugmentation"], "a mirror flip only"),
     (["--freeze", "3", "--model", "test_resnet"], "EfficientNet family"),
 ])
-def test_flags_that_do_not_fit_are_one_line_errors(tmp_path, tiny_data, capsys, flags, message):
-    with pytest.raises(SystemExit):
+def test_flags_that_do_not_fit_are_one_line_errors(tmp_path, tiny_data, flags, message):
+    with pytest.raises(SystemExit, match=message):
         train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path / "model"),
                     "--cache_dir", str(tmp_path / "cache"), "--cache_features",
                     "--model", "test_efficientnet", "--resize", "64", "48", "--num_workers", "0", *flags])
-    assert message in capsys.readouterr().err
     assert not (tmp_path / "model").exists() or not any((tmp_path / "model").iterdir())
+
+
+def test_an_ensemble_runs_the_shared_frozen_stages_once(tmp_path, tiny_data, weights):
+    common = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--cache_dir",
+              str(tmp_path / "cache"), "--epochs", "1", "--val_ratio", "0", "--pretrained", str(weights), *FAST]
+    for seed in (1, 2):
+        train.main([*common, "--name", f"m{seed}", "--seed", str(seed)])
+    paths = sorted(str(p) for p in (tiny_data / "eval" / "images").iterdir())
+    shared = {}
+    for run in ("m1", "m2"):
+        full = inference.predict_run(tmp_path / run, paths, tta="hflip", num_workers=0, amp="off")
+        fast = inference.predict_run(tmp_path / run, paths, tta="hflip", num_workers=0, amp="off",
+                                     shared_stages=shared)
+        np.testing.assert_allclose(fast, full, atol=1e-5)
+    assert len(shared) == 1 and next(iter(shared.values())).shape[:2] == (len(paths), 2)
