@@ -531,15 +531,18 @@ def fast_collate(batch):
 class PrefetchLoader:
     """Wraps a loader of uint8 batches: moves them to `device` (on CUDA: non-blocking, on a side
     stream of its own, one batch ahead) and normalises there to `dtype`. On CPU it yields the same
-    normalised tensors through the same API. `augment` (optional) is applied to the normalised batch."""
+    normalised tensors through the same API. `augment` (optional) is applied to the normalised batch.
+    With `mean` None the batches are moved as they are (train.py --cache_features' float features)."""
 
     def __init__(self, loader, mean, std, device=None, dtype=torch.float32, augment=None):
         self.loader = loader
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        self.scale, self.bias = 1 / (255 * self.std), -self.mean / self.std  # uint8 -> normalised in one pass
+        self.normalise = mean is not None
+        if self.normalise:
+            self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+            self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+            self.scale, self.bias = 1 / (255 * self.std), -self.mean / self.std  # uint8 -> normalised in one pass
         self.augment = augment
         self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
 
@@ -557,6 +560,8 @@ class PrefetchLoader:
     def _prepare(self, images, targets):
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
+        if not self.normalise:
+            return images, targets
         if self.augment is None:
             images = images.float().mul_(self.scale).add_(self.bias)
         else:

@@ -119,29 +119,6 @@ class FeatureSet(Dataset):
         return torch.from_numpy(np.array(self.data[i, view])), self.targets_[i]
 
 
-class OnDevice:
-    """A loader's batches moved to `device` (the shape of PrefetchLoader for batches that need no
-    normalising)."""
-
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, device
-
-    def __len__(self):
-        return len(self.loader)
-
-    @property
-    def dataset(self):
-        return self.loader.dataset
-
-    @property
-    def sampler(self):
-        return self.loader.sampler
-
-    def __iter__(self):
-        for features, targets in self.loader:
-            yield features.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-
-
 def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir, device, channels_last=False,
                       flip=True, batch_size=64) -> FeatureSet:
     """Adapt the frozen stages' batch norms to `train_set`'s images as `transform` (deterministic)

@@ -40,7 +40,7 @@ from dataset import (
     scan_people,
     to_class_targets,
 )
-from features import FromFeatures, OnDevice, build_feature_set, check_supported
+from features import FromFeatures, build_feature_set, check_supported
 from loss import create_criterion, create_multi_head_loss
 from metrics import save_confusion_png, score
 from model import (
@@ -483,9 +483,9 @@ def make_loaders(args, dataset, model, rank, world, device):
                               generator=generator, drop_last=drop_last, **common)
     val_loader = DataLoader(val_shard, args.valid_batch_size, shuffle=False, **common)
     augment = DeviceAugment(generator=generator) if args.device_aug else None
-    train_loader = (OnDevice(train_loader, device) if args.cache_features else
-                    PrefetchLoader(train_loader, config["mean"], config["std"], device, augment=augment))
-    return train_loader, generator, PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard
+    normalise = (None, None) if args.cache_features else (config["mean"], config["std"])  # features: as they are
+    return (PrefetchLoader(train_loader, *normalise, device, augment=augment), generator,
+            PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard)
 
 
 def resolve_precision(args, model, device, world=1, resumed=None, features_shape=None):
