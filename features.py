@@ -96,6 +96,7 @@ def adapt_batch_norms(frozen: nn.Module, loader) -> None:
 
 
 def state_digest(module: nn.Module) -> str:
+    """A hash of a module's weights and buffers (the frozen stages' identity for the features file)."""
     digest = hashlib.sha1()
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())

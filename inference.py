@@ -146,9 +146,8 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", t
     if shared_stages is not None and config.get("cache_features"):
         freeze(model, config["freeze"])
         rest = FromFeatures(model)
-        key = (state_digest(rest.frozen), tuple(map(str, paths)), str(config["resize"]), str(config.get("crop")),
-               tta, amp_used, layout)
-        if key not in shared_stages:
+        key = (state_digest(rest.frozen), tuple(map(str, paths)), str(config["resize"]), str(config.get("crop")), tta)
+        if key not in shared_stages:  # in the first member's precision (auto may time another for the next)
             shared_stages[key] = frozen_outputs(rest.frozen, loader, amp_used, tta, layout)
         return predict_from_features(rest, shared_stages[key], amp_used, batch_size, layout).numpy()
     probs, _ = predict(model, loader, amp_used, tta, progress=True, channels_last=layout)
