@@ -162,8 +162,8 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
 
 
 def frozen_outputs(frozen: nn.Module, loader, amp="off", tta="none", channels_last=False) -> torch.Tensor:
-    """(N, views, C, H, W): the frozen stages' output for every image of a (prefetch) loader, and with
-    `tta="hflip"` for its mirror image too, on the loader's device."""
+    """(N, views, C, H, W) float32: the frozen stages' output for every image of a (prefetch) loader,
+    and with `tta="hflip"` for its mirror image too, on the loader's device."""
     frozen.eval()
     outputs = []
     with torch.no_grad(), autocast(loader.device, amp):
@@ -171,8 +171,8 @@ def frozen_outputs(frozen: nn.Module, loader, amp="off", tta="none", channels_la
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             views = [frozen(images)] + ([frozen(images.flip(3))] if tta == "hflip" else [])
-            outputs.append(torch.stack(views, 1))
-    return torch.cat(outputs)
+            outputs.append(torch.stack(views, 1).float())  # float32 whatever the precision: reused by runs
+    return torch.cat(outputs)                                 # that auto may run in another one
 
 
 def predict_from_features(rest: FromFeatures, features: torch.Tensor, amp="off", batch_size=256,

@@ -110,3 +110,7 @@ def test_an_ensemble_runs_the_shared_frozen_stages_once(tmp_path, tiny_data, wei
                                      shared_stages=shared)
         np.testing.assert_allclose(fast, full, atol=1e-5)
     assert len(shared) == 1 and next(iter(shared.values())).shape[:2] == (len(paths), 2)
+    mixed = {}  # --amp auto may time bf16 for one member and fp32 for the next
+    inference.predict_run(tmp_path / "m1", paths, tta="hflip", num_workers=0, amp="bf16", shared_stages=mixed)
+    fast = inference.predict_run(tmp_path / "m2", paths, tta="hflip", num_workers=0, amp="off", shared_stages=mixed)
+    np.testing.assert_allclose(fast, full, atol=0.05)
