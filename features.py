@@ -68,8 +68,8 @@ class FromFeatures(nn.Module):
         super().__init__()
         self.model = model
         chain = stage_chain(model.backbones["shared"])
-        self.frozen = nn.Sequential(*chain[:frozen_prefix(chain)])
-        self.rest = chain[frozen_prefix(chain):]
+        split = frozen_prefix(chain)
+        self.frozen, self.rest = nn.Sequential(*chain[:split]), chain[split:]
 
     def forward(self, features):
         backbone = self.model.backbones["shared"]
@@ -93,6 +93,11 @@ def adapt_batch_norms(frozen: nn.Module, loader) -> None:
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     frozen.eval()
+
+
+def with_mirror(frozen: nn.Module, images, mirror=True) -> torch.Tensor:
+    """(N, views, C, H, W): the frozen stages' output for `images`, and with `mirror` for their mirror images."""
+    return torch.stack([frozen(images)] + ([frozen(images.flip(3))] if mirror else []), 1)
 
 
 def state_digest(module: nn.Module) -> str:
@@ -151,8 +156,7 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
         with open(tmp, "wb") as file, torch.no_grad():
             for images, _ in tqdm(batches(train_set), desc="features", total=-(-len(paths) // batch_size),
                                   leave=False, dynamic_ncols=True):
-                views = [frozen(images)] + ([frozen(images.flip(3))] if flip else [])
-                file.write(torch.stack(views, 1).float().cpu().contiguous().numpy().tobytes())
+                file.write(with_mirror(frozen, images, flip).float().cpu().contiguous().numpy().tobytes())
 
     with locked(cache_dir / f"{key}.lock"):
         if not (index_path.is_file() and data_path.is_file()):
@@ -170,9 +174,9 @@ def frozen_outputs(frozen: nn.Module, loader, amp="off", tta="none", channels_la
         for images, _ in loader:
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            views = [frozen(images)] + ([frozen(images.flip(3))] if tta == "hflip" else [])
-            outputs.append(torch.stack(views, 1).float())  # float32 whatever the precision: reused by runs
-    return torch.cat(outputs)                                 # that auto may run in another one
+            # float32 whatever the precision: the next run, which auto may time in another one, reuses it
+            outputs.append(with_mirror(frozen, images, tta == "hflip").float())
+    return torch.cat(outputs)
 
 
 def predict_from_features(rest: FromFeatures, features: torch.Tensor, amp="off", batch_size=256,

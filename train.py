@@ -530,8 +530,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     pretrained = False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained
     model = build_model(pretrained=pretrained, **model_args(args))
     trainable, total = freeze(model, args.freeze)
-    if args.cache_features and check_supported(model):
-        raise FlagError(check_supported(model))
+    if args.cache_features and (unsupported := check_supported(model)):
+        raise FlagError(unsupported)
     train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
     config = run_config(args, model, run_dir, fold)  # the flags as asked ...
     state = None
