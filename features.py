@@ -7,8 +7,9 @@ training step of efficientnet_lite0 at 160x160.
 
 The frozen stages' batch norms first re-estimate their statistics on the training faces (AdaBN: 2,048
 images in a fixed order) and then stay fixed, in training as at inference: the run's checkpoint holds
-them, so inference runs the whole model as usual. Backbones: timm's EfficientNet family (a stem, then
-`blocks`), where the frozen part is a prefix of the stem and the stages."""
+them, so inference runs the whole model as usual; the cache folder keeps them for the next member.
+Backbones: timm's EfficientNet family (a stem, then `blocks`), where the frozen part is a prefix of the
+stem and the stages."""
 import hashlib
 import json
 import random
@@ -100,6 +101,11 @@ def with_mirror(frozen: nn.Module, images, mirror=True) -> torch.Tensor:
     return torch.stack([frozen(images)] + ([frozen(images.flip(3))] if mirror else []), 1)
 
 
+def digest(parts) -> str:
+    """A short hash of JSON-able parts (a cache file's name)."""
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:20]
+
+
 def state_digest(module: nn.Module) -> str:
     """A hash of a module's weights and buffers (the frozen stages' identity for the features file)."""
     digest = hashlib.sha1()
@@ -139,13 +145,20 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
         for images, targets in PrefetchLoader(loader, mean, std, device):
             yield (images.contiguous(memory_format=torch.channels_last) if channels_last else images), targets
 
-    order = np.random.RandomState(0).permutation(len(train_set))[:ADAPT_IMAGES]
-    adapt_batch_norms(frozen, batches(Subset(train_set.dataset, train_set.indices[order], train_set.transform)))
     paths = [train_set.dataset.paths[i] for i in train_set.indices]
-    key = hashlib.sha1(json.dumps([FEATURES_VERSION, cache_key(paths, train_set.transform), state_digest(frozen),
-                                   flip]).encode()).hexdigest()[:20]
+    images_key = cache_key(paths, train_set.transform)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    stats_path = cache_dir / f"{digest([FEATURES_VERSION, ADAPT_IMAGES, images_key, state_digest(frozen)])}.adabn.pt"
+    with locked(stats_path.with_suffix(".lock")):
+        if stats_path.is_file():  # an earlier member adapted the same frozen stages to the same images
+            frozen.load_state_dict(torch.load(stats_path, map_location=device))
+            frozen.eval()
+        else:
+            order = np.random.RandomState(0).permutation(len(train_set))[:ADAPT_IMAGES]
+            adapt_batch_norms(frozen, batches(Subset(train_set.dataset, train_set.indices[order], transform)))
+            atomic_write(stats_path, lambda tmp: torch.save(frozen.state_dict(), tmp))
+    key = digest([FEATURES_VERSION, images_key, state_digest(frozen), flip])
     data_path, index_path = cache_dir / f"{key}.features", cache_dir / f"{key}.features.json"
     with torch.no_grad():
         sample = frozen(next(batches(Subset(train_set.dataset, train_set.indices[:1], train_set.transform)))[0])
@@ -167,7 +180,7 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
 
 def frozen_outputs(frozen: nn.Module, loader, amp="off", tta="none", channels_last=False) -> torch.Tensor:
     """(N, views, C, H, W) float32: the frozen stages' output for every image of a (prefetch) loader,
-    and with `tta="hflip"` for its mirror image too, on the loader's device."""
+    and with `tta="hflip"` for its mirror image too, kept in the CPU's memory (not the device's)."""
     frozen.eval()
     outputs = []
     with torch.no_grad(), autocast(loader.device, amp):
@@ -175,7 +188,7 @@ def frozen_outputs(frozen: nn.Module, loader, amp="off", tta="none", channels_la
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             # float32 whatever the precision: the next run, which auto may time in another one, reuses it
-            outputs.append(with_mirror(frozen, images, tta == "hflip").float())
+            outputs.append(with_mirror(frozen, images, tta == "hflip").float().cpu())
     return torch.cat(outputs)
 
 
@@ -184,9 +197,11 @@ def predict_from_features(rest: FromFeatures, features: torch.Tensor, amp="off",
     """18-class probabilities (N, 18) on the CPU from `frozen_outputs`: the mean over its views, as
     model.predict's flip TTA averages the plain and the mirror image's."""
     rest.eval()
+    device = next(rest.parameters()).device
     probs = []
-    with torch.no_grad(), autocast(features.device, amp):
+    with torch.no_grad(), autocast(device, amp):
         for batch in features.split(batch_size):
+            batch = batch.to(device)
             views = [batch[:, v].contiguous(memory_format=torch.channels_last if channels_last else
                                             torch.contiguous_format) for v in range(batch.shape[1])]
             probs.append(torch.stack([probs18(rest(view)) for view in views]).mean(0).float().cpu())

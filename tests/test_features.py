@@ -70,8 +70,10 @@ def test_runs_share_the_features_and_predict_as_usual(tmp_path, tiny_data, weigh
     assert len(files) == 1
     built = files[0].stat().st_mtime_ns
     train.main([*common, "--name", "b", "--seed", "2", "--val_ratio", "0"])  # another split: its own features
+    adapted = {path: path.stat().st_mtime_ns for path in cache.glob("*.adabn.pt")}
     train.main([*common, "--name", "c", "--seed", "3", "--val_ratio", "0"])  # ... which this run reuses
     assert len(list(cache.glob("*.features"))) == 2 and files[0].stat().st_mtime_ns == built
+    assert len(adapted) == 2 and {p: p.stat().st_mtime_ns for p in cache.glob("*.adabn.pt")} == adapted
     states = [read_run(tmp_path / name, "best")[1]["model"] for name in ("b", "c")]
     key = next(k for k in states[0] if k.endswith("bn1.running_mean"))
     init = build_model("three_head", "test_efficientnet", pretrained=str(weights)).state_dict()[key]
