@@ -101,7 +101,7 @@ def with_mirror(frozen: nn.Module, images, mirror=True) -> torch.Tensor:
     return torch.stack([frozen(images)] + ([frozen(images.flip(3))] if mirror else []), 1)
 
 
-def digest(parts) -> str:
+def short_hash(parts) -> str:
     """A short hash of JSON-able parts (a cache file's name)."""
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:20]
 
@@ -149,7 +149,8 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
     images_key = cache_key(paths, train_set.transform)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    stats_path = cache_dir / f"{digest([FEATURES_VERSION, ADAPT_IMAGES, images_key, state_digest(frozen)])}.adabn.pt"
+    stats_key = short_hash([FEATURES_VERSION, ADAPT_IMAGES, images_key, state_digest(frozen)])
+    stats_path = cache_dir / f"{stats_key}.adabn.pt"
     with locked(stats_path.with_suffix(".lock")):
         if stats_path.is_file():  # an earlier member adapted the same frozen stages to the same images
             frozen.load_state_dict(torch.load(stats_path, map_location=device))
@@ -158,7 +159,7 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
             order = np.random.RandomState(0).permutation(len(train_set))[:ADAPT_IMAGES]
             adapt_batch_norms(frozen, batches(Subset(train_set.dataset, train_set.indices[order], transform)))
             atomic_write(stats_path, lambda tmp: torch.save(frozen.state_dict(), tmp))
-    key = digest([FEATURES_VERSION, images_key, state_digest(frozen), flip])
+    key = short_hash([FEATURES_VERSION, images_key, state_digest(frozen), flip])
     data_path, index_path = cache_dir / f"{key}.features", cache_dir / f"{key}.features.json"
     with torch.no_grad():
         sample = frozen(next(batches(Subset(train_set.dataset, train_set.indices[:1], train_set.transform)))[0])
