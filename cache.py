@@ -114,12 +114,13 @@ def check_images(paths, cache_dir=DEFAULT_CACHE_DIR, num_workers=0) -> list:
 
 
 def cache_key(paths, transform) -> str:
-    """A hash of the preprocessing settings and of the image files (path, size, mtime)."""
+    """A hash of the preprocessing settings and of the image files (absolute path, size, mtime): the same
+    files named from another folder, or by a relative instead of an absolute path, share one cache."""
     settings = dict(version=CACHE_VERSION, transform=type(transform).__name__, resize=list(transform.resize),
                     crop_fraction=transform.crop_fraction)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
     for path in paths:
-        digest.update(f"{path}\0{file_stamp(path)}\n".encode())
+        digest.update(f"{os.path.abspath(path)}\0{file_stamp(path)}\n".encode())
     return digest.hexdigest()[:20]
 
 

@@ -7,7 +7,7 @@ from cache import DecodedCache
 from dataset import MultiLabelDataset, decode_image, scan_people
 
 
-def test_cache_is_byte_identical_and_rebuilds_on_change(tiny_data, tmp_path):
+def test_cache_is_byte_identical_and_rebuilds_on_change(tiny_data, tmp_path, monkeypatch):
     table = scan_people(tiny_data / "train")
     paths = list(table["path"])
     transform = CustomAugmentation((64, 48), train=False)
@@ -17,6 +17,10 @@ def test_cache_is_byte_identical_and_rebuilds_on_change(tiny_data, tmp_path):
     assert len(list(tmp_path.glob("*.u8"))) == 1
     again = DecodedCache.build(paths, transform, tmp_path)
     assert again.data_path == cache.data_path
+    monkeypatch.chdir(tiny_data)  # the same files by relative paths: the same cache
+    relative = [os.path.relpath(p, tiny_data) for p in paths]
+    assert DecodedCache.build(relative, transform, tmp_path).data_path == cache.data_path
+    monkeypatch.undo()
 
     other = DecodedCache.build(paths, CustomAugmentation((32, 24), train=False), tmp_path)
     assert other.data_path != cache.data_path and other[0].shape == (3, 32, 24)
