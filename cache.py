@@ -92,18 +92,18 @@ def remember_good(cache_dir, paths):
     record = Path(cache_dir) / CHECKED_FILE
     with locked(record.with_suffix(".lock")):
         checked = json.loads(record.read_text()) if record.is_file() else {}
-        checked.update({str(p): file_stamp(p) for p in paths})
+        checked.update({os.path.abspath(p): file_stamp(p) for p in paths})
         write_json(record, checked)
 
 
 def check_images(paths, cache_dir=DEFAULT_CACHE_DIR, num_workers=0) -> list:
     """Fully decode every image of `paths` not already known good (same path, size and mtime); return
-    all unreadable ones as (path, reason)."""
+    all unreadable ones as (path, reason). The record is kept by absolute path."""
     paths = [str(p) for p in paths]
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     record = Path(cache_dir) / CHECKED_FILE
     checked = json.loads(record.read_text()) if record.is_file() else {}
-    todo = [p for p in paths if checked.get(p) != file_stamp(p)]
+    todo = [p for p in paths if checked.get(os.path.abspath(p)) != file_stamp(p)]
     bad = []
     for _, indices, errors in decode_all(todo, num_workers=num_workers):
         bad += [(todo[i], error) for i, error in zip(indices, errors, strict=True) if error]

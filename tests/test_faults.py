@@ -84,6 +84,9 @@ def test_the_check_is_remembered_for_unchanged_files(tiny_data, tmp_path, monkey
     original = dataset.load_image
     monkeypatch.setattr(dataset, "load_image", lambda path, transform=None: decoded.append(path) or original(path))
     assert check_images(paths, tmp_path) == [] and decoded == []
+    monkeypatch.chdir(tiny_data)  # the same files by relative paths: still remembered
+    assert check_images([os.path.relpath(p, tiny_data) for p in paths], tmp_path) == [] and decoded == []
+    monkeypatch.chdir(tmp_path)
     stat = os.stat(paths[2])
     os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert check_images(paths, tmp_path) == [] and decoded == [paths[2]]
