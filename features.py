@@ -137,8 +137,8 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
     prepares them, then open the file of their features (and their mirror images'), computing it
     first where no earlier run did."""
     train_set = Subset(train_set.dataset, train_set.indices, transform)
-    source = FromFeatures(model)
-    frozen = source.frozen.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    frozen = FromFeatures(model).frozen.to(device, memory_format=layout)
 
     def batches(subset):
         loader = DataLoader(subset, batch_size, shuffle=False, collate_fn=fast_collate)
@@ -146,7 +146,7 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
             yield (images.contiguous(memory_format=torch.channels_last) if channels_last else images), targets
 
     paths = [train_set.dataset.paths[i] for i in train_set.indices]
-    images_key = cache_key(paths, train_set.transform)
+    images_key = cache_key(paths, transform)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     stats_key = short_hash([FEATURES_VERSION, ADAPT_IMAGES, images_key, state_digest(frozen)])
@@ -162,7 +162,7 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
     key = short_hash([FEATURES_VERSION, images_key, state_digest(frozen), flip])
     data_path, index_path = cache_dir / f"{key}.features", cache_dir / f"{key}.features.json"
     with torch.no_grad():
-        sample = frozen(next(batches(Subset(train_set.dataset, train_set.indices[:1], train_set.transform)))[0])
+        sample = frozen(next(batches(Subset(train_set.dataset, train_set.indices[:1], transform)))[0])
     shape = (len(paths), 1 + flip, *sample.shape[1:])
     targets = [train_set.dataset.get_target(int(i)) for i in train_set.indices]
 
