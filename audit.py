@@ -24,6 +24,7 @@ from dataset import (
     decode_multi_class,
     duplicate_pairs,
     images_dir,
+    open_upright,
     scan_people,
 )
 from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_probabilities, write_csv
@@ -289,8 +290,7 @@ def contact_sheet(path, suspects, data, top=12, thumb=72):
         for column, (file, framed) in enumerate(tiles(suspect, by_person)):
             if file is None:
                 continue
-            with Image.open(file) as picture:
-                tile = picture.convert("RGB").resize((thumb, thumb))
+            tile = open_upright(file).convert("RGB").resize((thumb, thumb))
             x = label_width + column * (thumb + pad)
             sheet.paste(tile, (x, y))
             if framed:

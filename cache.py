@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dataset import ImageFiles
 from runs import atomic_write, write_csv, write_json
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = "./.cache/masktrain"
 CHECKED_FILE = "checked_images.json"
 

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 import torchvision
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
@@ -222,14 +222,19 @@ DUPLICATE_MIN = 0.85  # utkmask train + eval: 10 pairs of one photo at 0.86-0.99
 SIGNATURE_SIZE = 64
 
 
+def open_upright(path) -> Image.Image:
+    """A photo as PIL loaded and turned the way its EXIF orientation says (as a viewer shows it)."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image)
+
+
 def signature(path) -> np.ndarray:
     """A photo as a vector whose dot product with another's is the mean of two pixel correlations at
     SIGNATURE_SIZE^2 grayscale: of the images (the layout) and of their fine detail (the image less its
     blur), so a re-saved, re-cropped or slightly rotated copy scores high and two look-alike aligned faces
     do not (utkmask train + eval: ten copies 0.86-0.99; below them one woman in two photos, 0.79)."""
-    with Image.open(path) as image:
-        gray = image.convert("L").resize((SIGNATURE_SIZE, SIGNATURE_SIZE), Image.BILINEAR)
-        blurred = gray.filter(ImageFilter.GaussianBlur(2))
+    gray = open_upright(path).convert("L").resize((SIGNATURE_SIZE, SIGNATURE_SIZE), Image.BILINEAR)
+    blurred = gray.filter(ImageFilter.GaussianBlur(2))
     pixels = np.asarray(gray, np.float32).ravel()
     parts = [pixels, pixels - np.asarray(blurred, np.float32).ravel()]
     parts = [(part - part.mean()) / (np.linalg.norm(part - part.mean()) + 1e-6) for part in parts]
@@ -335,12 +340,13 @@ def fold_people(table: pd.DataFrame, n_folds: int, fold: int, seed: int):
 # ---------------------------------------------------------------- datasets
 def decode_image(path) -> torch.Tensor:
     """Read and decode an image file (JPEG or PNG, any mode, 16-bit PNGs scaled down) to a uint8 RGB
-    CHW tensor; an unreadable file raises naming it."""
+    CHW tensor turned the way its EXIF orientation says (as a viewer shows the photo); an unreadable file
+    raises naming it."""
     try:
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its (working) decoders for torchcodec
             warnings.simplefilter("ignore", DeprecationWarning)
             image = torchvision.io.decode_image(torchvision.io.read_file(str(path)),
-                                                mode=torchvision.io.ImageReadMode.RGB)
+                                                mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, OSError) as error:
         raise ValueError(f"unreadable image {path}: {without_source_locations(str(error).splitlines()[0])}") from None
     return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
@@ -501,13 +507,20 @@ class TestDataset(ImageFiles):
         paths = [str(data_dir / "images" / image_id) for image_id in self.info["ImageID"]]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            by_lower = {name.lower(): name for name in os.listdir(data_dir / "images")} if (
-                data_dir / "images").is_dir() else {}
-            near = by_lower.get(Path(missing[0]).name.lower())
             raise FileNotFoundError(f"{len(missing)} images listed in {info_path} are missing, e.g. "
-                                    + ", ".join(missing[:3])
-                                    + (f" (images/ has {near}: the names differ in case)" if near else ""))
+                                    + ", ".join(missing[:3]) + why_missing(Path(missing[0])))
         super().__init__(paths, transform)
+
+
+def why_missing(path: Path) -> str:
+    """A hint on why an eval image listed in info.csv is not a file: a folder, spaces, the name's case."""
+    if path.is_dir():
+        return f" ({path.name} is a folder, not an image)"
+    names = os.listdir(path.parent) if path.parent.is_dir() else []
+    if path.name != path.name.strip() and path.name.strip() in names:
+        return f" (the ImageID {path.name!r} has spaces at its ends)"
+    near = [name for name in names if name.lower() == path.name.lower() and name != path.name]
+    return f" (images/ has {near[0]}: the names differ in case)" if near else ""
 
 
 def make_sampler(labels, seed=0) -> WeightedRandomSampler:

@@ -26,7 +26,7 @@ from dataset import PrefetchLoader, Subset, fast_collate
 from model import autocast, probs18
 from runs import atomic_write, write_json
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 ADAPT_IMAGES = 2048
 
 

@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from augment import create_transforms
-from dataset import decode_multi_class, images_dir, load_image
+from dataset import decode_multi_class, images_dir, load_image, open_upright
 from metrics import pyplot, save_confusion_png
 from model import HEADS, model_from_config
 from runs import PROB_COLUMNS, atomic_write, one_line_errors, read_probabilities
@@ -56,9 +55,8 @@ def img_tag(data: bytes, mime: str, title="") -> str:
 
 
 def thumbnail(path, size=140) -> str:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        image.thumbnail((size, size))
+    image = open_upright(path).convert("RGB")
+    image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return img_tag(buffer.getvalue(), "image/jpeg", str(path))

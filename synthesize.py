@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dataset import DEFAULT_AGE_BINS, scan_people
+from dataset import DEFAULT_AGE_BINS, open_upright, scan_people
 from runs import one_line_errors
 
 
@@ -42,8 +42,8 @@ def synthesize_people(data_dir, out_dir, age_group=2, n_people=100, seed=0, age_
         weight = rng.uniform(*blend)
         (out_dir / "images" / name).mkdir(parents=True)
         for stem in sorted(set(a.index) & set(b.index)):
-            image_a = Image.open(a.at[stem, "path"]).convert("RGB")
-            image_b = Image.open(b.at[stem, "path"]).convert("RGB").resize(image_a.size)
+            image_a = open_upright(a.at[stem, "path"]).convert("RGB")
+            image_b = open_upright(b.at[stem, "path"]).convert("RGB").resize(image_a.size)
             Image.blend(image_a, image_b, weight).save(out_dir / "images" / name / f"{stem}.jpg", quality=95)
         rows.append(dict(id=name.split("_")[0], gender=gender, race=a["race"].iloc[0], age=age, path=name,
                          mixed_from=f"{first}+{second}"))

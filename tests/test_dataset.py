@@ -27,6 +27,7 @@ from dataset import (
     fold_people,
     make_sample,
     make_sampler,
+    open_upright,
     person_table,
     scan_people,
     split_people,
@@ -113,6 +114,18 @@ def test_every_image_mode_decodes_to_uint8_rgb(tmp_path):
         assert decoded.dtype == torch.uint8 and decoded.shape == (3, 8, 6), name
         expected = np.asarray(Image.open(tmp_path / name).convert("RGB")) if name != "gray16.png" else gray[..., None]
         assert np.abs(decoded.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 1, name
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_the_photo(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: a viewer rotates the stored 6x8 pixels by 90 degrees
+    for name in ("turned.jpg", "turned.png"):
+        Image.fromarray(pixels).save(tmp_path / name, exif=exif.tobytes())
+        assert decode_image(tmp_path / name).shape == (3, 6, 8), name
+        assert open_upright(tmp_path / name).size == (8, 6), name
+        upright = np.asarray(open_upright(tmp_path / name).convert("RGB")).astype(int)
+        assert np.abs(decode_image(tmp_path / name).permute(1, 2, 0).numpy() - upright).max() <= 1, name
 
 
 def test_scan_empty_is_clear(tmp_path):
@@ -287,6 +300,16 @@ def test_test_dataset_order_and_missing(tiny_data, tmp_path):
     first.rename(first.with_name(first.stem + first.suffix.upper()))
     (tmp_path / "eval" / "info.csv").write_text(info.iloc[5:].to_csv(index=False))
     with pytest.raises(FileNotFoundError, match=rf"1 images.*has {first.stem}\.JPG: the names differ in case"):
+        TestDataset(tmp_path / "eval")
+    first.with_name(first.stem + first.suffix.upper()).unlink()
+    first.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"1 images.*{first.name} is a folder, not an image\)$"):
+        TestDataset(tmp_path / "eval")
+    first.rmdir()
+    shutil.copy(tiny_data / "eval" / "images" / first.name, first)
+    spaced = info.iloc[5:].assign(ImageID=lambda t: t["ImageID"].where(t.index != 5, t["ImageID"] + " "))
+    (tmp_path / "eval" / "info.csv").write_text(spaced.to_csv(index=False))
+    with pytest.raises(FileNotFoundError, match=r"has spaces at its ends\)$"):
         TestDataset(tmp_path / "eval")
 
 
