@@ -20,6 +20,7 @@ MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incor
 IMAGES_PER_PERSON = len(MASK_FILES)
 PERSON_FOLDER = re.compile(r"^(\d+)_(male|female)_(.+?)_(\d+)$", re.IGNORECASE)  # a race may hold "_"
 DEFAULT_AGE_BINS = (30, 60)
+MAX_AGE = 120  # UTKFace's oldest is 116
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 
 
@@ -114,16 +115,16 @@ def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=
     """
     root = images_dir(data_dir)
     rows, bad_folders, unknown_files, duplicates, incomplete = [], [], [], [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name)):
-        match = PERSON_FOLDER.match(folder.name)
-        if not match:
-            bad_folders.append(folder.name)
+    for folder in sorted(p for p in root.iterdir() if not _is_hidden(p.name)):
+        match = PERSON_FOLDER.match(folder.name.strip())
+        if not folder.is_dir() or not match:
+            (bad_folders if folder.is_dir() else unknown_files).append(folder.name)
             continue
         person_id, gender, race, age = match.groups()
         found = set()
-        for file in sorted(p for p in folder.iterdir() if p.is_file() and not _is_hidden(p.name)):
-            if file.suffix.lower() not in IMAGE_EXTENSIONS or file.stem.lower() not in MASK_FILES:
-                unknown_files.append(f"{folder.name}/{file.name}")
+        for file in sorted(p for p in folder.iterdir() if not _is_hidden(p.name)):
+            if not file.is_file() or file.suffix.lower() not in IMAGE_EXTENSIONS or file.stem.lower() not in MASK_FILES:
+                unknown_files.append(f"{folder.name}/{file.name}" + ("" if file.is_file() else "/"))
                 continue
             if file.stem.lower() in found:
                 duplicates.append(f"{folder.name}/{file.name}")
@@ -146,9 +147,30 @@ def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=
     if not rows:
         raise ValueError(f"no usable images under {root}: expected <id>_<gender>_<race>_<age>/mask1.jpg ...")
     table = pd.DataFrame(rows)
+    warn_odd_people(table, root)
     if relabel is not None:
         table = apply_relabel(table, relabel)
     return add_labels(table, age_bins)
+
+
+def warn_odd_people(table: pd.DataFrame, root: Path) -> None:
+    """Warn (naming them) about ages past any human's and ids that name more than one person folder."""
+    people = table.drop_duplicates("person")
+    too_old = people.loc[people["age"] > MAX_AGE, "person"]
+    if len(too_old):
+        warnings.warn(f"{root}: {len(too_old)} people older than {MAX_AGE}, a typo in the folder name? "
+                      f"{', '.join(too_old[:10])}", DataWarning, stacklevel=3)
+    pairs = shared_id_pairs(table)
+    if pairs:
+        warnings.warn(f"{root}: {len(pairs)} person folder(s) share an id with another, e.g. {pairs[0][0]} and "
+                      f"{pairs[0][1]}: each group is kept on one side of any split, and a --relabel row with "
+                      "the id changes them all", DataWarning, stacklevel=3)
+
+
+def shared_id_pairs(table: pd.DataFrame) -> list:
+    """(first, other) for each person folder whose id an earlier folder by name already has."""
+    folders = table.drop_duplicates("person").groupby("id")["person"].agg(sorted)
+    return [(group[0], other) for group in folders for other in group[1:]]
 
 
 def add_labels(table: pd.DataFrame, age_bins=DEFAULT_AGE_BINS) -> pd.DataFrame:
@@ -268,8 +290,10 @@ def duplicate_pairs(table: pd.DataFrame, min_similarity=DUPLICATE_MIN, block=102
 
 def keep_duplicates_together(side: pd.Series, table: pd.DataFrame) -> pd.Series:
     """`side` (each person's split or fold) with every group of people sharing one photo (`duplicate_pairs`)
-    moved to the side of its first person by name, so one face is never on both sides (a leak)."""
-    pairs = duplicate_pairs(table)
+    or one id (`shared_id_pairs`) moved to the side of its first person by name, so one face is never on
+    both sides (a leak)."""
+    photo_pairs = [(first, other) for first, other, _ in duplicate_pairs(table)]
+    pairs = photo_pairs + shared_id_pairs(table)
     if not pairs:
         return side
     leader = {person: person for person in side.index}
@@ -278,12 +302,13 @@ def keep_duplicates_together(side: pd.Series, table: pd.DataFrame) -> pd.Series:
         while leader[person] != person:
             person = leader[person]
         return person
-    for first, other, _ in pairs:
+    for first, other in pairs:
         a, b = sorted((find(first), find(other)))
         leader[b] = a
     moved = pd.Series([side[find(person)] for person in side.index], index=side.index)
-    first, other, _ = pairs[0]
-    what = f"{len(pairs)} pair(s) of people share one photo (e.g. {first} and {other}; audit.py lists them)"
+    first, other = pairs[0]
+    what = (f"{len(photo_pairs)} pair(s) of people share one photo (e.g. {first} and {other}; audit.py lists them)"
+            if photo_pairs else f"{len(pairs)} person folder(s) share an id (e.g. {first} and {other})")
     if moved.nunique() < side.nunique():  # too few people to keep them together and fill every side
         warnings.warn(f"{what}: kept apart, too few people to split otherwise", DataWarning, stacklevel=3)
         return side

@@ -93,6 +93,33 @@ def test_scan_messy_tree(tiny_data, tmp_path):
         scan_people(tmp_path)
 
 
+def test_scan_names_strays_and_odd_people(tiny_data, tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(tiny_data / "train" / "images", root)
+    people = sorted(p for p in root.iterdir())
+    (people[0] / "extra").mkdir()
+    shutil.copy(people[0] / "mask1.jpg", people[0] / "extra" / "mask1.jpg")
+    shutil.copy(people[0] / "mask1.jpg", root / "stray.jpg")
+    people[1].rename(root / (people[1].name + " "))
+    person_id, gender, race, _ = people[2].name.split("_")
+    people[2].rename(root / f"{person_id}_{gender}_{race}_540")
+    twin = root / f"{people[3].name.split('_')[0]}_{'female' if 'male_' in people[3].name else 'male'}_Asian_40"
+    shutil.copytree(people[4], twin)  # another person's photos under people[3]'s id
+    with pytest.warns(UserWarning) as record:
+        table = scan_people(tmp_path)
+    messages = " ".join(str(w.message) for w in record)
+    assert f"unknown files: {people[0].name}/extra/, stray.jpg" in messages
+    assert f"1 people older than 120, a typo in the folder name? {person_id}_{gender}_{race}_540" in messages
+    assert f"share an id with another, e.g. {min(people[3].name, twin.name)} and {max(people[3].name, twin.name)}" \
+        in messages
+    assert table["person"].nunique() == 25 and (table["person"] == people[1].name + " ").sum() == 7
+    for fold in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, val = fold_people(table.query("person != @people[4].name"), 3, fold, seed=0)
+        assert (people[3].name in val) == (twin.name in val)
+
+
 def test_data_warnings_print_as_one_line_in_the_commands():
     with runs.one_line_errors():
         data_text = warnings.formatwarning(DataWarning("x: skipped"), DataWarning, "dataset.py", 139, "line")
