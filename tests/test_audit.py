@@ -210,6 +210,16 @@ def test_an_age_suspect_is_suggested_at_the_years_heads_age(noisy, tmp_path):
     assert draft.loc[draft["id"] == moved.split("_")[0], "age"].tolist() == [str(int(ages_of_group[other]))]
 
 
+def test_an_age_suspect_is_scored_against_the_people_given_the_same_group():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    given = np.array([0.99, 0.98, 0.99, 0.6, 0.5, 0.45, 0.55, 0.5])  # 30-59 is less sure for everyone
+    scores = audit.unusual_within_group(labels, given)
+    assert scores.argmax() == 3 and (1 - given).argmax() == 5
+    assert np.all((scores[:4].argsort() == (1 - given[:4]).argsort()))
+    less_sure = 1 / (1 + np.exp(-(np.log(given[4:] / (1 - given[4:])) - 1)))  # the group's log-odds less 1
+    assert np.allclose(audit.unusual_within_group(labels, np.r_[given[:4], less_sure]), scores, atol=1e-6)
+
+
 def test_a_swap_is_judged_on_the_pair_not_on_cleanlabs_flags():
     """A swapped pair predicted at only 0.6 for the other label, among images predicted at 0.99, is
     below cleanlab's per-class thresholds (not flagged) and is still one mask swap."""
