@@ -189,7 +189,11 @@ def apply_relabel(table: pd.DataFrame, relabel_csv) -> pd.DataFrame:
     (relative to images/, extension optional, e.g. `000020_female_Asian_50/normal`) set `mask`
     (0/1/2 or wear/incorrect/normal); a `drop` of yes/1/true leaves the row's person (`id`) or image
     (`path`) out. Blank cells change nothing. Prints what changed."""
-    fixes = pd.read_csv(relabel_csv, dtype=str).fillna("")
+    try:
+        fixes = pd.read_csv(relabel_csv, dtype=str).fillna("")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"{relabel_csv}: not a relabel CSV of id,gender,age,path,mask,drop "
+                         f"({str(error).splitlines()[0]})") from None
     for column in ("id", "gender", "age", "path", "mask", "drop"):
         if column not in fixes:
             fixes[column] = ""
@@ -522,6 +526,8 @@ class TestDataset(ImageFiles):
             self.info = pd.read_csv(info_path, dtype={"ImageID": str})  # ids such as 000123 stay text
         except pd.errors.EmptyDataError:
             raise ValueError(f"{info_path} is empty: expected a header ImageID,ans and a row per image") from None
+        except (pd.errors.ParserError, UnicodeDecodeError) as error:
+            raise ValueError(f"{info_path}: not a CSV of ImageID,ans ({str(error).splitlines()[0]})") from None
         if "ImageID" not in self.info:
             raise ValueError(f"{info_path} has no ImageID column")
         if self.info.empty:

@@ -140,7 +140,10 @@ def probability_frame(image_ids, probs: np.array) -> pd.DataFrame:
 
 def read_probabilities(path) -> pd.DataFrame:
     """A probability file (ImageID and p0..p17 are required); errors name the file."""
-    frame = pd.read_csv(path, dtype={"ImageID": str})
+    try:
+        frame = pd.read_csv(path, dtype={"ImageID": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a probability CSV ({str(error).splitlines()[0]})") from None
     class_columns = [c for c in frame if re.fullmatch(r"p\d+", c)]
     if "ImageID" not in frame or sorted(class_columns) != sorted(PROB_COLUMNS):
         raise ValueError(f"{path}: a probability file needs ImageID and p0..p17, it has "

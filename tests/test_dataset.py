@@ -184,6 +184,10 @@ def test_relabel(tiny_data, tmp_path, capsys):
     assert (person["gender"] != first["gender"]).all() and (person["age_label"] == 2).all()
     assert person[person["path"].str.endswith("mask1.jpg")]["mask"].item() == 2
     assert "changed gender of 1 people, age of 1 people, mask of 1 images" in capsys.readouterr().out
+    for name, data in (("empty.csv", b""), ("binary.csv", bytes(range(128, 256)))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name}: not a relabel CSV of id,gender,age,path,mask,drop"):
+            scan_people(tiny_data / "train", relabel=tmp_path / name)
 
 
 def test_an_info_csv_saved_with_a_byte_order_mark_reads(tiny_data, tmp_path):

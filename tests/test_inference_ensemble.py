@@ -190,6 +190,11 @@ def test_mismatched_inputs_fail_clearly(tiny_data, tmp_path):
     frame.assign(p0=frame["p0"] + 1).to_csv(tmp_path / "logits.csv", index=False)
     with pytest.raises(SystemExit, match=f"logits.csv: {len(ids)} rows of p0..p17 are not probabilities"):
         ensemble.main([good, str(tmp_path / "logits.csv"), *common])
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "binary.csv").write_bytes(bytes(range(128, 256)))
+    for name in ("empty.csv", "binary.csv"):
+        with pytest.raises(SystemExit, match=f"{name}: not a probability CSV"):
+            ensemble.main([good, str(tmp_path / name), *common])
     shuffled = frame.sample(frac=1, random_state=0)
     shuffled.to_csv(tmp_path / "shuffled.csv", index=False)
     ensemble.main([good, str(tmp_path / "shuffled.csv"), *common])
@@ -212,10 +217,12 @@ def test_image_ids_that_look_like_numbers_stay_text(trained, tiny_data, tmp_path
         assert written.read_text().splitlines()[1].startswith("000000,"), written
 
 
-@pytest.mark.parametrize("text, message", [("", "info.csv is empty"), ("ImageID,ans\n", "info.csv lists no images")])
-def test_an_info_csv_without_rows_fails_clearly(trained, tiny_data, tmp_path, text, message):
+@pytest.mark.parametrize("text, message", [("", "info.csv is empty"), ("ImageID,ans\n", "info.csv lists no images"),
+                                           ('ImageID,ans\n"a.jpg,0\n', "info.csv: not a CSV of ImageID,ans"),
+                                           ("\x9e\xff\n", "info.csv: not a CSV of ImageID,ans")])
+def test_an_info_csv_without_usable_rows_fails_clearly(trained, tiny_data, tmp_path, text, message):
     shutil.copytree(tiny_data / "eval", tmp_path / "eval")
-    (tmp_path / "eval" / "info.csv").write_text(text)
+    (tmp_path / "eval" / "info.csv").write_bytes(text.encode("latin-1"))
     with pytest.raises(SystemExit, match=message):
         inference.main(["--model_dir", str(trained), "--data_dir", str(tmp_path / "eval"), "--output_dir",
                         str(tmp_path / "out"), "--num_workers", "0"])
