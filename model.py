@@ -43,6 +43,9 @@ def create_backbone(name, pretrained=False, drop_path_rate=0.0) -> nn.Module:
         backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     except RuntimeError as error:
         raise RuntimeError(f"weights file {path} does not fit model {name}: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # safetensors' own error for a damaged file is no RuntimeError
+        raise RuntimeError(f"weights file {path} is not readable: {type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else 'no detail'}") from None
     check_weights_fit(path, backbone, name)
     return backbone
 

@@ -205,3 +205,6 @@ def test_a_weights_file_of_another_model_is_an_error_not_a_partial_load(tmp_path
     save_file({k: v for k, v in weights.items() if k != "conv1.0.weight"}, tmp_path / "less.safetensors")
     with pytest.raises(RuntimeError, match=r"0 of its tensors .* and 1 of the model's are not in it"):
         build_model("three_head", "test_resnet", pretrained=str(tmp_path / "less.safetensors"))
+    (tmp_path / "damaged.safetensors").write_bytes((tmp_path / "fits.safetensors").read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=r"damaged.safetensors is not readable: SafetensorError"):
+        build_model("three_head", "test_resnet", pretrained=str(tmp_path / "damaged.safetensors"))
