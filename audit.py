@@ -9,7 +9,6 @@ reads, and `audit.png`, a contact sheet of the top suspects.
     python train.py --relabel audit/relabel_draft.csv ...   # after looking and editing
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from dataset import (
     open_upright,
     scan_people,
 )
-from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_probabilities, write_csv
+from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_folds, read_json, read_probabilities, write_csv
 
 GENDERS, AGE_GROUPS, MASKS = ("male", "female"), ("<30", "30-59", ">=60"), ("wear", "incorrect", "normal")
 RELABEL_COLUMNS = ["id", "gender", "age", "path", "mask"]
@@ -44,10 +43,7 @@ def probability_files(inputs) -> tuple:
     files, configs = [], []
     for item in map(Path, inputs):
         if item.suffix == ".json" and item.is_file():
-            try:
-                folders = [Path(p) for p in json.loads(item.read_text())["folds"]]
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{item}: not a train.py <name>_cv.json (it lists the fold run folders)") from None
+            folders = read_folds(item)
         elif item.is_dir():
             folders = [item]
         elif item.is_file():
@@ -60,7 +56,7 @@ def probability_files(inputs) -> tuple:
                 raise FileNotFoundError(f"{folder} has no val_probs.csv: audit needs finished runs with validation "
                                         "(--n_folds), not --val_ratio 0")
             files.append(folder / "val_probs.csv")
-            configs.append(json.loads((folder / "config.json").read_text()))
+            configs.append(read_json(folder / "config.json"))
     roots = {str(images_dir(c["data_dir"]).resolve()) for c in configs}
     if len(roots) > 1:
         raise ValueError(f"the runs come from different train folders: {', '.join(sorted(roots))}")

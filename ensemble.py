@@ -32,6 +32,7 @@ from runs import (
     one_line_errors,
     probability_frame,
     read_config,
+    read_folds,
     read_probabilities,
     write_csv,
     write_json,
@@ -48,7 +49,7 @@ def expand_inputs(inputs) -> list:
             raise FileNotFoundError(f"no input matches {item}")
         for path in map(Path, matches):
             if path.suffix == ".json" and path.is_file():
-                expanded.extend(Path(p) for p in json.loads(path.read_text())["folds"])
+                expanded.extend(read_folds(path))
             elif path.is_dir() or path.is_file():
                 expanded.append(path)
             else:

@@ -25,7 +25,7 @@ from augment import create_transforms
 from dataset import decode_multi_class, images_dir, load_image, open_upright
 from metrics import pyplot, save_confusion_png
 from model import HEADS, model_from_config
-from runs import PROB_COLUMNS, atomic_write, one_line_errors, read_probabilities
+from runs import PROB_COLUMNS, atomic_write, load_checkpoint, one_line_errors, read_folds, read_json, read_probabilities
 
 HEAD_NAMES = {"mask": ("wear", "incorrect", "not wear"), "gender": ("male", "female"), "age": ("<30", "30-59", ">=60")}
 SECTIONS = {"settings": "Settings", "curves": "Learning curves", "confusion": "Confusion matrices",
@@ -87,7 +87,7 @@ def load_run(run_dir) -> dict:
     for column in VALIDATION_COLUMNS:  # a run trained without validation (--val_ratio 0) has none
         if column not in log:
             log[column] = np.nan
-    return dict(name=run_dir.name, dir=run_dir, config=json.loads(config_path.read_text()),
+    return dict(name=run_dir.name, dir=run_dir, config=read_json(config_path),
                 log=log, probs=read_probabilities(probs) if probs.is_file() else None)
 
 
@@ -186,7 +186,7 @@ def cams_section(run, n_errors=4, n_correct=2) -> str:
     """Grad-CAM of each head for a few of the most confident errors and a few correct images."""
     from captum.attr import LayerAttribution, LayerGradCam
     config, probs, root = run["config"], run["probs"], images_dir(run["config"]["data_dir"])
-    state = torch.load(run["dir"] / "best.pth", map_location="cpu", weights_only=False)
+    state = load_checkpoint(run["dir"] / "best.pth")
     model = model_from_config(config)
     model.load_state_dict(state["model"])
     model.eval()
@@ -273,7 +273,7 @@ def entry(item) -> dict:
     """A run folder, or a `<name>_cv.json` as one entry: fold curves averaged, per-class F1 over folds."""
     item = Path(item)
     if item.suffix == ".json":
-        folds = [load_run(p) for p in json.loads(item.read_text())["folds"]]
+        folds = [load_run(p) for p in read_folds(item)]
         logs = pd.concat([f["log"] for f in folds]).groupby("epoch", as_index=False).mean(numeric_only=True)
         f1s = [class_scores(f["probs"])["f1"] for f in folds if f["probs"] is not None]
         return dict(name=item.stem, config=folds[0]["config"], log=logs, folds=len(folds),

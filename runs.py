@@ -3,6 +3,7 @@ writes, reading a run's config and checkpoint, and the probability file format."
 import contextlib
 import json
 import os
+import pickle
 import re
 import tempfile
 import warnings
@@ -116,15 +117,40 @@ def check_run(run_dir, checkpoint="best") -> Path:
     return run_dir
 
 
+def read_json(path) -> dict:
+    """A JSON file; a damaged one is an error that names it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is damaged or not JSON ({error})") from None
+
+
+def read_folds(path) -> list:
+    """The fold run folders a k-fold run's `<name>_cv.json` lists."""
+    try:
+        return [Path(folder) for folder in read_json(path)["folds"]]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: not a train.py <name>_cv.json (it lists the fold run folders)") from None
+
+
 def read_config(run_dir, checkpoint="best") -> dict:
-    return json.loads((check_run(run_dir, checkpoint) / "config.json").read_text())
+    return read_json(check_run(run_dir, checkpoint) / "config.json")
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint written by train.py; a damaged or truncated file is an error that names it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as error:
+        detail = without_source_locations(str(error).split(". ")[0].splitlines()[0]) or type(error).__name__
+        raise ValueError(f"{path} is damaged or not a train.py checkpoint ({detail})") from None
 
 
 def read_run(run_dir, checkpoint="best"):
     """(config, checkpoint state) of a run folder, with clear errors for missing files. The state's
     `model` is the weights the run scores: for last.pth of an --ema run, the moving average (as in best.pth)."""
     config = read_config(run_dir, checkpoint)
-    state = torch.load(Path(run_dir) / f"{checkpoint}.pth", map_location="cpu", weights_only=False)
+    state = load_checkpoint(Path(run_dir) / f"{checkpoint}.pth")
     return config, {**state, "model": state["ema"]} if state.get("ema") is not None else state
 
 

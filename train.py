@@ -59,6 +59,7 @@ from model import resolve_precision as model_precision
 from report import write_report
 from runs import (
     atomic_write,
+    load_checkpoint,
     new_run_dir,
     one_line,
     one_line_errors,
@@ -536,8 +537,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     config = run_config(args, model, run_dir, fold)  # the flags as asked ...
     state = None
     if args.resume:
-        state = torch.load(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
-                           map_location=device, weights_only=False)
+        state = load_checkpoint(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
+                                device)
     args, precision = resolve_precision(args, model, device, world,  # ... and as this device runs them
                                         resumed=state and state.get("config"),
                                         features_shape=train_loader.dataset.shape if args.cache_features else None)

@@ -154,6 +154,24 @@ def test_a_failed_run_leaves_no_run_folder_and_inference_skips_half_made_ones(ti
     assert inference.newest_run(tmp_path / "runs") == tmp_path / "runs" / "good"
 
 
+def test_a_damaged_run_file_is_one_line_that_names_it(tiny_data, tmp_path):
+    train_main(tiny_data, tmp_path, "--epochs", "1", "--name", "good")
+    run_dir = tmp_path / "runs" / "good"
+    common = ["--data_dir", str(tiny_data / "eval"), "--output_dir", str(tmp_path / "out"), "--num_workers", "0"]
+    checkpoint, config = (run_dir / "best.pth").read_bytes(), (run_dir / "config.json").read_text()
+    for damaged in (checkpoint[:1000], b""):
+        (run_dir / "best.pth").write_bytes(damaged)
+        with pytest.raises(SystemExit, match=r"best.pth is damaged or not a train.py checkpoint \(\w"):
+            inference.main(["--model_dir", str(run_dir), *common])
+    (run_dir / "best.pth").write_bytes(checkpoint)
+    (run_dir / "config.json").write_text(config[: len(config) // 2])
+    with pytest.raises(SystemExit, match=r"config.json is damaged or not JSON"):
+        inference.main(["--model_dir", str(run_dir), *common])
+    (tmp_path / "x_cv.json").write_text('{"fold": []}')
+    with pytest.raises(SystemExit, match=r"x_cv.json: not a train.py <name>_cv.json"):
+        ensemble.main([str(tmp_path / "x_cv.json"), *common])
+
+
 def test_a_failing_write_keeps_the_previous_checkpoints(tiny_data, tmp_path, monkeypatch):
     saves = []
     original = torch.save
