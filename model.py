@@ -42,6 +42,9 @@ def create_backbone(name, pretrained=False, drop_path_rate=0.0) -> nn.Module:
     try:
         backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     except RuntimeError as error:
+        if "weights_only" in str(error):  # a pickled object, not a plain state dict
+            raise RuntimeError(f"weights file {path} is not a plain state dict (a train.py checkpoint? --resume "
+                               "RUN_DIR continues a run; --pretrained takes a timm backbone's weights)") from None
         raise RuntimeError(f"weights file {path} does not fit model {name}: {str(error).splitlines()[0]}") from None
     except Exception as error:  # safetensors' own error for a damaged file is no RuntimeError
         raise RuntimeError(f"weights file {path} is not readable: {type(error).__name__}: "

@@ -128,8 +128,8 @@ def read_json(path) -> dict:
 def read_folds(path) -> list:
     """The fold run folders a k-fold run's `<name>_cv.json` lists."""
     try:
-        return [Path(folder) for folder in read_json(path)["folds"]]
-    except (KeyError, TypeError):
+        return [Path(folder) for folder in json.loads(Path(path).read_text())["folds"]]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
         raise ValueError(f"{path}: not a train.py <name>_cv.json (it lists the fold run folders)") from None
 
 
