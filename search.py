@@ -76,7 +76,7 @@ def read_space(path, fixed) -> dict:
         raise SearchError(f"space file not found: {path}")
     try:
         space = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise SearchError(f"{path}: not valid YAML ({one_line(error)})") from None
     if not space or not isinstance(space, dict):
         raise SearchError(f"{path}: the search space is empty (write e.g. `lr: [1e-3, 3e-4]`)")

@@ -131,10 +131,12 @@ def test_pruning_stops_a_trial_that_is_behind(tmp_path, tiny_data, capsys):
     ("lr: [0.1]\ncriterion: [[nope]]\n", [], "criterion=['nope']"),
     ("", [], "the search space is empty"),
     ("lr: {low: 0.1}\n", [], "a range needs low and high"),
+    ("lr: [1, 2\n  x: :\n", [], "space.yaml: not valid YAML"),
+    ("\udce1\udcff", [], "space.yaml: not valid YAML"),
     ("lr: [0.1]\n", ["--storage", "sqlite:////no/such/folder/x.db"], "--storage: cannot open"),
 ])
 def test_bad_spaces_and_storages_are_one_line_errors(tmp_path, tiny_data, capsys, space, own, message):
-    (tmp_path / "space.yaml").write_text(space)
+    (tmp_path / "space.yaml").write_bytes(space.encode("utf-8", "surrogateescape"))  # \udce1: the raw byte 0xe1
     with pytest.raises(SystemExit) as stop:
         search.main(search_command(tmp_path, tiny_data, *own)[2:])
     line = str(stop.value.code)
