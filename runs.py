@@ -121,7 +121,7 @@ def read_json(path) -> dict:
     """A JSON file; a damaged one is an error that names it."""
     try:
         return json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError) as error:
+    except ValueError as error:  # a JSONDecodeError or a UnicodeDecodeError
         raise ValueError(f"{path} is damaged or not JSON ({error})") from None
 
 
@@ -129,7 +129,7 @@ def read_folds(path) -> list:
     """The fold run folders a k-fold run's `<name>_cv.json` lists."""
     try:
         return [Path(folder) for folder in json.loads(Path(path).read_text())["folds"]]
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # not JSON, or JSON without a list of folds
         raise ValueError(f"{path}: not a train.py <name>_cv.json (it lists the fold run folders)") from None
 
 
