@@ -121,7 +121,7 @@ def nearest_age(age, group, bins) -> int:
 def unusual_within_group(labels, given_probs) -> np.ndarray:
     """1 - Phi(z), z = the log-odds of each person's given label standardised among the people given the
     same label: an age group that is hard to tell from both neighbours (30-59) does not crowd out the
-    others' suspects (age moves found in the top K on four audits: +0.05 on average, never fewer)."""
+    others' suspects (age moves found in the top K on five audits: +0.04 on average, never fewer)."""
     log_odds = np.log(given_probs + 1e-9) - np.log1p(-given_probs + 1e-9)
     z = np.zeros(len(labels))
     for label in np.unique(labels):
