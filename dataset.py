@@ -147,9 +147,9 @@ def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=
     if not rows:
         raise ValueError(f"no usable images under {root}: expected <id>_<gender>_<race>_<age>/mask1.jpg ...")
     table = pd.DataFrame(rows)
-    warn_odd_people(table, root)
     if relabel is not None:
         table = apply_relabel(table, relabel)
+    warn_odd_people(table, root)  # after the relabel, which may fix an age
     return add_labels(table, age_bins)
 
 

@@ -113,6 +113,10 @@ def test_scan_names_strays_and_odd_people(tiny_data, tmp_path):
     assert f"share an id with another, e.g. {min(people[3].name, twin.name)} and {max(people[3].name, twin.name)}" \
         in messages
     assert table["person"].nunique() == 25 and (table["person"] == people[1].name + " ").sum() == 7
+    pd.DataFrame([dict(id=person_id, age=54)]).to_csv(tmp_path / "fix.csv", index=False)
+    with pytest.warns(UserWarning) as record:
+        scan_people(tmp_path, relabel=tmp_path / "fix.csv")  # the relabel fixes the typo: no age warning
+    assert "older than" not in " ".join(str(w.message) for w in record)
     for fold in range(3):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
