@@ -96,6 +96,14 @@ def check_image(path: Path) -> None:
         raise ValueError(f"unreadable image {path}: {error}") from None
 
 
+def read_csv_file(path, what, **kwargs) -> pd.DataFrame:
+    """`pd.read_csv`, where an empty, unparsable or non-text file is an error naming it and `what` it should be."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except ValueError as error:  # pandas' EmptyDataError and ParserError, a UnicodeDecodeError
+        raise ValueError(f"{path}: not {what} ({str(error).splitlines()[0]})") from None
+
+
 class DataWarning(UserWarning):
     """Something in a data folder was skipped or is incomplete (the run goes on without it)."""
 
@@ -116,9 +124,12 @@ def scan_people(data_dir, age_bins=DEFAULT_AGE_BINS, relabel=None, check_images=
     root = images_dir(data_dir)
     rows, bad_folders, unknown_files, duplicates, incomplete = [], [], [], [], []
     for folder in sorted(p for p in root.iterdir() if not _is_hidden(p.name)):
+        if not folder.is_dir():
+            unknown_files.append(folder.name)
+            continue
         match = PERSON_FOLDER.match(folder.name.strip())
-        if not folder.is_dir() or not match:
-            (bad_folders if folder.is_dir() else unknown_files).append(folder.name)
+        if not match:
+            bad_folders.append(folder.name)
             continue
         person_id, gender, race, age = match.groups()
         found = set()
@@ -189,11 +200,7 @@ def apply_relabel(table: pd.DataFrame, relabel_csv) -> pd.DataFrame:
     (relative to images/, extension optional, e.g. `000020_female_Asian_50/normal`) set `mask`
     (0/1/2 or wear/incorrect/normal); a `drop` of yes/1/true leaves the row's person (`id`) or image
     (`path`) out. Blank cells change nothing. Prints what changed."""
-    try:
-        fixes = pd.read_csv(relabel_csv, dtype=str).fillna("")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise ValueError(f"{relabel_csv}: not a relabel CSV of id,gender,age,path,mask,drop "
-                         f"({str(error).splitlines()[0]})") from None
+    fixes = read_csv_file(relabel_csv, "a relabel CSV of id,gender,age,path,mask,drop", dtype=str).fillna("")
     for column in ("id", "gender", "age", "path", "mask", "drop"):
         if column not in fixes:
             fixes[column] = ""
@@ -522,12 +529,9 @@ class TestDataset(ImageFiles):
         info_path = data_dir / "info.csv"
         if not info_path.is_file():
             raise FileNotFoundError(f"eval folder has no info.csv: {info_path}")
-        try:
-            self.info = pd.read_csv(info_path, dtype={"ImageID": str})  # ids such as 000123 stay text
-        except pd.errors.EmptyDataError:
-            raise ValueError(f"{info_path} is empty: expected a header ImageID,ans and a row per image") from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as error:
-            raise ValueError(f"{info_path}: not a CSV of ImageID,ans ({str(error).splitlines()[0]})") from None
+        if info_path.stat().st_size == 0:
+            raise ValueError(f"{info_path} is empty: expected a header ImageID,ans and a row per image")
+        self.info = read_csv_file(info_path, "a CSV of ImageID,ans", dtype={"ImageID": str})  # 000123 stays text
         if "ImageID" not in self.info:
             raise ValueError(f"{info_path} has no ImageID column")
         if self.info.empty:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dataset import DataWarning, without_source_locations
+from dataset import DataWarning, read_csv_file, without_source_locations
 from model import HEADS, head_probs
 
 UMASK = os.umask(0)
@@ -166,10 +166,7 @@ def probability_frame(image_ids, probs: np.array) -> pd.DataFrame:
 
 def read_probabilities(path) -> pd.DataFrame:
     """A probability file (ImageID and p0..p17 are required); errors name the file."""
-    try:
-        frame = pd.read_csv(path, dtype={"ImageID": str})
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a probability CSV ({str(error).splitlines()[0]})") from None
+    frame = read_csv_file(path, "a probability CSV", dtype={"ImageID": str})
     class_columns = [c for c in frame if re.fullmatch(r"p\d+", c)]
     if "ImageID" not in frame or sorted(class_columns) != sorted(PROB_COLUMNS):
         raise ValueError(f"{path}: a probability file needs ImageID and p0..p17, it has "
