@@ -6,7 +6,9 @@ every member, inference, ensembling) and score its submission.csv against eval_l
     python benchmarks/bench_recipes.py --recipes one_hour --seeds 0
 
 Rows are appended to benchmarks/results/bench_recipes.csv with the machine (CPU flags) and the
-precision the runs resolved; the table of all rows so far is rewritten beside it."""
+precision the runs resolved; the table of all rows so far is rewritten beside it. Where one invocation
+runs `reference` too, each row gets its minutes over the reference's of the same seed (`x_reference`):
+issue #11's same budget is that ratio, measured side by side, at most 1.1."""
 import argparse
 import json
 import os
@@ -23,6 +25,7 @@ from common import ROOT, machine  # noqa: E402
 
 from inference import read_labels  # noqa: E402
 from metrics import score  # noqa: E402
+from runs import atomic_write, write_csv  # noqa: E402
 
 RECIPES_DIR = ROOT / "benchmarks" / "recipes"
 UTKMASK = ROOT.parent / "shared" / "data" / "utkmask"
@@ -55,16 +58,27 @@ def precision_of(out) -> str:
     return "/".join(sorted(resolved)) or "?"
 
 
+def with_reference_ratio(rows: list) -> list:
+    """Each row of one invocation with `x_reference`: its minutes over those of the `reference` row of the
+    same seed (NaN where that invocation did not run the reference)."""
+    reference = {row["seed"]: row["minutes"] for row in rows if row["recipe"] == "reference"}
+    return [{**row, "x_reference": row["minutes"] / reference.get(row["seed"], np.nan)} for row in rows]
+
+
 def summary(results: pd.DataFrame) -> str:
+    if "x_reference" not in results:
+        results = results.assign(x_reference=np.nan)
     table = results.groupby(["recipe", "machine", "amp"]).agg(
         seeds=("seed", "count"), f1=("f1", "mean"), f1_std=("f1", "std"), gender_acc=("gender_acc", "mean"),
-        age_f1=("age_f1", "mean"), minutes=("minutes", "mean")).reset_index()
-    lines = ["| recipe | seeds | eval macro F1 | gender acc | age F1 | minutes | machine | amp |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        age_f1=("age_f1", "mean"), minutes=("minutes", "mean"), x_reference=("x_reference", "mean")).reset_index()
+    lines = ["| recipe | seeds | eval macro F1 | gender acc | age F1 | minutes | x reference (same run) | machine "
+             "| amp |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table.sort_values("f1").itertuples():
         spread = f" +- {r.f1_std:.3f}" if r.seeds > 1 else ""
+        ratio = "" if np.isnan(r.x_reference) else f"{r.x_reference:.2f}"
         lines.append(f"| {r.recipe} | {r.seeds} | {r.f1:.3f}{spread} | {r.gender_acc:.3f} | {r.age_f1:.3f} | "
-                     f"{r.minutes:.1f} | {r.machine} | {r.amp} |")
+                     f"{r.minutes:.1f} | {ratio} | {r.machine} | {r.amp} |")
     return "\n".join(lines)
 
 
@@ -87,6 +101,8 @@ def main(argv=None):
         raise SystemExit(f"error: no recipe {', '.join(missing)}")
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
+    previous = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame()
+    rows = []
     for seed in args.seeds:
         for recipe in args.recipes:
             out = Path(args.work_dir) / f"{recipe}_s{seed}"
@@ -96,11 +112,12 @@ def main(argv=None):
                        gender_acc=scores["gender_acc"], age_f1=scores["age_f1"], minutes=minutes,
                        machine=machine(), amp=precision_of(out), out=str(out))
             print(json.dumps(row), flush=True)
-            previous = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame()
-            pd.concat([previous, pd.DataFrame([row])], ignore_index=True).to_csv(results_path, index=False)
+            rows.append(row)
+            write_csv(results_path, pd.concat([previous, pd.DataFrame(with_reference_ratio(rows))],
+                                              ignore_index=True))
     table = summary(pd.read_csv(results_path))
     print(table)
-    results_path.with_suffix(".md").write_text(table + "\n")
+    atomic_write(results_path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
 
 
 if __name__ == "__main__":

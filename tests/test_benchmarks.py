@@ -74,3 +74,19 @@ def test_recipe_blocks_run_as_written_and_are_scored(tmp_path, shared_weights):
     assert sorted(p.parent.name for p in (tmp_path / "work" / "one_hour_s0").glob("*/best.pth")) == \
         ["seed0", "seed1", "seed2", "seed3"]
     assert results.with_suffix(".md").read_text().count("| one_hour | 1 |") == 1
+
+
+def test_recipe_minutes_are_given_against_the_reference_of_the_same_run():
+    """bench_recipes.py's same-budget check: a recipe's minutes over the plain reference's of the same seed
+    and invocation; rows of runs without the reference (older CSVs too) leave the column empty."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_recipes import summary, with_reference_ratio
+    common = dict(f1=0.7, mask_acc=1.0, gender_acc=0.9, age_f1=0.75, machine="m", amp="off")
+    rows = with_reference_ratio([dict(recipe="same_budget", seed=0, minutes=9.0, **common),
+                                 dict(recipe="reference", seed=0, minutes=10.0, **common),
+                                 dict(recipe="same_budget", seed=1, minutes=9.0, **common)])
+    assert [round(row["x_reference"], 2) for row in rows[:2]] == [0.9, 1.0] and pd.isna(rows[2]["x_reference"])
+    older = pd.DataFrame([dict(recipe="one_hour", seed=0, minutes=44.0, **common)])
+    table = summary(pd.concat([older, pd.DataFrame(rows)], ignore_index=True))
+    assert "| one_hour | 1 | 0.700 | 0.900 | 0.750 | 44.0 |  | m | off |" in table
+    assert "| same_budget | 2 | 0.700 +- 0.000 | 0.900 | 0.750 | 9.0 | 0.90 | m | off |" in table
