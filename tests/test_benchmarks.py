@@ -76,10 +76,10 @@ def test_recipe_blocks_run_as_written_and_are_scored(tmp_path, shared_weights):
     assert results.with_suffix(".md").read_text().count("| one_hour | 1 |") == 1
 
 
-def test_recipe_minutes_are_given_against_the_reference_of_the_same_run():
+def test_recipe_minutes_are_given_against_the_reference_of_the_same_run(monkeypatch):
     """bench_recipes.py's same-budget check: a recipe's minutes over the plain reference's of the same seed
     and invocation; rows of runs without the reference (older CSVs too) leave the column empty."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from bench_recipes import summary, with_reference_ratio
     common = dict(f1=0.7, mask_acc=1.0, gender_acc=0.9, age_f1=0.75, machine="m", amp="off")
     rows = with_reference_ratio([dict(recipe="same_budget", seed=0, minutes=9.0, **common),
