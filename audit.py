@@ -215,7 +215,7 @@ def audit(data, bins, min_similarity=DUPLICATE_MIN) -> pd.DataFrame:
             + duplicate_suspects(data, min_similarity))
     frame = pd.DataFrame(rows, columns=["kind", "person", "id", "path", "given", "suggested", "score", "relabel",
                                         "other"])
-    frame["other"] = frame["other"].fillna("")
+    frame["other"] = frame["other"].astype(object).fillna("")  # all NaN (float) where there is no duplicate
     return frame.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 

@@ -304,7 +304,7 @@ def not_injected_sheet(inputs, data_dir, not_injected, out):
     files, _ = probability_files(inputs)
     data = join(audit_table(data_dir), out_of_fold(files))
     data["mask"], data["gender_label"], data["age_label"] = decode_multi_class(data["ans"].to_numpy())
-    contact_sheet(out, not_injected.fillna(""), data, top=16)
+    contact_sheet(out, not_injected.astype({"other": object}).fillna(""), data, top=16)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ injected gender flip and a mask swap, the draft reads back through train.py --re
 exactly those labels, and files that do not match the train folder are one-line errors."""
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +266,17 @@ def test_one_photo_under_two_ids_is_a_duplicate(tmp_path):
     kept = set(scan_people(train_dir, relabel=tmp_path / "draft.csv")["person"])
     assert len(pair) == 1 and draft["drop"].tolist() == ["yes"]
     assert {source.name, copy.name} - kept == {pair["person"][0]} and pair["other"][0] in kept
+
+
+def test_a_folder_without_repeated_photos_audits_without_pandas_deprecations(noisy, tmp_path):
+    """No duplicate pair leaves the `other` column all missing: filling it must not rely on a cast pandas
+    deprecates (pandas 3 warns, pandas 4 raises)."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("error", category=category, module="audit")
+        suspects = audit.main([str(noisy["root"] / "runs" / "cv_cv.json"), "--output_dir", str(tmp_path),
+                               "--duplicate_min", "1"])
+    assert "duplicate" not in set(suspects["kind"]) and set(suspects["other"]) == {""}
 
 
 def test_the_contact_sheet_shows_the_top_of_each_kind():

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -254,4 +255,4 @@ def test_two_processes_building_one_cache_at_once(tiny_data, tmp_path):
     paths = list(scan_people(tiny_data / "train")["path"])
     transform = CustomAugmentation((48, 32), train=False)
     fresh = DecodedCache.build(paths, transform, tmp_path / "fresh")
-    assert open(outputs[0], "rb").read() == open(fresh.data_path, "rb").read()
+    assert Path(outputs[0]).read_bytes() == Path(fresh.data_path).read_bytes()

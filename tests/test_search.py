@@ -97,6 +97,7 @@ def test_a_killed_search_finishes_the_grid_when_run_again(tmp_path, tiny_data, c
             process.send_signal(signal.SIGKILL)
             break
     process.wait(timeout=60)
+    process.stdout.close()
     run_search(tmp_path, tiny_data, capsys, *own, fixed=["--epochs", "3"])
     results = pd.read_csv(tmp_path / "model" / "space_results.csv")
     complete = results[results["state"] == "complete"]
