@@ -14,8 +14,8 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import make_sample  # noqa: E402
 from model import cpu_flags  # noqa: E402
+from sample import make_sample  # noqa: E402
 
 MEAN, STD = (0.548, 0.504, 0.479), (0.237, 0.247, 0.246)  # the baseline's defaults
 

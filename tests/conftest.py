@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
-from dataset import make_sample  # noqa: E402
+from sample import make_sample  # noqa: E402
 
 
 @pytest.fixture(scope="session")

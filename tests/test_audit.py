@@ -15,9 +15,10 @@ from conftest import ROOT
 
 import audit
 import train
-from dataset import make_sample, scan_people
+from dataset import scan_people
 from model import combine_heads
 from runs import probability_frame
+from sample import make_sample
 
 
 def head_probs_of(labels, n, rng, confidence=0.95):

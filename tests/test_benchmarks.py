@@ -7,7 +7,7 @@ import pandas as pd
 
 from conftest import ROOT
 
-from dataset import make_sample
+from sample import make_sample
 
 
 def run_bench(script, tmp_path, *flags):

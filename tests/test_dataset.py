@@ -25,7 +25,6 @@ from dataset import (
     encode_multi_class,
     fast_collate,
     fold_people,
-    make_sample,
     make_sampler,
     open_upright,
     person_table,
@@ -34,6 +33,7 @@ from dataset import (
     to_class_targets,
     to_head_targets,
 )
+from sample import make_sample
 
 
 def test_class_round_trip():

@@ -12,8 +12,9 @@ import torch
 from conftest import ROOT
 
 import train
-from dataset import MultiLabelDataset, make_sample
+from dataset import MultiLabelDataset
 from runs import read_run
+from sample import make_sample
 
 FAST = ["--resize", "64", "48", "--num_workers", "0", "--batch_size", "32", "--model", "test_resnet", "--report", "off"]
 
