@@ -149,7 +149,7 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
     images_key = cache_key(paths, transform)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    stats_key = short_hash([FEATURES_VERSION, ADAPT_IMAGES, images_key, state_digest(frozen)])
+    stats_key = short_hash([FEATURES_VERSION, ADAPT_IMAGES, images_key, state_digest(frozen), list(mean), list(std)])
     stats_path = cache_dir / f"{stats_key}.adabn.pt"
     with locked(stats_path.with_suffix(".lock")):
         if stats_path.is_file():  # an earlier member adapted the same frozen stages to the same images
@@ -159,7 +159,7 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
             order = np.random.RandomState(0).permutation(len(train_set))[:ADAPT_IMAGES]
             adapt_batch_norms(frozen, batches(Subset(train_set.dataset, train_set.indices[order], transform)))
             atomic_write(stats_path, lambda tmp: torch.save(frozen.state_dict(), tmp))
-    key = short_hash([FEATURES_VERSION, images_key, state_digest(frozen), flip])
+    key = short_hash([FEATURES_VERSION, images_key, state_digest(frozen), flip, list(mean), list(std)])
     data_path, index_path = cache_dir / f"{key}.features", cache_dir / f"{key}.features.json"
     with torch.no_grad():
         sample = frozen(next(batches(Subset(train_set.dataset, train_set.indices[:1], transform)))[0])

@@ -11,7 +11,7 @@ from augment import AUGMENTATIONS, check_augment_options
 from cache import DEFAULT_CACHE_DIR
 from dataset import DATASETS, SAMPLE_DIR
 from loss import create_criterion
-from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, HEADS, MODEL_KINDS
+from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, HEADS, MODEL_KINDS, check_model_name
 
 
 class FlagError(Exception):
@@ -86,10 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="flip, crop and colour batch-wise on the device (GPU) instead of per image on the CPU")
     model = parser.add_argument_group("model")
     model.add_argument("--kind", default="three_head", choices=list(MODEL_KINDS))
-    model.add_argument("--model", default="resnet18", help="timm backbone name")
+    model.add_argument("--model", default="resnet18",
+                       help="a timm backbone name, or a timm model source: local-dir:FOLDER, hf-hub:ORG/NAME")
     model.add_argument("--backbones", nargs="*", default=[], metavar="HEAD=NAME",
                        help="multi_backbone: a backbone per head, e.g. mask=convnext_tiny age=swin_s3_tiny_224")
-    model.add_argument("--pretrained", default="none", help="none, timm (download) or a .pth/.safetensors file")
+    model.add_argument("--pretrained", default="auto",
+                       help="auto (a model source's own weights; none for a timm name), none (random), timm "
+                            "(timm's weights, downloaded) or a .pth/.safetensors file")
     model.add_argument("--freeze", default="none", help="none, all (train heads only) or N (train the last N stages)")
     model.add_argument("--drop_rate", type=float, default=0.0)
     model.add_argument("--drop_path_rate", type=float, default=0.0)
@@ -203,9 +206,11 @@ def validate(args):
     """Check every flag value before any work; raise FlagError with one line."""
     if not Path(args.data_dir).is_dir():
         raise FlagError(f"--data_dir not found: {args.data_dir}")
-    for name in [args.model] + list(key_values(args.backbones).values()):
-        if not timm.is_model(name):
-            raise FlagError(f"--model: unknown timm model {name!r}")
+    for flag, name in [("--model", args.model)] + [("--backbones", n) for n in key_values(args.backbones).values()]:
+        try:
+            check_model_name(name)
+        except (ValueError, OSError, RuntimeError) as error:
+            raise FlagError(f"{flag}: {error}") from None
     unknown_heads = set(key_values(args.backbones)) - set(HEADS)
     if unknown_heads:
         raise FlagError(f"--backbones: unknown heads {sorted(unknown_heads)}; heads are mask, gender, age")
@@ -246,7 +251,7 @@ def validate(args):
             raise FlagError(f"--extra_data folder not found: {folder}")
     if args.relabel and not Path(args.relabel).is_file():
         raise FlagError(f"--relabel file not found: {args.relabel}")
-    if args.pretrained not in ("none", "timm") and not Path(args.pretrained).is_file():
+    if args.pretrained not in ("auto", "none", "timm") and not Path(args.pretrained).is_file():
         raise FlagError(f"--pretrained: weights file not found: {args.pretrained}")
     criteria = criterion_spec(args)
     try:

@@ -18,16 +18,80 @@ YEARS_CENTRE, YEARS_SCALE = 40.0, 20.0  # the years head outputs (age - centre) 
 MODEL_KINDS = ("three_head", "single_head", "multi_backbone")
 
 
-def create_backbone(name, pretrained=False, drop_path_rate=0.0) -> nn.Module:
+MODEL_SOURCES = ("local-dir", "hf-hub")
+
+
+def is_source(name) -> bool:
+    """Whether `name` is a timm model source (`local-dir:FOLDER`, `hf-hub:ORG/NAME`), not a registry name."""
+    return str(name).split(":", 1)[0].lower() in MODEL_SOURCES and ":" in str(name)
+
+
+def resolve_source(name) -> dict:
+    """What rebuilds a model source without it: {"architecture", "model_args", "pretrained_cfg"} from its
+    `config.json` (timm's own reader: a local folder, or the hub, which downloads). One-line errors name
+    the folder or the hub id."""
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+    source, _, where = str(name).partition(":")
+    if source.lower() == "local-dir":
+        folder = Path(where)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder not found: {folder} (from {name})")
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {folder} has no config.json (timm's local-dir layout: config.json "
+                                    "+ model.safetensors)")
+        try:
+            cfg, architecture, model_args = load_model_config_from_path(folder)
+        except Exception as error:
+            raise ValueError(f"model folder {folder}: config.json is not readable ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    else:
+        try:
+            cfg, architecture, model_args = load_model_config_from_hf(where)
+        except Exception as error:
+            raise RuntimeError(f"{name}: could not download its config.json ({type(error).__name__}); without "
+                               "internet, download the model folder elsewhere and use local-dir:FOLDER") from None
+    if not timm.is_model(architecture):
+        where_from = f"model folder {where}" if source.lower() == "local-dir" else name
+        raise ValueError(f"{where_from}: unknown architecture {architecture!r} in its config.json")
+    cfg = {key: value for key, value in cfg.items() if key != "file"}
+    return dict(architecture=architecture, model_args=dict(model_args or {}), pretrained_cfg=cfg)
+
+
+def check_model_name(name) -> dict:
+    """A timm registry name (returns None) or a source (returns `resolve_source`'s record); raises
+    ValueError / FileNotFoundError / RuntimeError with one line otherwise."""
+    if is_source(name):
+        return resolve_source(name)
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: use a timm model name (see timm.list_models()), "
+                         "local-dir:FOLDER or hf-hub:ORG/NAME")
+    return None
+
+
+def create_backbone(name, pretrained=False, drop_path_rate=0.0, source=None) -> nn.Module:
     """A timm backbone without its classifier (outputs pooled features).
 
-    `pretrained`: False; True for timm's usual weights (downloaded); or a local `.pth` /
-    `.safetensors` file in timm's key format, loaded through timm (its classifier is dropped)."""
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: use a timm model name (see timm.list_models())")
+    `name`: a timm name or a model source (`local-dir:FOLDER`, `hf-hub:ORG/NAME`). `pretrained`: "auto"
+    (True for a source, False for a name); False;
+    True for the usual weights (timm's, downloaded, for a name; the source's own for a source); or a
+    local `.pth` / `.safetensors` file in timm's key format (its classifier is dropped). `source`: the
+    source's record (`resolve_source`), which rebuilds its architecture and preprocessing without the
+    folder or the hub (weights then come from a checkpoint)."""
+    if pretrained == "auto":
+        pretrained = is_source(name)
     kwargs = dict(num_classes=0)
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
+    if is_source(name):
+        source = source or resolve_source(name)
+        if pretrained is True:
+            return load_source_weights(name, source, kwargs)
+        backbone = timm.create_model(source["architecture"], pretrained=False, pretrained_cfg=source["pretrained_cfg"],
+                                     **source["model_args"], **kwargs)
+        if pretrained in (False, None, "", "none", "false"):
+            return backbone
+        return load_weights_file(backbone, pretrained, name)
+    check_model_name(name)
     if pretrained in (False, None, "", "none", "false"):
         return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained is True or pretrained in ("true", "timm"):
@@ -53,6 +117,34 @@ def create_backbone(name, pretrained=False, drop_path_rate=0.0) -> nn.Module:
     return backbone
 
 
+def load_source_weights(name, source, kwargs) -> nn.Module:
+    """A model source built with its own weights through timm, checked to fit exactly."""
+    try:
+        backbone = timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as error:
+        where = f"model folder {name.split(':', 1)[1]}" if name.lower().startswith("local-dir") else name
+        raise RuntimeError(f"{where}: its weights do not load into {source['architecture']} ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    if name.lower().startswith("local-dir"):
+        folder = Path(name.split(":", 1)[1])
+        files = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
+        if files:
+            check_weights_fit(files[0], backbone, name)
+    return backbone
+
+
+def load_weights_file(backbone, path, name) -> nn.Module:
+    """`backbone` with the weights of a local file in timm's key format (classifier dropped), checked to fit."""
+    from timm.models import load_state_dict
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    check_weights_fit(path, backbone, name)
+    state = {k: v for k, v in load_state_dict(str(path)).items() if k in backbone.state_dict()}
+    backbone.load_state_dict(state, strict=False)
+    return backbone
+
+
 def check_weights_fit(path, backbone, name) -> None:
     """Raise where a weights file holds tensors the backbone has no place for, or lacks some it needs (timm
     loads such a file with a warning: efficientnet_lite1's file into efficientnet_lite0 leaves 92 tensors
@@ -60,7 +152,12 @@ def check_weights_fit(path, backbone, name) -> None:
     from timm.models import load_state_dict
     classifier = backbone.pretrained_cfg.get("classifier") or "classifier"
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    in_file = {key for key in load_state_dict(str(path)) if not key.startswith(tuple(c + "." for c in classifiers))}
+    try:
+        keys = load_state_dict(str(path))
+    except Exception as error:
+        raise RuntimeError(f"weights file {path} is not readable: {type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else 'no detail'}") from None
+    in_file = {key for key in keys if not key.startswith(tuple(c + "." for c in classifiers))}
     in_model = set(backbone.state_dict())
     extra, missing = sorted(in_file - in_model), sorted(key for key in in_model - in_file
                                                         if not key.endswith("num_batches_tracked"))
@@ -106,27 +203,38 @@ class MaskModel(nn.Module):
 
 
 def build_model(kind="three_head", model="resnet18", backbones=None, pretrained=False, drop_rate=0.0,
-                drop_path_rate=0.0, age_years=False) -> MaskModel:
+                drop_path_rate=0.0, age_years=False, sources=None) -> MaskModel:
     """Build one of the three model kinds. `backbones` (multi_backbone only) maps each head to a
     timm name, e.g. {"mask": "convnext_tiny", "gender": "resnext50_32x4d", "age": "swin_s3_tiny_224"};
-    heads it leaves out use `model`. `age_years` (three_head only) adds the `years` regression head."""
+    heads it leaves out use `model`. `age_years` (three_head only) adds the `years` regression head.
+    `sources` maps each model source among the names to its `resolve_source` record (config.json keeps
+    them, so a run rebuilds without the source's folder)."""
+    sources = sources or {}
+
+    def backbone(name):
+        return create_backbone(name, pretrained, drop_path_rate, sources.get(name))
+
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; choose from {', '.join(MODEL_KINDS)}")
     if age_years and kind != "three_head":
         raise ValueError("the age regression head (age_years) needs kind three_head")
     if kind == "single_head":
-        return MaskModel({"shared": create_backbone(model, pretrained, drop_path_rate)}, {"class": 18}, drop_rate)
+        return MaskModel({"shared": backbone(model)}, {"class": 18}, drop_rate)
     if kind == "three_head":
         heads = {**HEADS, "years": 1} if age_years else HEADS
-        return MaskModel({"shared": create_backbone(model, pretrained, drop_path_rate)}, heads, drop_rate)
+        return MaskModel({"shared": backbone(model)}, heads, drop_rate)
     names = {head: (backbones or {}).get(head) or model for head in HEADS}
-    return MaskModel({head: create_backbone(name, pretrained, drop_path_rate) for head, name in names.items()},
-                     HEADS, drop_rate)
+    return MaskModel({head: backbone(name) for head, name in names.items()}, HEADS, drop_rate)
 
 
 def model_from_config(config: dict) -> MaskModel:
-    """Rebuild a run's model (without weights) from its config.json."""
+    """Rebuild a run's model (without weights) from its config.json (model sources from their record)."""
     return build_model(**config["model_args"])
+
+
+def model_sources(names) -> dict:
+    """The `resolve_source` record of every model source among `names` (build_model's `sources`)."""
+    return {name: resolve_source(name) for name in dict.fromkeys(names) if is_source(name)}
 
 
 def preprocessing(model: MaskModel) -> dict:

@@ -55,7 +55,7 @@ from flags import (
 )
 from loss import create_multi_head_loss
 from metrics import save_confusion_png, score
-from model import autocast, build_model, checked_compile, freeze, predict, preprocessing
+from model import autocast, build_model, checked_compile, freeze, model_sources, predict, preprocessing
 from model import resolve_precision as model_precision
 from report import write_report
 from runs import (
@@ -158,9 +158,18 @@ def run_config(args, model, run_dir, fold) -> dict:
 
 
 def model_args(args) -> dict:
-    """The arguments of `model.build_model` (saved in config.json to rebuild the model)."""
-    return dict(kind=args.kind, model=args.model, backbones=key_values(args.backbones), drop_rate=args.drop_rate,
-                drop_path_rate=args.drop_path_rate, age_years=args.age_years > 0)
+    """The arguments of `model.build_model` (saved in config.json to rebuild the model, model sources
+    with their architecture and preprocessing)."""
+    backbones = key_values(args.backbones)
+    return dict(kind=args.kind, model=args.model, backbones=backbones, drop_rate=args.drop_rate,
+                drop_path_rate=args.drop_path_rate, age_years=args.age_years > 0,
+                sources=model_sources([args.model, *backbones.values()]))
+
+
+def pretrained_choice(args):
+    """`build_model`'s `pretrained` for --pretrained: auto as it is (a source's own weights, none for
+    a timm name), none False, timm True, a file its path."""
+    return False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained
 
 
 def make_loaders(args, dataset, model, rank, world, device):
@@ -242,7 +251,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed, n_folds=args.n_folds,
                                      fold=fold or 0, drop_ages=args.drop_ages, extra_table=extra_table,
                                      exact_age=args.age_soft > 0 or args.age_years > 0)
-    pretrained = False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained
+    pretrained = pretrained_choice(args)
     model = build_model(pretrained=pretrained, **model_args(args))
     trainable, total = freeze(model, args.freeze)
     if args.cache_features and (unsupported := check_supported(model)):

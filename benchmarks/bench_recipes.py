@@ -4,6 +4,12 @@ every member, inference, ensembling) and score its submission.csv against eval_l
 
     python benchmarks/bench_recipes.py --recipes reference same_budget --seeds 0 1
     python benchmarks/bench_recipes.py --recipes one_hour --seeds 0
+    python benchmarks/bench_recipes.py --candidates same_budget_lite0 --seeds 0 1
+
+A candidate is a row of benchmarks/recipes/candidates.yaml: a kept recipe (`base`) run with a few flags
+changed (`flags`, given to the recipe as TRAIN_FLAGS, where they win over the recipe's own), and what was
+measured of it. `{face}` and `{weights}` in the flags stand for the shared face backbone's folder and
+efficientnet_lite0's weights file.
 
 Rows are appended to benchmarks/results/bench_recipes.csv with the machine (CPU flags) and the
 precision the runs resolved; the table of all rows so far is rewritten beside it. Where one invocation
@@ -30,14 +36,29 @@ from runs import atomic_write, write_csv  # noqa: E402
 RECIPES_DIR = ROOT / "benchmarks" / "recipes"
 UTKMASK = ROOT.parent / "shared" / "data" / "utkmask"
 WEIGHTS = ROOT.parent / "shared" / "weights" / "efficientnet_lite0.safetensors"
+FACE = ROOT.parent / "shared" / "weights" / "faceres_vggface2_mobilenetv1"
+CANDIDATES = RECIPES_DIR / "candidates.yaml"
 
 
-def run_block(script, seed, out, data, weights) -> float:
-    """Run a recipe `script` on `data` with its output in `out` (a new folder); return its wall minutes."""
+def read_candidates(path=CANDIDATES) -> dict:
+    """name -> {base, flags, measured} from the candidates table."""
+    import yaml
+    rows = yaml.safe_load(Path(path).read_text()) or []
+    return {row["name"]: row for row in rows}
+
+
+def candidate_flags(row, weights=WEIGHTS, face=FACE) -> str:
+    return str(row.get("flags", "")).format(face=face, weights=weights)
+
+
+def run_block(script, seed, out, data, weights, train_flags="") -> float:
+    """Run a recipe `script` on `data` with its output in `out` (a new folder), `train_flags` added to its
+    train.py commands; return its wall minutes."""
     if out.exists():
         raise SystemExit(f"error: {out} exists: give another --work_dir (runs never overwrite)")
     out.mkdir(parents=True)
-    env = dict(os.environ, DATA=str(data), WEIGHTS=str(weights), OUT=str(out), SEED=str(seed))
+    env = dict(os.environ, DATA=str(data), WEIGHTS=str(weights), OUT=str(out), SEED=str(seed),
+               TRAIN_FLAGS=train_flags)
     started = time.time()
     with open(out / "log.txt", "w") as log:
         subprocess.run(["bash", str(script)], cwd=ROOT, env=env, check=True, stdout=log,
@@ -84,8 +105,9 @@ def summary(results: pd.DataFrame) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=["reference", "same_budget"],
+    parser.add_argument("--recipes", nargs="*", default=["reference", "same_budget"],
                         help=f"names of {RECIPES_DIR}/*.sh")
+    parser.add_argument("--candidates", nargs="*", default=[], help=f"names of rows of {CANDIDATES}")
     parser.add_argument("--recipes_dir", default=str(RECIPES_DIR))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--data", default=str(UTKMASK), help="a folder with train/, eval/ and eval_labels.csv")
@@ -95,8 +117,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (Path(args.data) / "eval_labels.csv").is_file() or not Path(args.weights).is_file():
         raise SystemExit(f"error: needs {args.data}/eval_labels.csv and {args.weights} (the shared benchmark data)")
-    scripts = {recipe: Path(args.recipes_dir) / f"{recipe}.sh" for recipe in args.recipes}
-    missing = [str(path) for path in scripts.values() if not path.is_file()]
+    candidates = read_candidates()
+    unknown = [name for name in args.candidates if name not in candidates]
+    if unknown:
+        raise SystemExit(f"error: no candidate {', '.join(unknown)} in {CANDIDATES}")
+    blocks = {recipe: (Path(args.recipes_dir) / f"{recipe}.sh", "") for recipe in args.recipes}
+    blocks.update({name: (Path(args.recipes_dir) / f"{candidates[name]['base']}.sh",
+                          candidate_flags(candidates[name], args.weights)) for name in args.candidates})
+    missing = [str(path) for path, _ in blocks.values() if not path.is_file()]
     if missing:
         raise SystemExit(f"error: no recipe {', '.join(missing)}")
     results_path = Path(args.results)
@@ -104,9 +132,9 @@ def main(argv=None):
     previous = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame()
     rows = []
     for seed in args.seeds:
-        for recipe in args.recipes:
+        for recipe, (script, train_flags) in blocks.items():
             out = Path(args.work_dir) / f"{recipe}_s{seed}"
-            minutes = run_block(scripts[recipe], seed, out, args.data, args.weights)
+            minutes = run_block(script, seed, out, args.data, args.weights, train_flags)
             scores = score_submission(out, args.data)
             row = dict(recipe=recipe, seed=seed, f1=scores["f1"], mask_acc=scores["mask_acc"],
                        gender_acc=scores["gender_acc"], age_f1=scores["age_f1"], minutes=minutes,
