@@ -36,15 +36,17 @@ class BaseAugmentation:
     """Resize only (the baseline's default). Every augmentation works on uint8 CHW tensors in two
     steps: `prepare` (deterministic: crop and resize; what the decoded cache stores) and `augment`
     (random, training only); calling it does both. `crop_fraction` (height, width) overrides the
-    class's centre crop; (1, 1) keeps the whole image. Every augmentation also takes the optional
+    class's centre crop; (1, 1) keeps the whole image. `face_crop` (a `faces.FaceCrop`) crops the
+    square around each image's face instead, where one was found (the image's path names it; images
+    without a face keep the centre crop). Every augmentation also takes the optional
     training-only options: `color_jitter` (brightness, contrast and saturation factors in 1 +- S),
     `grayscale` (probability), `sharpness` (factor 1 + S, half the images), `noise` (gaussian, sigma
     as a fraction of 255) and `randaugment` ((N, M): torchvision's RandAugment on uint8)."""
     crop_fraction = None
 
     def __init__(self, resize=(128, 96), train=True, crop_fraction=None, color_jitter=0.0, grayscale=0.0,
-                 sharpness=0.0, noise=0.0, randaugment=None, **options):
-        self.resize, self.train = [int(v) for v in resize], train
+                 sharpness=0.0, noise=0.0, randaugment=None, face_crop=None, **options):
+        self.resize, self.train, self.face_crop = [int(v) for v in resize], train, face_crop
         if crop_fraction is not None:
             self.crop_fraction = None if tuple(crop_fraction) == (1, 1) else tuple(crop_fraction)
         check_augment_options(color_jitter, grayscale, sharpness, noise, randaugment)
@@ -71,8 +73,11 @@ class BaseAugmentation:
             image = (image.float() + noise).clamp_(0, 255).to(torch.uint8)
         return image
 
-    def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        if self.crop_fraction:
+    def prepare(self, image: torch.Tensor, path=None) -> torch.Tensor:
+        face = self.face_crop.crop(image, path) if self.face_crop is not None else None
+        if face is not None:
+            image = face
+        elif self.crop_fraction:
             image = TF.crop(image, *center_crop_box(*image.shape[-2:], self.crop_fraction))
         return TF.resize(image, self.resize, antialias=True)
 
@@ -82,8 +87,8 @@ class BaseAugmentation:
     def from_prepared(self, image: torch.Tensor) -> torch.Tensor:
         return self.augment(image) if self.train else image
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.from_prepared(self.prepare(image))
+    def __call__(self, image: torch.Tensor, path=None) -> torch.Tensor:
+        return self.from_prepared(self.prepare(image, path))
 
 
 class CustomAugmentation(BaseAugmentation):

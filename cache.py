@@ -118,6 +118,8 @@ def cache_key(paths, transform) -> str:
     files named from another folder, or by a relative instead of an absolute path, share one cache."""
     settings = dict(version=CACHE_VERSION, transform=type(transform).__name__, resize=list(transform.resize),
                     crop_fraction=transform.crop_fraction)
+    if getattr(transform, "face_crop", None) is not None:
+        settings["face"] = transform.face_crop.settings
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
     for path in paths:
         digest.update(f"{os.path.abspath(path)}\0{file_stamp(path)}\n".encode())

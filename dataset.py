@@ -393,9 +393,10 @@ def without_source_locations(text: str) -> str:
 
 
 def load_image(path, transform=None) -> torch.Tensor:
-    """Decode an image and apply `transform` (uint8 CHW in, uint8 CHW out)."""
+    """Decode an image and apply `transform(image, path)` (uint8 CHW in, uint8 CHW out; the path names
+    the image's face box where the transform crops faces)."""
     image = decode_image(path)
-    return transform(image) if transform else image
+    return transform(image, path) if transform else image
 
 
 class MaskBaseDataset(Dataset):

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cache import DEFAULT_CACHE_DIR
 from dataset import SAMPLE_DIR, encode_multi_class
 from inference import (
     add_bad_images_flag,
+    add_face_flags,
     add_precision_flags,
     check_eval_images,
+    check_face_flags,
     check_loader_flags,
     eval_images,
     output_paths,
@@ -58,7 +61,8 @@ def expand_inputs(inputs) -> list:
 
 
 def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp, num_workers,
-                      channels_last="auto", unreadable=(), shared_stages=None) -> np.ndarray:
+                      channels_last="auto", unreadable=(), shared_stages=None, face_detector=None,
+                      cache_dir=DEFAULT_CACHE_DIR, no_face_path=None) -> np.ndarray:
     """A run folder's eval probabilities: read from `eval_probs.csv` when it was made for the same
     eval folder, TTA, checkpoint and unreadable images, else computed with inference.py's `predict_run`
     (which keeps `--cache_features` runs' frozen-stage outputs in `shared_stages` for the next run)
@@ -70,7 +74,8 @@ def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp,
     if cache.is_file() and source.is_file() and json.loads(source.read_text()) == key:
         return aligned(read_probabilities(cache), image_ids, cache)
     probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers, channels_last=channels_last,
-                        unreadable=unreadable, shared_stages=shared_stages)
+                        unreadable=unreadable, shared_stages=shared_stages, face_detector=face_detector,
+                        cache_dir=cache_dir, no_face_path=no_face_path)
     write_csv(cache, probability_frame(image_ids, probs))
     write_json(source, key)
     return probs
@@ -143,6 +148,7 @@ def build_parser():
                         help="add per-class offsets fitted for macro F1 on the run folders' validation probabilities "
                              "(out-of-fold for k-fold members) to every input before voting")
     add_bad_images_flag(parser)
+    add_face_flags(parser)
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -161,6 +167,7 @@ def main(argv=None):
         image_ids, paths, labels, info = eval_images(args.data_dir)
         if args.labels:
             labels = read_labels(args.labels, image_ids)
+        check_face_flags(args, [read_config(path, "best") for path in inputs if path.is_dir()])
         note = mixed_age_bins([path for path in inputs if path.is_dir()])
         if note:
             print(note)
@@ -173,11 +180,12 @@ def main(argv=None):
         files = {path: aligned(read_probabilities(path), image_ids, path) for path in inputs if path.is_file()}
         unreadable = []
         if len(files) < len(inputs):
-            unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images)
+            unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images, args.cache_dir)
         shared_stages = {}  # --cache_features members' frozen-stage outputs, computed once for all of them
         probs = np.stack([files[path] if path in files else
                           run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size, args.amp,
-                                            args.num_workers, args.channels_last, unreadable, shared_stages)
+                                            args.num_workers, args.channels_last, unreadable, shared_stages,
+                                            args.face_detector, args.cache_dir, submission.with_name("no_face.csv"))
                           for path in inputs])
         if offsets is not None:
             probs = np.stack([apply_offsets(p, offsets) for p in probs])

@@ -10,6 +10,7 @@ import timm.optim
 from augment import AUGMENTATIONS, check_augment_options
 from cache import DEFAULT_CACHE_DIR
 from dataset import DATASETS, SAMPLE_DIR
+from faces import DEFAULT_DETECTOR, DEFAULT_MARGIN, DEFAULT_SCORE, MARGIN_RANGE
 from loss import create_criterion
 from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, HEADS, MODEL_KINDS, check_model_name
 
@@ -69,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --freeze N: compute the frozen stages' output for every image and its mirror "
                            "image once (kept in --cache_dir for later runs) and train the rest on it; flip is "
                            "then the only augmentation (EfficientNet backbones; see features.py)")
+    faces = parser.add_argument_group("face crop (photos where the face is not framed: faces.py)")
+    faces.add_argument("--face_crop", action="store_true",
+                       help="crop a square around each image's face, found once by a detector (cached in "
+                            "--cache_dir); images without a face keep the centre crop (listed in no_face.csv)")
+    faces.add_argument("--face_detector", default=DEFAULT_DETECTOR,
+                       help="YuNet's ONNX file (OpenCV model zoo: face_detection_yunet_2026may.onnx)")
+    faces.add_argument("--face_margin", type=float, default=DEFAULT_MARGIN,
+                       help=f"the crop's side over the face box's larger side, {MARGIN_RANGE[0]} to {MARGIN_RANGE[1]}")
+    faces.add_argument("--face_score", type=float, default=DEFAULT_SCORE, help="the detector's score threshold")
     augment = parser.add_argument_group("training augmentation (never applied to validation or inference)")
     augment.add_argument("--color_jitter", type=float, default=0.0, metavar="S",
                          help="brightness, contrast and saturation factors drawn in 1 +- S")
@@ -216,6 +226,13 @@ def validate(args):
         raise FlagError(f"--backbones: unknown heads {sorted(unknown_heads)}; heads are mask, gender, age")
     if args.optimizer.lower() not in timm.optim.list_optimizers() and args.optimizer.lower() != "sgd":
         raise FlagError(f"--optimizer: unknown optimizer {args.optimizer!r} (timm's: sgd, adam, adamw, lion, ...)")
+    if not MARGIN_RANGE[0] <= args.face_margin <= MARGIN_RANGE[1]:
+        raise FlagError(f"--face_margin must be in [{MARGIN_RANGE[0]}, {MARGIN_RANGE[1]}], got {args.face_margin}")
+    if not 0 < args.face_score < 1:
+        raise FlagError(f"--face_score must be in (0, 1), got {args.face_score}")
+    if args.face_crop and not Path(args.face_detector).is_file():
+        raise FlagError(f"--face_detector: file not found: {args.face_detector} (YuNet's ONNX file from the OpenCV "
+                        "model zoo, models/face_detection_yunet/)")
     if args.crop is not None and not all(0 < f <= 1 for f in args.crop):
         raise FlagError(f"--crop fractions must be in (0, 1], got {args.crop}")
     if min(args.resize) <= 0:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from augment import create_transforms
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
 from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, images_dir, scan_people
+from faces import find_faces, write_no_face
 from features import FromFeatures, frozen_outputs, predict_from_features, state_digest
 from metrics import apply_offsets, class_report, fit_offsets, score
 from model import (
@@ -76,12 +77,12 @@ def check_loader_flags(args) -> None:
         raise ValueError(f"--num_workers must be >= 0, got {args.num_workers}")
 
 
-def check_eval_images(paths, output_dir, num_workers, bad_images="stop") -> list:
+def check_eval_images(paths, output_dir, num_workers, bad_images="stop", cache_dir=DEFAULT_CACHE_DIR) -> list:
     """Decode every eval image once before predicting (remembered for unchanged files) and return the
     unreadable ones' paths, listed in `output_dir/bad_images.csv`. `bad_images` "stop": any unreadable
     image stops the command (no image is dropped); "fill": they are warned about and returned, for
     `predict_run` to fill their rows."""
-    bad = check_images(paths, DEFAULT_CACHE_DIR, num_workers)
+    bad = check_images(paths, cache_dir, num_workers)
     if not bad:
         return []
     listing = write_bad_images(bad, Path(output_dir) / "bad_images.csv")
@@ -113,21 +114,25 @@ def eval_images(data_dir):
 
 
 def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", tta="none", num_workers=2,
-                device=None, channels_last="auto", unreadable=(), shared_stages=None) -> np.ndarray:
+                device=None, channels_last="auto", unreadable=(), shared_stages=None, face_detector=None,
+                cache_dir=DEFAULT_CACHE_DIR, no_face_path=None) -> np.ndarray:
     """18-class probabilities (N, 18) of the images at `paths` by a run folder's model; the model,
     input size, crop and mean/std all come from the run's config.json. `amp` and `channels_last`
     take train.py's choices (auto: what this device and model run fastest with). The `unreadable`
     paths are not decoded: their rows get the mean of the other images' probabilities.
     `shared_stages` (a dict kept by the caller across runs): the output of a `--cache_features`
     run's frozen stages is kept there and reused by the next run with the same frozen stages
-    (an ensemble's members), which then only runs the layers after them."""
+    (an ensemble's members), which then only runs the layers after them. A run trained with `--face_crop`
+    crops the faces as it did (its detector file, or `face_detector` where that moved; the boxes found
+    once in `cache_dir`) and, with `no_face_path`, lists the images without a face there."""
     unreadable = set(map(str, unreadable))
     readable = np.array([str(p) not in unreadable for p in paths])
     if not readable.all():
         probs = np.empty((len(paths), 18), dtype=np.float32)
         probs[readable] = predict_run(run_dir, [p for p, ok in zip(paths, readable, strict=True) if ok], checkpoint,
                                       batch_size, amp, tta, num_workers, device, channels_last,
-                                      shared_stages=shared_stages)
+                                      shared_stages=shared_stages, face_detector=face_detector, cache_dir=cache_dir,
+                                      no_face_path=no_face_path)
         probs[~readable] = probs[readable].mean(0)
         return probs
     config, state = read_run(run_dir, checkpoint)
@@ -138,7 +143,9 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", t
                                                train=False)
     print(f"{Path(run_dir).name}: {line}")
     model.to(device, memory_format=torch.channels_last if layout else torch.preserve_format)
-    transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"))[1]
+    faces = run_faces(config, paths, face_detector, cache_dir, num_workers, no_face_path)
+    transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"),
+                                  face_crop=faces)[1]
     loader = DataLoader(ImageFiles(paths, transform), batch_size, num_workers=num_workers, collate_fn=fast_collate,
                         pin_memory=device.type == "cuda")
     prep = config["preprocessing"]
@@ -146,12 +153,32 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", t
     if shared_stages is not None and config.get("cache_features"):
         freeze(model, config["freeze"])
         rest = FromFeatures(model)
-        key = (state_digest(rest.frozen), tuple(map(str, paths)), str(config["resize"]), str(config.get("crop")), tta)
+        key = (state_digest(rest.frozen), tuple(map(str, paths)), str(config["resize"]), str(config.get("crop")), tta,
+               str(faces.settings if faces else None))
         if key not in shared_stages:  # in the first member's precision (auto may time another for the next)
             shared_stages[key] = frozen_outputs(rest.frozen, loader, amp_used, tta, layout)
         return predict_from_features(rest, shared_stages[key], amp_used, batch_size, layout).numpy()
     probs, _ = predict(model, loader, amp_used, tta, progress=True, channels_last=layout)
     return probs.numpy()
+
+
+def run_faces(config, paths, face_detector=None, cache_dir=DEFAULT_CACHE_DIR, num_workers=0, no_face_path=None):
+    """The face crop of a run trained with --face_crop for `paths` (None for other runs), as it was trained:
+    the same detector, score and margin."""
+    if not config.get("face_crop"):
+        return None
+    detector = face_detector or config["face_detector"]
+    if not Path(detector).is_file():
+        raise FileNotFoundError(f"{config['run_dir']} was trained with --face_crop: its detector file "
+                                f"{detector} is not here; pass --face_detector FILE")
+    faces = find_faces(paths, detector, config["face_score"], config["face_margin"], cache_dir, num_workers)
+    missing = len(faces.missing())
+    print(f"faces: found in {len(paths) - missing:,} of {len(paths):,} images; {missing:,} keep the centre crop"
+          + (f", listed in {no_face_path}" if missing and no_face_path else ""))
+    if no_face_path:
+        Path(no_face_path).parent.mkdir(parents=True, exist_ok=True)
+        write_no_face(no_face_path, faces)
+    return faces
 
 
 def read_labels(path, image_ids) -> np.ndarray:
@@ -207,8 +234,27 @@ def build_parser():
     parser.add_argument("--calibrate", action="store_true",
                         help="add per-class offsets fitted for macro F1 on the run's validation probabilities")
     add_bad_images_flag(parser)
+    add_face_flags(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
+
+
+def add_face_flags(parser):
+    """--face_crop (a check: the run must have been trained with it) and --face_detector (where it moved)."""
+    parser.add_argument("--face_crop", action="store_true",
+                        help="check that the run crops faces (a run trained with --face_crop always does, as trained)")
+    parser.add_argument("--face_detector", default=None,
+                        help="the detector file, where it is not at the path the run recorded")
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="the image check and the face boxes")
+
+
+def check_face_flags(args, configs) -> None:
+    """--face_crop on a run trained without it is an error (the model never saw face crops)."""
+    if args.face_crop:
+        for config in configs:
+            if not config.get("face_crop"):
+                raise ValueError(f"--face_crop: {config['run_dir']} was trained without --face_crop, so it predicts "
+                                 "on its own crop; retrain it with --face_crop or drop the flag")
 
 
 def output_paths(output_dir, name, overwrite):
@@ -251,16 +297,18 @@ def main(argv=None):
         check_loader_flags(args)
         run_dir = newest_run(args.model_dir, args.checkpoint)
         config = read_config(run_dir, args.checkpoint)
+        check_face_flags(args, [config])
         submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
         image_ids, paths, labels, info = eval_images(args.data_dir)
         if args.labels:
             labels = read_labels(args.labels, image_ids)
         offsets = validation_offsets([run_dir]) if args.calibrate else None
-        unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images)
+        unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images, args.cache_dir)
         print(f"predicting {len(paths)} images of {args.data_dir} with {run_dir} ({args.checkpoint}.pth, "
               f"tta {args.tta})" + fold_note(run_dir, config))
         probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
-                            channels_last=args.channels_last, unreadable=unreadable)
+                            channels_last=args.channels_last, unreadable=unreadable, face_detector=args.face_detector,
+                            cache_dir=args.cache_dir, no_face_path=submission.with_name("no_face.csv"))
         if offsets is not None:
             probs = apply_offsets(probs, offsets)
         write_submission(submission, probs_path, image_ids, probs, info)

@@ -39,6 +39,7 @@ from dataset import (
     scan_people,
     to_class_targets,
 )
+from faces import face_record, find_faces, write_no_face
 from features import FromFeatures, build_feature_set, check_supported
 from flags import (
     RESUME_OVERRIDES,
@@ -74,7 +75,15 @@ from runs import (
 
 
 # ---------------------------------------------------------------- the images, checked once
-def check_data(args, table, extra_table):
+def find_run_faces(args, table, extra_table):
+    """With --face_crop, the face box of every image (found once: later runs read them from --cache_dir)."""
+    if not args.face_crop:
+        return None
+    paths = pd.concat([t["path"] for t in (table, extra_table) if t is not None], ignore_index=True).tolist()
+    return find_faces(paths, args.face_detector, args.face_score, args.face_margin, args.cache_dir, args.num_workers)
+
+
+def check_data(args, table, extra_table, faces=None):
     """Decode every image once before the run (the decoded cache build is the check with --cache;
     files already checked unchanged cost nothing). Unreadable ones stop the run with their list, or
     with --skip_bad_images are left out: returns (table, extra table, [(path, reason)] left out)."""
@@ -82,8 +91,8 @@ def check_data(args, table, extra_table):
     paths = pd.concat([t["path"] for t in tables], ignore_index=True).tolist()
     if args.cache:
         try:
-            DecodedCache.build(paths, create_transforms(args.augmentation, args.resize, crop_fraction=args.crop)[1],
-                               args.cache_dir, args.num_workers)
+            transform = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop, face_crop=faces)[1]
+            DecodedCache.build(paths, transform, args.cache_dir, args.num_workers)
             bad = []
         except BadImagesError as error:
             bad = error.bad
@@ -172,8 +181,8 @@ def pretrained_choice(args):
     return False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained
 
 
-def make_loaders(args, dataset, model, rank, world, device):
-    train_tf, val_tf = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop,
+def make_loaders(args, dataset, model, rank, world, device, faces=None):
+    train_tf, val_tf = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop, face_crop=faces,
                                          **augment_options(args))
     if args.device_aug:
         train_tf = val_tf  # the device does the random part
@@ -243,9 +252,10 @@ def evaluate(model, loader, val_shard, args, world):
     return indices[order], probs, targets, years
 
 
-def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped=(), on_epoch=None) -> float:
+def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped=(), on_epoch=None,
+              faces=None) -> float:
     """Train one model into `run_dir`; return its best validation macro F1. `skipped`: the
-    unreadable images left out, recorded in the run."""
+    unreadable images left out, recorded in the run; `faces`: the face boxes with --face_crop."""
     seed_everything(args.seed)
     is_main = rank == 0
     dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed, n_folds=args.n_folds,
@@ -256,7 +266,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     trainable, total = freeze(model, args.freeze)
     if args.cache_features and (unsupported := check_supported(model)):
         raise FlagError(unsupported)
-    train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device)
+    train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device, faces)
     config = run_config(args, model, run_dir, fold)  # the flags as asked ...
     state = None
     if args.resume:
@@ -267,9 +277,14 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
                                         features_shape=train_loader.dataset.shape if args.cache_features else None)
     config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last, device_type=device.type,
                   skipped_images=len(skipped))
+    if faces is not None:
+        faces = faces.subset(pd.concat([t["path"] for t in (table, extra_table) if t is not None]))
+        config.update(faces=face_record(faces))
     n_val = sum(gather(len(val_shard), world))
     if is_main:
         write_json(run_dir / "config.json", config)
+        if faces is not None:
+            write_no_face(run_dir / "no_face.csv", faces)
         if skipped:
             write_bad_images(skipped, run_dir / "skipped_images.csv")
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
@@ -327,6 +342,11 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
         print(f"run {run_dir}: {len(train_loader.dataset)} train / {n_val} val "
               f"images, {trainable:,} of {total:,} parameters trainable, device {device}, {world} process(es)")
         print(precision, flush=True)
+        if faces is not None:
+            missing = config["faces"]["no_face"]
+            print(f"faces: found in {len(faces.boxes) - missing:,} of {len(faces.boxes):,} images (margin "
+                  f"{faces.margin}); {missing:,} keep the centre crop" + (f", listed in {run_dir / 'no_face.csv'}"
+                                                                       if missing else ""), flush=True)
     wandb_run = start_wandb(args, config, run_dir) if args.wandb and is_main else None
     epoch = start_epoch
     try:
@@ -503,7 +523,8 @@ def main(argv=None, on_epoch=None) -> list:
                 extra_tables = [scan_people(d, tuple(args.age_bins), check_images=False, expect_complete=False)
                                 for d in args.extra_data]
                 extra_table = pd.concat(extra_tables, ignore_index=True) if extra_tables else None
-                table, extra_table, skipped = check_data(args, table, extra_table)
+                faces = find_run_faces(args, table, extra_table)
+                table, extra_table, skipped = check_data(args, table, extra_table, faces)
                 folds = [args.fold] if args.fold is not None else list(range(args.n_folds)) if args.n_folds else [None]
                 if args.resume:
                     folds, run_dirs = [saved["fold"]], [run_dir]
@@ -512,7 +533,8 @@ def main(argv=None, on_epoch=None) -> list:
                     base = new_run_dir(args.model_dir, args.name, suffixes) if rank == 0 else None
                     base = gather(base, world)[0]
                     run_dirs = [Path(args.model_dir) / f"{base}{s}" for s in suffixes]
-                scores = [train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped, on_epoch)
+                scores = [train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped, on_epoch,
+                                    faces)
                           for fold, run_dir in zip(folds, run_dirs, strict=True)]
             except Exception:
                 if rank == 0 and not args.resume:

@@ -1,0 +1,295 @@
+"""Face boxes for photos where the face is not framed for us (`--face_crop`): every image's face is found
+once with an offline detector (OpenCV's YuNet, `cv2.FaceDetectorYN`), the boxes are kept in the cache
+folder keyed like the image check (absolute path, size, mtime, and the detector's settings), and the
+transforms crop a square of `margin` times the box's larger side around the chosen face, padded by edge
+replication where it leaves the image. Images without a face keep the usual centre crop.
+
+    python faces.py DIR [--detector FILE] [--output_dir faces]   # boxes.csv + a contact sheet of the crops
+"""
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cache import DEFAULT_CACHE_DIR, file_stamp, locked
+from dataset import IMAGE_EXTENSIONS, decode_image
+from runs import atomic_write, one_line_errors, write_csv
+
+DEFAULT_DETECTOR = "weights/face_detection_yunet_2026may.onnx"
+DEFAULT_MARGIN = 1.3  # chosen on utkmask's aligned crops: the square crop is about the crop they already are
+DEFAULT_SCORE = 0.5  # YuNet's 0.9 keeps about 30% of real masked faces; 0.5 about 93%
+MARGIN_RANGE = (1.0, 3.0)
+DETECT_SIDE = 320  # images whose longer side is smaller are upscaled to it before detection
+FACES_VERSION = 1
+
+
+class FaceDetectorError(ValueError):
+    """A missing or damaged detector file, or a bad detector setting (one line)."""
+
+
+class YuNet:
+    """OpenCV's YuNet face detector. `detect(rgb)`: (n, 5) boxes x, y, w, h, score in the image's pixels.
+    Small images are upscaled first; where nothing is found, the image is padded by a third of each side
+    and tried again (a face that fills a tight crop has no margin for the detector)."""
+
+    def __init__(self, path, score=DEFAULT_SCORE, nms=0.3, top_k=20):
+        self.path, self.score, self.nms, self.top_k = str(path), float(score), nms, top_k
+        if not Path(self.path).is_file():
+            raise FaceDetectorError(f"--face_detector: file not found: {self.path} (YuNet's ONNX file from the "
+                                    "OpenCV model zoo, models/face_detection_yunet/)")
+        self._net = None
+        self.net()  # a damaged file fails here, before any work
+
+    def net(self):
+        if self._net is None:
+            try:
+                import cv2
+            except ImportError:
+                raise FaceDetectorError("--face_crop needs opencv-python-headless: pip install -r requirements.txt") \
+                    from None
+            cv2.setNumThreads(1)
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # YuNet warns on every creation
+            try:
+                self._net = cv2.FaceDetectorYN.create(self.path, "", (DETECT_SIDE, DETECT_SIDE), self.score,
+                                                      self.nms, self.top_k)
+            except cv2.error as error:
+                detail = str(error).strip().splitlines()[-1][:120]
+                raise FaceDetectorError(f"--face_detector: {self.path} is not a readable YuNet ONNX model "
+                                        f"({detail})") from None
+        return self._net
+
+    def __getstate__(self):
+        return {**self.__dict__, "_net": None}
+
+    def detect(self, rgb: np.ndarray) -> np.ndarray:
+        boxes = self._detect(rgb)
+        if len(boxes) == 0:
+            height, width = rgb.shape[:2]
+            pad_h, pad_w = height // 3, width // 3
+            padded = np.pad(rgb, ((pad_h, pad_h), (pad_w, pad_w), (0, 0)), mode="edge")
+            boxes = self._detect(padded)
+            boxes[:, 0] -= pad_w
+            boxes[:, 1] -= pad_h
+        return boxes
+
+    def _detect(self, rgb):
+        import cv2
+        height, width = rgb.shape[:2]
+        scale = max(1.0, DETECT_SIDE / max(height, width))
+        image = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+        if scale > 1:
+            image = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_LINEAR)
+        net = self.net()
+        net.setInputSize((image.shape[1], image.shape[0]))
+        _, found = net.detect(image)
+        if found is None:
+            return np.zeros((0, 5), np.float32)
+        boxes = found[:, [0, 1, 2, 3, 14]].astype(np.float32)
+        boxes[:, :4] /= scale
+        return boxes
+
+
+def choose_face(boxes, height, width):
+    """The face of the photo among `boxes` (x, y, w, h, score): the highest score times nearness to the
+    image centre (1 at the centre, 0 at a corner), so that a confident face in the background does not
+    win over the person in front. None where there is no box."""
+    if len(boxes) == 0:
+        return None
+    boxes = np.asarray(boxes, dtype=np.float64)
+    centre_x, centre_y = boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2
+    distance = np.hypot(centre_x - width / 2, centre_y - height / 2) / (np.hypot(width, height) / 2)
+    best = int(np.argmax(boxes[:, 4] * np.clip(1 - distance, 0, 1)))
+    return tuple(float(v) for v in boxes[best])
+
+
+def square_box(box, margin) -> tuple:
+    """(top, left, side) of the square of `margin` times the box's larger side around its centre."""
+    x, y, w, h = box[:4]
+    side = max(1, round(margin * max(w, h)))
+    return round(y + h / 2 - side / 2), round(x + w / 2 - side / 2), side
+
+
+def crop_square(image: torch.Tensor, top, left, side) -> torch.Tensor:
+    """image[..., top:top+side, left:left+side] of a CHW tensor, edge-replicated where it leaves the image."""
+    height, width = image.shape[-2:]
+    rows = torch.arange(top, top + side).clamp_(0, height - 1)
+    cols = torch.arange(left, left + side).clamp_(0, width - 1)
+    return image[..., rows[:, None], cols[None, :]]
+
+
+class FaceCrop:
+    """What a transform needs to crop faces: the chosen box of every image (by absolute path; None
+    where no face was found) and the margin. `settings` go into config.json and into cache keys."""
+
+    def __init__(self, boxes: dict, margin=DEFAULT_MARGIN, settings=None):
+        self.boxes, self.margin = boxes, float(margin)
+        self.settings = dict(settings or {}, margin=self.margin)
+
+    def crop(self, image: torch.Tensor, path):
+        """The face square of `image` (decoded from `path`), or None where it has no face."""
+        box = self.boxes.get(os.path.abspath(path)) if path is not None else None
+        if box is None:
+            return None
+        return crop_square(image, *square_box(box, self.margin))
+
+    def missing(self) -> list:
+        """The images where no face was found (absolute paths)."""
+        return sorted(path for path, box in self.boxes.items() if box is None)
+
+    def subset(self, paths) -> "FaceCrop":
+        """The same crop for `paths` only (the images a run keeps)."""
+        return FaceCrop({os.path.abspath(p): self.boxes.get(os.path.abspath(p)) for p in map(str, paths)},
+                        self.margin, self.settings)
+
+
+class DetectFiles(Dataset):
+    """Item i: (i, the chosen box of image i or None) for a DataLoader's workers."""
+
+    def __init__(self, paths, detector):
+        self.paths, self.detector = paths, detector
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            image = decode_image(self.paths[index])
+        except ValueError:  # unreadable: the image check names it
+            return index, None
+        rgb = image.permute(1, 2, 0).numpy()
+        return index, choose_face(self.detector.detect(rgb), *rgb.shape[:2])
+
+
+def detector_settings(detector_path, score) -> dict:
+    """What the boxes depend on (recorded in config.json and keying the box cache)."""
+    path = Path(detector_path)
+    return dict(detector="yunet", detector_file=str(path), detector_stamp=file_stamp(path) if path.is_file() else "",
+                score=float(score), version=FACES_VERSION)
+
+
+def find_faces(paths, detector_path=DEFAULT_DETECTOR, score=DEFAULT_SCORE, margin=DEFAULT_MARGIN,
+               cache_dir=DEFAULT_CACHE_DIR, num_workers=0, detector=None) -> FaceCrop:
+    """The FaceCrop of `paths`: boxes found once and kept in `cache_dir` (a CSV per detector setting), so
+    that a second run, an ensemble member or inference on the same files detects nothing again.
+    `detector`: any object with `detect(rgb) -> (n, 5)` (tests inject one); by default YuNet."""
+    if not MARGIN_RANGE[0] <= margin <= MARGIN_RANGE[1]:
+        raise FaceDetectorError(f"--face_margin must be in [{MARGIN_RANGE[0]}, {MARGIN_RANGE[1]}], got {margin}")
+    if not 0 < score < 1:
+        raise FaceDetectorError(f"--face_score must be in (0, 1), got {score}")
+    settings = detector_settings(detector_path, score)
+    if detector is None:
+        detector = YuNet(detector_path, score)
+        settings["detector_stamp"] = file_stamp(detector_path)
+    else:
+        settings["detector"] = type(detector).__name__
+    key = hashlib.sha1(json.dumps({k: v for k, v in settings.items() if k != "detector_file"},
+                                  sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    record = cache_dir / f"faces-{key}.csv"
+    wanted = {os.path.abspath(p): file_stamp(p) for p in map(str, paths)}
+    with locked(record.with_suffix(".lock")):
+        known = read_boxes(record)
+        todo = [path for path, stamp in wanted.items() if known.get(path, (None, None))[0] != stamp]
+        if todo:
+            loader = DataLoader(DetectFiles(todo, detector), batch_size=None, num_workers=num_workers)
+            for index, box in tqdm(loader, desc=f"finding faces in {len(todo)} images", total=len(todo),
+                                   leave=False, dynamic_ncols=True):
+                known[todo[index]] = (wanted[todo[index]], None if box is None else tuple(map(float, box)))
+            write_boxes(record, known)
+    return FaceCrop({path: known[path][1] for path in wanted}, margin, settings)
+
+
+BOX_COLUMNS = ["x", "y", "w", "h", "score"]
+
+
+def read_boxes(record) -> dict:
+    """path -> (stamp, box or None) from a box cache file (a damaged one is detected again)."""
+    if not Path(record).is_file():
+        return {}
+    try:
+        frame = pd.read_csv(record, dtype={"path": str, "stamp": str}, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return {}
+    return {row.path: (row.stamp, None if np.isnan(row.x) else tuple(float(getattr(row, c)) for c in BOX_COLUMNS))
+            for row in frame.itertuples()}
+
+
+def write_boxes(path, boxes: dict) -> None:
+    """Write path -> (stamp, box or None) as a CSV: path, stamp, x, y, w, h, score (empty: no face)."""
+    rows = [dict(path=image, stamp=stamp, **dict(zip(BOX_COLUMNS, box or [np.nan] * 5, strict=True)))
+            for image, (stamp, box) in boxes.items()]
+    write_csv(path, pd.DataFrame(rows, columns=["path", "stamp", *BOX_COLUMNS]))
+
+
+def write_no_face(path, faces: FaceCrop) -> Path:
+    """The images where no face was found, one per line (`no_face.csv`)."""
+    write_csv(path, pd.DataFrame({"path": faces.missing()}))
+    return Path(path)
+
+
+def face_record(faces: FaceCrop) -> dict:
+    """The face crop's settings and counts, as config.json keeps them."""
+    return dict(faces.settings, images=len(faces.boxes), no_face=len(faces.missing()))
+
+
+def contact_sheet(path, images, faces: FaceCrop, size=96, columns=12, limit=120) -> Path:
+    """A PNG of the face crops of `images` (the first `limit`), images without a face framed in red."""
+    import torchvision.transforms.v2.functional as TF
+    from PIL import Image, ImageDraw
+    images = list(images)[:limit]
+    rows = max(1, -(-len(images) // columns))
+    sheet = Image.new("RGB", (columns * size, rows * size), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, image_path in enumerate(images):
+        image = decode_image(image_path)
+        crop = faces.crop(image, image_path)
+        tile = TF.resize(crop if crop is not None else image, [size, size], antialias=True)
+        x, y = i % columns * size, i // columns * size
+        sheet.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), (x, y))
+        if crop is None:
+            draw.rectangle([x, y, x + size - 1, y + size - 1], outline="red", width=3)
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+    return Path(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Find the face of every image of a folder (recursively): "
+                                     "boxes.csv, no_face.csv and a contact sheet of the crops")
+    parser.add_argument("folder")
+    parser.add_argument("--face_detector", default=DEFAULT_DETECTOR, help="YuNet's ONNX file")
+    parser.add_argument("--face_score", type=float, default=DEFAULT_SCORE, help="detector score threshold")
+    parser.add_argument("--face_margin", type=float, default=DEFAULT_MARGIN, help="crop side over the box's")
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--output_dir", default="faces")
+    args = parser.parse_args(argv)
+    with one_line_errors(FaceDetectorError):
+        folder = Path(args.folder)
+        if not folder.is_dir():
+            raise FaceDetectorError(f"folder not found: {folder}")
+        paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                       and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        if not paths:
+            raise FaceDetectorError(f"no images in {folder}")
+        faces = find_faces(paths, args.face_detector, args.face_score, args.face_margin, args.cache_dir,
+                           args.num_workers)
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_boxes(out / "boxes.csv", {path: (file_stamp(path), box) for path, box in faces.boxes.items()})
+        write_no_face(out / "no_face.csv", faces)
+        sheet = contact_sheet(out / "faces.png", paths, faces)
+    print(f"{len(paths) - len(faces.missing())} of {len(paths)} images have a face; wrote {out / 'boxes.csv'}, "
+          f"{out / 'no_face.csv'} and {sheet}")
+    return faces
+
+
+if __name__ == "__main__":
+    main()
