@@ -1,9 +1,10 @@
-"""The READMEs stay true: every flag they show exists where they show it."""
+"""The READMEs and docs/ stay true: every flag they show exists where they show it, and every flag of
+train.py is documented in docs/training.md."""
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
+DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 FLAG = r"(?<![\w-])--[a-z][\w-]*"
 NOT_OURS = {"--help", "--nproc_per_node"}  # argparse's own, torchrun's
 
@@ -53,3 +54,18 @@ def test_every_flag_the_readmes_name_exists_in_some_script():
     named = {flag for doc in DOCS for span in re.findall(r"`([^`\n]+)`", doc.read_text())
              for flag in re.findall(FLAG, span)} - NOT_OURS
     assert len(named) > 50 and not sorted(f for f in named if f'"{f}"' not in sources)
+
+
+def test_every_train_flag_is_in_the_training_doc():
+    import flags
+    text = (ROOT / "docs" / "training.md").read_text()
+    options = [a.option_strings[-1] for a in flags.build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert len(options) > 60 and not [o for o in options if f"`{o}" not in text]
+
+
+def test_the_readme_is_short_and_starts_with_what_a_newcomer_needs():
+    text = (ROOT / "README.md").read_text()
+    first_screens = "\n".join(text.splitlines()[:60])
+    assert len(text.splitlines()) <= 160
+    assert all(part in first_screens for part in ("pip install -r requirements.txt", "python train.py",
+                                                  "python inference.py", "--amp auto", "gpu_check.md"))
