@@ -229,6 +229,19 @@ def write_boxes(path, boxes: dict) -> None:
     write_csv(path, pd.DataFrame(rows, columns=["path", "stamp", *BOX_COLUMNS]))
 
 
+def run_face_crop(config, paths, face_detector=None, cache_dir=None, num_workers=0):
+    """The face crop of a run trained with --face_crop (its config.json) for `paths`, as it was trained:
+    the same detector, score and margin (None for other runs). `face_detector`: where the file moved."""
+    if not config.get("face_crop"):
+        return None
+    detector = face_detector or config["face_detector"]
+    if not Path(detector).is_file():
+        raise FaceDetectorError(f"{config.get('run_dir', 'the run')} was trained with --face_crop: its detector "
+                                f"file {detector} is not here; pass --face_detector FILE")
+    return find_faces(paths, detector, config["face_score"], config["face_margin"],
+                      cache_dir or config.get("cache_dir") or DEFAULT_CACHE_DIR, num_workers)
+
+
 def write_no_face(path, faces: FaceCrop) -> Path:
     """The images where no face was found, one per line (`no_face.csv`)."""
     write_csv(path, pd.DataFrame({"path": faces.missing()}))

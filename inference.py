@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from augment import create_transforms
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
 from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, images_dir, scan_people
-from faces import find_faces, write_no_face
+from faces import run_face_crop, write_no_face
 from features import FromFeatures, frozen_outputs, predict_from_features, state_digest
 from metrics import apply_offsets, class_report, fit_offsets, score
 from model import (
@@ -165,13 +165,9 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", t
 def run_faces(config, paths, face_detector=None, cache_dir=DEFAULT_CACHE_DIR, num_workers=0, no_face_path=None):
     """The face crop of a run trained with --face_crop for `paths` (None for other runs), as it was trained:
     the same detector, score and margin."""
-    if not config.get("face_crop"):
+    faces = run_face_crop(config, paths, face_detector, cache_dir, num_workers)
+    if faces is None:
         return None
-    detector = face_detector or config["face_detector"]
-    if not Path(detector).is_file():
-        raise FileNotFoundError(f"{config['run_dir']} was trained with --face_crop: its detector file "
-                                f"{detector} is not here; pass --face_detector FILE")
-    faces = find_faces(paths, detector, config["face_score"], config["face_margin"], cache_dir, num_workers)
     missing = len(faces.missing())
     print(f"faces: found in {len(paths) - missing:,} of {len(paths):,} images; {missing:,} keep the centre crop"
           + (f", listed in {no_face_path}" if missing and no_face_path else ""))

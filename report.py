@@ -19,17 +19,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from augment import create_transforms
 from dataset import decode_multi_class, images_dir, load_image, open_upright
+from faces import run_face_crop
 from metrics import pyplot, save_confusion_png
 from model import HEADS, model_from_config
 from runs import PROB_COLUMNS, atomic_write, load_checkpoint, one_line_errors, read_folds, read_json, read_probabilities
 
 HEAD_NAMES = {"mask": ("wear", "incorrect", "not wear"), "gender": ("male", "female"), "age": ("<30", "30-59", ">=60")}
 SECTIONS = {"settings": "Settings", "curves": "Learning curves", "confusion": "Confusion matrices",
-            "classes": "Per-class scores", "errors": "Validation errors", "cams": "Where the heads look"}
+            "classes": "Per-class scores", "errors": "Validation errors", "cams": "Where the heads look",
+            "faces": "Face crops"}
 CSS = """body{font-family:sans-serif;margin:24px;max-width:1400px}table{border-collapse:collapse;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
 .changed td{font-weight:bold}.tile{display:inline-block;margin:4px;font-size:11px;width:150px;vertical-align:top}
@@ -177,6 +180,36 @@ def errors_section(run, per_head=12) -> str:
     return "".join(parts)
 
 
+def faces_section(run, n=12) -> str:
+    """With --face_crop: a strip of validation crops as the model saw them, and one of the images where
+    no face was found (they kept the centre crop)."""
+    config, probs, root = run["config"], run["probs"], images_dir(run["config"]["data_dir"])
+    record = config["faces"]
+    no_face = run["dir"] / "no_face.csv"
+    missing_paths = pd.read_csv(no_face)["path"].tolist() if no_face.is_file() else []
+    shown = [root / image_id for image_id in probs["ImageID"].head(n)] if probs is not None else []
+    paths = [p for p in shown + [Path(p) for p in missing_paths[:n]] if Path(p).is_file()]
+    faces = run_face_crop(config, paths)
+    transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"),
+                                  face_crop=faces)[1]
+
+    def strip(items):
+        tags = []
+        for path in items:
+            image = load_image(path, transform).permute(1, 2, 0).numpy()
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            tags.append(img_tag(buffer.getvalue(), "image/png", Path(path).name))
+        return "".join(tags)
+
+    text = (f"<p>{record['images'] - record['no_face']:,} of {record['images']:,} images with a face (margin "
+            f"{record['margin']}, score {record['score']}); {record['no_face']:,} kept the centre crop.</p>")
+    text += f"<h3>validation crops</h3><div>{strip([p for p in shown if p.is_file()])}</div>"
+    if missing_paths:
+        text += f"<h3>no face found (centre crop)</h3><div>{strip([Path(p) for p in missing_paths[:n]])}</div>"
+    return text
+
+
 def last_conv(module):
     convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
     return convs[-1] if len(convs) > 2 else None
@@ -195,7 +228,10 @@ def cams_section(run, n_errors=4, n_correct=2) -> str:
     right = np.flatnonzero(matrix.argmax(1) == probs["ans"].to_numpy())
     chosen = [(i, "error") for i in wrong[np.argsort(-matrix[wrong].max(1))][:n_errors]] + \
              [(i, "correct") for i in right[np.argsort(-matrix[right].max(1))][:n_correct]]
-    transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"))[1]
+    paths = [root / probs["ImageID"].iloc[i] for i, _ in chosen]
+    faces = run_face_crop(config, [p for p in paths if p.is_file()])
+    transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"),
+                                  face_crop=faces)[1]
     mean = torch.tensor(config["preprocessing"]["mean"]).view(3, 1, 1)
     std = torch.tensor(config["preprocessing"]["std"]).view(3, 1, 1)
     heads = list(config.get("heads", HEADS))
@@ -204,8 +240,7 @@ def cams_section(run, n_errors=4, n_correct=2) -> str:
     if not any(layers.values()):
         return '<p class="note">no class activation maps: the backbone has no convolutional layer (ViT / Swin)</p>'
     rows = []
-    for i, kind in chosen:
-        path = root / probs["ImageID"].iloc[i]
+    for (i, kind), path in zip(chosen, paths, strict=True):
         if not path.is_file():
             continue
         image = load_image(path, transform)
@@ -258,6 +293,8 @@ def run_report(run_dir, cams=True) -> str:
                      ("errors", errors_section(run))]
         has_model = cams and (run["dir"] / "best.pth").is_file()
         sections.append(("cams", cams_section(run) if has_model else missing("no class activation maps asked for")))
+    if run["config"].get("face_crop") and "faces" in run["config"]:
+        sections.append(("faces", faces_section(run)))
     return page(f"Run {run['name']}", sections)
 
 

@@ -8,8 +8,8 @@ every member, inference, ensembling) and score its submission.csv against eval_l
 
 A candidate is a row of benchmarks/recipes/candidates.yaml: a kept recipe (`base`) run with a few flags
 changed (`flags`, given to the recipe as TRAIN_FLAGS, where they win over the recipe's own), and what was
-measured of it. `{face}` and `{weights}` in the flags stand for the shared face backbone's folder and
-efficientnet_lite0's weights file.
+measured of it. `{face}`, `{weights}` and `{detector}` in the flags stand for the shared face backbone's folder,
+efficientnet_lite0's weights file and the YuNet face detector file.
 
 Rows are appended to benchmarks/results/bench_recipes.csv with the machine (CPU flags) and the
 precision the runs resolved; the table of all rows so far is rewritten beside it. Where one invocation
@@ -37,6 +37,7 @@ RECIPES_DIR = ROOT / "benchmarks" / "recipes"
 UTKMASK = ROOT.parent / "shared" / "data" / "utkmask"
 WEIGHTS = ROOT.parent / "shared" / "weights" / "efficientnet_lite0.safetensors"
 FACE = ROOT.parent / "shared" / "weights" / "faceres_vggface2_mobilenetv1"
+DETECTOR = ROOT.parent / "shared" / "weights" / "face_detection_yunet_2026may.onnx"
 CANDIDATES = RECIPES_DIR / "candidates.yaml"
 
 
@@ -47,8 +48,8 @@ def read_candidates(path=CANDIDATES) -> dict:
     return {row["name"]: row for row in rows}
 
 
-def candidate_flags(row, weights=WEIGHTS, face=FACE) -> str:
-    return str(row.get("flags", "")).format(face=face, weights=weights)
+def candidate_flags(row, weights=WEIGHTS, face=FACE, detector=DETECTOR) -> str:
+    return str(row.get("flags", "")).format(face=face, weights=weights, detector=detector)
 
 
 def run_block(script, seed, out, data, weights, train_flags="") -> float:

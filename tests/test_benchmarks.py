@@ -90,3 +90,15 @@ def test_recipe_minutes_are_given_against_the_reference_of_the_same_run(monkeypa
     table = summary(pd.concat([older, pd.DataFrame(rows)], ignore_index=True))
     assert "| one_hour | 1 | 0.700 | 0.900 | 0.750 | 44.0 |  | m | off |" in table
     assert "| same_budget | 2 | 0.700 +- 0.000 | 0.900 | 0.750 | 9.0 | 0.90 | m | off |" in table
+
+
+def test_candidates_are_rows_of_one_table_over_kept_recipes(monkeypatch):
+    """benchmarks/recipes/candidates.yaml: each candidate names a kept recipe and its changed flags."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_recipes import candidate_flags, read_candidates
+    candidates = read_candidates()
+    assert {"same_budget_face", "same_budget_facecrop"} <= set(candidates)
+    for row in candidates.values():
+        assert (ROOT / "benchmarks" / "recipes" / f"{row['base']}.sh").is_file() and "measured" in row
+        assert "{" not in candidate_flags(row)
+    assert "local-dir:" in candidate_flags(candidates["same_budget_face"])

@@ -150,6 +150,9 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
     ensemble.main([str(runs / "exp"), str(runs / "exp2"), "--data_dir", str(tiny_data / "eval"), "--output_dir",
                    str(out), "--num_workers", "0", "--cache_dir", str(cache)])
     assert len(CentreFace.calls) == 42  # the eval boxes were kept too
+    import report
+    text = report.run_report(runs / "exp", cams=True)
+    assert "Face crops" in text and "168 of 168 images with a face" in text
 
 
 def test_face_crop_at_inference_needs_a_run_trained_with_it(tiny_data, tmp_path, capsys):
