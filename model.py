@@ -63,7 +63,7 @@ def check_model_name(name) -> dict:
     if is_source(name):
         return resolve_source(name)
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: use a timm model name (see timm.list_models()), "
+        raise ValueError(f"unknown timm model {name!r} (see timm.list_models()); a model source is "
                          "local-dir:FOLDER or hf-hub:ORG/NAME")
     return None
 

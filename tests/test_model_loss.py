@@ -182,7 +182,7 @@ def test_shared_pretrained_file_loads_the_same_weights(shared_weights):
 def test_pretrained_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         build_model("three_head", "test_resnet", pretrained=str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ValueError, match="unknown model 'no_such_net'"):
+    with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
         build_model("three_head", "no_such_net")
     code = "from model import build_model; build_model('three_head', 'test_resnet', pretrained=True)"
     env = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -112,3 +112,13 @@ def test_hf_hub_offline_is_a_one_line_error(tiny_data, monkeypatch):
     args = parse_args(["--data_dir", str(tiny_data / "train"), "--model", "hf-hub:someone/no_such_model"])
     with pytest.raises(FlagError, match="could not download its config.json .*local-dir:FOLDER"):
         validate(args)
+
+
+def test_a_source_trains_on_cached_features(source, tiny_data, tmp_path):
+    folder, _ = source
+    runs = tmp_path / "runs"
+    train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--resize", "64", "48",
+                "--num_workers", "0", "--epochs", "1", "--batch_size", "32", "--report", "off", "--cache_dir",
+                str(tmp_path / "cache"), "--model", f"local-dir:{folder}", "--freeze", "2", "--cache_features"])
+    assert list((tmp_path / "cache").glob("*.features"))
+    assert json.loads((runs / "exp" / "config.json").read_text())["preprocessing"]["std"] == pytest.approx(STD)
