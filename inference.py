@@ -21,6 +21,7 @@ from features import FromFeatures, frozen_outputs, predict_from_features, state_
 from metrics import apply_offsets, class_report, fit_offsets, score
 from model import (
     AMP_CHOICES,
+    AMP_TIMINGS,
     CHANNELS_LAST_CHOICES,
     TTA_CHOICES,
     freeze,
@@ -140,7 +141,7 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", t
     model = model_from_config(config)
     model.load_state_dict(state["model"])
     amp_used, layout, line = resolve_precision(model, amp, channels_last, device, config["resize"], batch_size,
-                                               train=False)
+                                               train=False, remember=Path(cache_dir) / AMP_TIMINGS)
     print(f"{Path(run_dir).name}: {line}")
     model.to(device, memory_format=torch.channels_last if layout else torch.preserve_format)
     faces = run_faces(config, paths, face_detector, cache_dir, num_workers, no_face_path)

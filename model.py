@@ -1,7 +1,10 @@
 """Models: timm backbones with mask / gender / age heads (or one 18-class head), freezing,
 pretrained weights, preprocessing config, and `probs18` for any model kind."""
 import copy
+import hashlib
+import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -394,8 +397,9 @@ def resolve_amp(asked: str, device, probe=None) -> tuple:
         if probe is None:
             return "bf16", f"CPU with native bf16 ({cpu_flags()})"
         amp, speeds = probe()
-        return amp, (f"CPU with native bf16 ({cpu_flags()}), measured on this model: bf16 {speeds['bf16']:.1f} "
-                     f"img/s, fp32 {speeds['off']:.1f} img/s")
+        when = f" (as timed on {speeds['timed_on']})" if "timed_on" in speeds else ""
+        return amp, (f"CPU with native bf16 ({cpu_flags()}), measured on this model{when}: bf16 "
+                     f"{speeds['bf16']:.1f} img/s, fp32 {speeds['off']:.1f} img/s")
     return "off", f"no mixed precision rule for device {device.type}"
 
 
@@ -420,13 +424,63 @@ def resolve_channels_last(asked: str, model: nn.Module) -> tuple:
     return False, "not a convolutional model"
 
 
-def resolve_precision(model, amp, channels_last, device, input_size, batch_size, train=True, agree=None) -> tuple:
+AMP_TIMINGS = "amp_timings.json"  # in the cache folder: --amp auto's CPU timings by machine and workload
+
+
+def timing_key(model, input_size, batch_size, train, channels_last) -> str:
+    """What a CPU precision timing depends on: the CPU (model name and flags), torch, the model (its
+    modules and parameter count), input, batch (as the probe caps it), training or inference, layout."""
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    layers = sorted({type(m).__name__ for m in model.modules()})
+    parts = [cpu, cpu_flags(), torch.__version__, type(model).__name__, layers,
+             sum(p.numel() for p in model.parameters()), list(input_size),
+             min(batch_size, PROBE_MAX_BATCH[train]), train, bool(channels_last)]
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+def remembered_probe(probe, key, record_path):
+    """`probe` run once per `key`: its result is kept in the JSON file `record_path` with the date, and
+    later calls with the same key return it (so the same command on the same machine trains in the same
+    precision), marked "as timed on DATE"."""
+    record_path = Path(record_path)
+
+    def remembered():
+        record = {}
+        if record_path.is_file():
+            try:
+                record = json.loads(record_path.read_text())
+            except (ValueError, OSError):
+                record = {}
+        if key in record:
+            entry = record[key]
+            return entry["amp"], {**entry["speeds"], "timed_on": entry["date"]}
+        amp, speeds = probe()
+        record[key] = dict(amp=amp, speeds=speeds, date=time.strftime("%Y-%m-%d %H:%M"))
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, record_path)
+        return amp, speeds
+
+    return remembered
+
+
+def resolve_precision(model, amp, channels_last, device, input_size, batch_size, train=True, agree=None,
+                      remember=None) -> tuple:
     """(amp, channels_last bool, the line that explains both) for running `model` on `device`: the
     rules above, auto's timing on training steps (`train`) or forward passes at the run's batch size.
-    `agree` maps the (amp, reason) choice to the one every process uses (train.py: rank 0's)."""
+    `agree` maps the (amp, reason) choice to the one every process uses (train.py: rank 0's).
+    `remember`: a JSON file (in the cache folder) where auto's CPU timing is kept per machine and
+    workload (`timing_key`), so later runs repeat its choice instead of timing again."""
     layout, layout_reason = resolve_channels_last(channels_last, model)
-    amp_used, amp_reason = resolve_amp(amp, device, probe=lambda: faster_cpu_precision(
-        model, input_size, batch_size, train=train, channels_last=layout))
+    probe = lambda: faster_cpu_precision(model, input_size, batch_size, train=train, channels_last=layout)  # noqa: E731
+    if remember is not None:
+        probe = remembered_probe(probe, timing_key(model, input_size, batch_size, train, layout), remember)
+    amp_used, amp_reason = resolve_amp(amp, device, probe=probe)
     if agree is not None:
         amp_used, amp_reason = agree((amp_used, amp_reason))
     return amp_used, layout, (f"amp {amp} -> {amp_used}: {amp_reason}; channels_last {channels_last} -> "

@@ -56,7 +56,7 @@ from flags import (
 )
 from loss import create_multi_head_loss
 from metrics import save_confusion_png, score
-from model import autocast, build_model, checked_compile, freeze, model_sources, predict, preprocessing
+from model import AMP_TIMINGS, autocast, build_model, checked_compile, freeze, model_sources, predict, preprocessing
 from model import resolve_precision as model_precision
 from report import write_report
 from runs import (
@@ -227,14 +227,16 @@ def resolve_precision(args, model, device, world=1, resumed=None, features_shape
     training steps of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank);
     with --cache_features, steps of the layers after the frozen ones on features, what the loop runs.
     A run resumed (`resumed`: its saved config) on the same kind of device keeps the precision it was
-    trained in: auto's timing could otherwise pick the other one mid-run."""
+    trained in: auto's timing could otherwise pick the other one mid-run. The timing is kept in
+    --cache_dir per machine and workload: the same command later repeats its choice."""
     if resumed and resumed.get("device_type") == device.type and "amp_resolved" in resumed:
         amp, channels_last = resumed["amp_resolved"], resumed["channels_last_resolved"]
         line = f"amp {amp}, channels_last {'on' if channels_last else 'off'}: as the resumed run was trained"
     else:
         timed, size = (FromFeatures(model), features_shape[2:]) if features_shape else (model, args.resize)
         amp, channels_last, line = model_precision(timed, args.amp, args.channels_last, device, size,
-                                                   args.batch_size, agree=lambda choice: gather(choice, world)[0])
+                                                   args.batch_size, agree=lambda choice: gather(choice, world)[0],
+                                                   remember=Path(args.cache_dir) / AMP_TIMINGS)
     return argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last}), line
 
 
