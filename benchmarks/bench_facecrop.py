@@ -3,12 +3,14 @@ and how often detection runs.
 
     python benchmarks/bench_facecrop.py found      # 1. found / not found per class and detector on realmask
     python benchmarks/bench_facecrop.py frame      # 2. build the framed copy of utkmask (deterministic)
+    python benchmarks/bench_facecrop.py right      # 2. how often the chosen face is the placed one
     python benchmarks/bench_facecrop.py once       # 4. detection time of a first and a second pass over utkmask
 
 The training comparisons (2, 3) are recipes: bench_recipes.py with --data on the framed copy and the
 candidate same_budget_facecrop (benchmarks/README.md lists the commands). Tables go to
 benchmarks/results/bench_facecrop_*.md with the CPU flags."""
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -78,32 +80,72 @@ def found_rates(args):
                 "photos, at most 320 px; one thread, in-process, the face chosen nearest the centre)")
 
 
+def placement(seed, background_size) -> dict:
+    """The random choices of one framed image (seeded): the background's crop, blur and colour shift,
+    the face's side and centre on the canvas."""
+    rng = np.random.RandomState(seed)
+    width, height = CANVAS
+    bw, bh = background_size
+    cw, ch = int(bw * rng.uniform(0.4, 0.8)), int(bh * rng.uniform(0.4, 0.8))
+    left, top = rng.randint(0, bw - cw + 1), rng.randint(0, bh - ch + 1)
+    blur, shift = rng.uniform(4, 10), rng.uniform(0.7, 1.3, size=3)
+    side = int(width * rng.uniform(*FACE_WIDTH))
+    centre = (width / 2 + rng.uniform(-SHIFT, SHIFT) * width, height * 0.42 + rng.uniform(-SHIFT, SHIFT) * height)
+    return dict(crop=(left, top, left + cw, top + ch), blur=blur, shift=shift, side=side, centre=centre)
+
+
 def framed_image(job):
     """One framed image: the face image placed on a blurred, stretched, colour-shifted crop of another
     image, with a soft elliptical edge."""
-    source, background, out, seed = job
-    rng = np.random.RandomState(seed)
-    width, height = CANVAS
-    back = Image.open(background).convert("RGB")
-    bw, bh = back.size
-    cw, ch = int(bw * rng.uniform(0.4, 0.8)), int(bh * rng.uniform(0.4, 0.8))
-    left, top = rng.randint(0, bw - cw + 1), rng.randint(0, bh - ch + 1)
-    back = back.crop((left, top, left + cw, top + ch)).resize(CANVAS, Image.BILINEAR)
-    back = back.filter(ImageFilter.GaussianBlur(rng.uniform(4, 10)))
-    shift = rng.uniform(0.7, 1.3, size=3)
-    back = Image.fromarray(np.clip(np.asarray(back) * shift, 0, 255).astype(np.uint8))
-    face = Image.open(source).convert("RGB")
-    side = int(width * rng.uniform(*FACE_WIDTH))
-    face = face.resize((side, side), Image.BILINEAR)
-    centre_x = width / 2 + rng.uniform(-SHIFT, SHIFT) * width
-    centre_y = height * 0.42 + rng.uniform(-SHIFT, SHIFT) * height
-    alpha = Image.new("L", (side, side), 0)
     from PIL import ImageDraw
+    source, background, out, seed = job
+    back = Image.open(background).convert("RGB")
+    place = placement(seed, back.size)
+    back = back.crop(place["crop"]).resize(CANVAS, Image.BILINEAR).filter(ImageFilter.GaussianBlur(place["blur"]))
+    back = Image.fromarray(np.clip(np.asarray(back) * place["shift"], 0, 255).astype(np.uint8))
+    side, (centre_x, centre_y) = place["side"], place["centre"]
+    face = Image.open(source).convert("RGB").resize((side, side), Image.BILINEAR)
+    alpha = Image.new("L", (side, side), 0)
     ImageDraw.Draw(alpha).ellipse([side * 0.04, side * 0.02, side * 0.96, side * 0.99], fill=255)
     alpha = alpha.filter(ImageFilter.GaussianBlur(side * 0.04))
     back.paste(face, (int(centre_x - side / 2), int(centre_y - side / 2)), alpha)
     out.parent.mkdir(parents=True, exist_ok=True)
     back.save(out, quality=90)
+
+
+def framing_jobs(seed, root):
+    """(source, background, output path, seed) of every framed image, in a fixed order."""
+    sources = sorted(p for p in (UTKMASK / "train" / "images").rglob("*.jpg")) + \
+        sorted((UTKMASK / "eval" / "images").glob("*.jpg"))
+    backgrounds = sorted((REALMASK / "eval" / "images").glob("*.jpg")) + sources
+    rng = np.random.RandomState(seed)
+    return [(src, backgrounds[rng.randint(len(backgrounds))], Path(root) / src.relative_to(UTKMASK), seed * 100_003 + i)
+            for i, src in enumerate(sources)]
+
+
+def right_faces(args):
+    """On the framed copy: how often the chosen face is the placed one (its centre within a third of the
+    side of the placed centre, its width 0.5-1.6x the placed side), not a face of the background."""
+    out = Path(args.framed)
+    jobs = framing_jobs(args.seed, out)
+    paths = [str(job[2]) for job in jobs]
+    with tempfile.TemporaryDirectory() as cache:
+        faces = find_faces(paths, YUNET_FILE, cache_dir=args.cache_dir or cache, num_workers=args.workers)
+    rows = []
+    for (_, background, path, seed) in jobs:
+        place = placement(seed, Image.open(background).size)
+        box = faces.boxes[os.path.abspath(path)]
+        if box is None:
+            rows.append("not found")
+            continue
+        x, y, w, h = box[:4]
+        near = np.hypot(x + w / 2 - place["centre"][0], y + h / 2 - place["centre"][1]) < place["side"] / 3
+        rows.append("the placed face" if near and 0.5 <= w / place["side"] <= 1.6 else "another face")
+    counts = pd.Series(rows).value_counts()
+    table = pd.DataFrame([dict(images=len(rows), **{k: f"{counts.get(k, 0)} ({counts.get(k, 0) / len(rows):.1%})"
+                                                    for k in ("the placed face", "another face", "not found")})])
+    write_table("bench_facecrop_framed.md", table, "The face chosen on the framed copy of utkmask (YuNet, "
+                "score 0.5, nearest the centre)")
 
 
 def build_framed(args):
@@ -112,13 +154,9 @@ def build_framed(args):
     if (out / "eval_labels.csv").is_file():
         print(f"{out} exists")
         return out
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.is_dir() else None, prefix=".framed"))
-    sources = sorted(p for p in (UTKMASK / "train" / "images").rglob("*.jpg")) + \
-        sorted((UTKMASK / "eval" / "images").glob("*.jpg"))
-    backgrounds = sorted((REALMASK / "eval" / "images").glob("*.jpg")) + sources
-    rng = np.random.RandomState(args.seed)
-    jobs = [(src, backgrounds[rng.randint(len(backgrounds))], tmp / src.relative_to(UTKMASK), args.seed * 100_003 + i)
-            for i, src in enumerate(sources)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".framed"))
+    jobs = framing_jobs(args.seed, tmp)
     with Pool(args.workers) as pool:
         for i, _ in enumerate(pool.imap_unordered(framed_image, jobs, chunksize=64)):
             if i % 2000 == 0:
@@ -157,7 +195,8 @@ def write_table(name, table, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["found", "frame", "once"])
+    parser.add_argument("part", choices=["found", "frame", "right", "once"])
+    parser.add_argument("--cache_dir", default=None, help="right: a cache folder that already holds the boxes")
     parser.add_argument("--framed", default=str(ROOT / "benchmarks" / "work" / "utkmask_framed"))
     parser.add_argument("--data", default=str(UTKMASK), help="once: the data folder (train/ inside)")
     parser.add_argument("--seed", type=int, default=0)
@@ -165,7 +204,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not YUNET_FILE.is_file() or not UTKMASK.is_dir():
         raise SystemExit(f"error: needs the shared data and {YUNET_FILE}")
-    {"found": found_rates, "frame": build_framed, "once": detect_once}[args.part](args)
+    {"found": found_rates, "frame": build_framed, "right": right_faces, "once": detect_once}[args.part](args)
 
 
 if __name__ == "__main__":
