@@ -21,12 +21,14 @@ from dataset import (
     DEFAULT_AGE_BINS,
     DUPLICATE_MIN,
     MASK_FILES,
+    decode_image,
     decode_multi_class,
     duplicate_pairs,
     images_dir,
     open_upright,
     scan_people,
 )
+from faces import run_face_crop
 from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_folds, read_json, read_probabilities, write_csv
 
 GENDERS, AGE_GROUPS, MASKS = ("male", "female"), ("<30", "30-59", ">=60"), ("wear", "incorrect", "normal")
@@ -284,9 +286,18 @@ def sheet_rows(suspects, top) -> pd.DataFrame:
     return ranked.sort_values("kind", key=lambda kind: kind.map(order.index), kind="stable")
 
 
-def contact_sheet(path, suspects, data, top=12, thumb=72):
+def face_tile(file, faces):
+    """The face crop of `file` as a PIL image, or None (no face crop, or no face found)."""
+    if faces is None:
+        return None
+    crop = faces.crop(decode_image(file), file)
+    return None if crop is None else Image.fromarray(crop.permute(1, 2, 0).numpy())
+
+
+def contact_sheet(path, suspects, data, top=12, thumb=72, faces=None):
     """One row per suspect of `sheet_rows`: its images (see `tiles`; the suspect image framed in red) and
-    the given and suggested labels written beside them."""
+    the given and suggested labels written beside them. `faces`: the runs' face crop (--face_crop), so
+    the tiles show what the model saw."""
     suspects = sheet_rows(suspects, top)
     label_width, pad = 260, 4
     sheet = Image.new("RGB", (label_width + len(MASK_FILES) * (thumb + pad), max(len(suspects), 1) * (thumb + pad)),
@@ -302,7 +313,8 @@ def contact_sheet(path, suspects, data, top=12, thumb=72):
         for column, (file, framed) in enumerate(tiles(suspect, by_person)):
             if file is None:
                 continue
-            tile = open_upright(file).convert("RGB").resize((thumb, thumb))
+            tile = face_tile(file, faces) or open_upright(file).convert("RGB")
+            tile = tile.resize((thumb, thumb))
             x = label_width + column * (thumb + pad)
             sheet.paste(tile, (x, y))
             if framed:
@@ -357,7 +369,8 @@ def main(argv=None):
         write_csv(out / "audit.csv", suspects.drop(columns="relabel"))
         draft = relabel_draft(suspects, thresholds, args.draft_kinds, args.drop)
         write_csv(out / "relabel_draft.csv", draft)
-        contact_sheet(out / "audit.png", suspects, data, args.top)
+        faces = run_face_crop(configs[0], table["path"].tolist()) if configs else None
+        contact_sheet(out / "audit.png", suspects, data, args.top, faces=faces)
     counts = suspects["kind"].value_counts().to_dict()
     rules = [f"{k} >= {thresholds[k]}" for k in args.draft_kinds if k not in args.drop]
     rules += [f"{k} >= {thresholds.get(k, args.duplicate_min)} left out" for k in args.drop]

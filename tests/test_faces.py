@@ -188,3 +188,18 @@ def test_yunet_finds_the_faces_of_real_photos(tmp_path):
     boxes = pd.read_csv(out / "boxes.csv")
     assert len(boxes) == 8 and boxes["w"].notna().sum() >= 7
     assert (out / "faces.png").stat().st_size > 0 and (out / "no_face.csv").is_file()
+
+
+def test_the_audit_sheet_of_face_crop_runs_shows_the_crops(tiny_data, tmp_path, fake_yunet, monkeypatch):
+    import audit
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
+                "--resize", "32", "32", "--num_workers", "0", "--epochs", "1", "--report", "off", "--n_folds", "2",
+                "--cache_dir", str(cache), "--face_crop", "--face_detector", str(fake_yunet), "--name", "cv"])
+    calls = len(CentreFace.calls)
+    tiles = []
+    real_tile = audit.face_tile
+    monkeypatch.setattr(audit, "face_tile", lambda file, faces: tiles.append(faces) or real_tile(file, faces))
+    audit.main([str(runs / "cv_cv.json"), "--output_dir", str(tmp_path / "audit")])
+    assert (tmp_path / "audit" / "audit.png").is_file() and len(CentreFace.calls) == calls  # boxes from the cache
+    assert tiles and all(faces is not None and faces.margin == 1.05 for faces in tiles)
