@@ -18,8 +18,14 @@ def center_crop_box(height, width, crop_fraction=CROP_FRACTION):
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def check_augment_options(color_jitter=0.0, grayscale=0.0, sharpness=0.0, noise=0.0, randaugment=None):
+AUTO_AUGMENTS = ("none", "autoaugment", "trivialaugment")
+
+
+def check_augment_options(color_jitter=0.0, grayscale=0.0, sharpness=0.0, noise=0.0, randaugment=None,
+                          auto_augment="none"):
     """Raise ValueError (naming the flag) for an out-of-range augmentation option."""
+    if auto_augment not in AUTO_AUGMENTS:
+        raise ValueError(f"--auto_augment must be one of {', '.join(AUTO_AUGMENTS)}, got {auto_augment!r}")
     if not 0 <= color_jitter < 1:
         raise ValueError(f"--color_jitter must be in [0, 1), got {color_jitter}")
     if not 0 <= grayscale <= 1:
@@ -41,24 +47,30 @@ class BaseAugmentation:
     without a face keep the centre crop). Every augmentation also takes the optional
     training-only options: `color_jitter` (brightness, contrast and saturation factors in 1 +- S),
     `grayscale` (probability), `sharpness` (factor 1 + S, half the images), `noise` (gaussian, sigma
-    as a fraction of 255) and `randaugment` ((N, M): torchvision's RandAugment on uint8)."""
+    as a fraction of 255), `randaugment` ((N, M): torchvision's RandAugment on uint8) and `auto_augment`
+    (torchvision's AutoAugment ImageNet policy or TrivialAugmentWide, on uint8)."""
     crop_fraction = None
 
     def __init__(self, resize=(128, 96), train=True, crop_fraction=None, color_jitter=0.0, grayscale=0.0,
-                 sharpness=0.0, noise=0.0, randaugment=None, face_crop=None, **options):
+                 sharpness=0.0, noise=0.0, randaugment=None, face_crop=None, auto_augment="none", **options):
         self.resize, self.train, self.face_crop = [int(v) for v in resize], train, face_crop
         if crop_fraction is not None:
             self.crop_fraction = None if tuple(crop_fraction) == (1, 1) else tuple(crop_fraction)
-        check_augment_options(color_jitter, grayscale, sharpness, noise, randaugment)
+        check_augment_options(color_jitter, grayscale, sharpness, noise, randaugment, auto_augment)
         self.color_jitter, self.grayscale, self.sharpness, self.noise = color_jitter, grayscale, sharpness, noise
+        from torchvision.transforms import v2
         self.randaugment = None
         if randaugment:
-            from torchvision.transforms import v2
             self.randaugment = v2.RandAugment(num_ops=int(randaugment[0]), magnitude=int(randaugment[1]))
+        self.auto_augment = {"none": None, "autoaugment": v2.AutoAugment,
+                             "trivialaugment": v2.TrivialAugmentWide}[auto_augment]
+        self.auto_augment = self.auto_augment() if self.auto_augment else None
 
     def options(self, image: torch.Tensor) -> torch.Tensor:
-        """The optional training augmentations, in order: RandAugment, colour jitter, grayscale,
-        sharpness, noise."""
+        """The optional training augmentations, in order: AutoAugment / TrivialAugmentWide, RandAugment,
+        colour jitter, grayscale, sharpness, noise."""
+        if self.auto_augment is not None:
+            image = self.auto_augment(image)
         if self.randaugment is not None:
             image = self.randaugment(image)
         if self.color_jitter:

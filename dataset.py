@@ -579,10 +579,11 @@ def fast_collate(batch):
 class PrefetchLoader:
     """Wraps a loader of uint8 batches: moves them to `device` (on CUDA: non-blocking, on a side
     stream of its own, one batch ahead) and normalises there to `dtype`. On CPU it yields the same
-    normalised tensors through the same API. `augment` (optional) is applied to the normalised batch.
-    With `mean` None the batches are moved as they are (train.py --cache_features' float features)."""
+    normalised tensors through the same API. `augment` (optional) is applied to the [0, 1] batch before
+    normalising, `erase` (timm's RandomErasing, training only) to the normalised one, as timm's loader
+    does. With `mean` None the batches are moved as they are (train.py --cache_features' float features)."""
 
-    def __init__(self, loader, mean, std, device=None, dtype=torch.float32, augment=None):
+    def __init__(self, loader, mean, std, device=None, dtype=torch.float32, augment=None, erase=None):
         self.loader = loader
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
@@ -591,7 +592,7 @@ class PrefetchLoader:
             self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
             self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
             self.scale, self.bias = 1 / (255 * self.std), -self.mean / self.std  # uint8 -> normalised in one pass
-        self.augment = augment
+        self.augment, self.erase = augment, erase
         self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
 
     def __len__(self):
@@ -614,6 +615,8 @@ class PrefetchLoader:
             images = images.float().mul_(self.scale).add_(self.bias)
         else:
             images = self.augment(images.float().div_(255)).sub(self.mean).div_(self.std)
+        if self.erase is not None:
+            images = self.erase(images)
         return images.to(self.dtype), targets
 
     def __iter__(self):

@@ -7,7 +7,7 @@ from pathlib import Path
 import timm
 import timm.optim
 
-from augment import AUGMENTATIONS, check_augment_options
+from augment import AUGMENTATIONS, AUTO_AUGMENTS, check_augment_options
 from cache import DEFAULT_CACHE_DIR
 from dataset import DATASETS, SAMPLE_DIR
 from faces import DEFAULT_DETECTOR, DEFAULT_MARGIN, DEFAULT_SCORE, MARGIN_RANGE
@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sharpness factor 1 + S, half the images")
     augment.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                          help="gaussian noise, sigma as a fraction of the 0..255 range")
+    augment.add_argument("--auto_augment", default="none", choices=list(AUTO_AUGMENTS),
+                         help="torchvision's AutoAugment (ImageNet policy) or TrivialAugmentWide on the uint8 image")
+    augment.add_argument("--reprob", type=float, default=0.0, metavar="P",
+                         help="random erasing probability (timm's RandomErasing, on the normalised batch)")
+    augment.add_argument("--remode", default="pixel", choices=["const", "rand", "pixel"],
+                         help="random erasing fill: const (the mean), rand (a colour per box), pixel (noise)")
+    augment.add_argument("--recount", type=int, default=1, help="random erasing: at most this many boxes")
     augment.add_argument("--randaugment", type=int, nargs=2, default=None, metavar=("N", "M"),
                          help="torchvision RandAugment: N operations of magnitude M (0..30)")
     data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="batch MixUp (Beta alpha; 0: off)")
@@ -108,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--drop_path_rate", type=float, default=0.0)
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=10)
+    optim.add_argument("--clip_grad", type=float, default=None, metavar="V",
+                       help="clip gradients (timm's dispatch_clip_grad; after unscaling under fp16)")
+    optim.add_argument("--clip_mode", default="norm", choices=["norm", "value", "agc"],
+                       help="--clip_grad clips the total norm, each value, or adaptively (agc)")
     optim.add_argument("--batch_size", type=int, default=64)
     optim.add_argument("--valid_batch_size", type=int, default=256)
     optim.add_argument("--optimizer", default="adamw", help="any of timm's optimizers: sgd, adam, adamw, lion, ...")
@@ -200,7 +211,7 @@ def given_flags(argv=None) -> set:
 def augment_options(args) -> dict:
     """The optional training augmentations set by flags."""
     return dict(color_jitter=args.color_jitter, grayscale=args.grayscale, sharpness=args.sharpness, noise=args.noise,
-                randaugment=args.randaugment)
+                randaugment=args.randaugment, auto_augment=args.auto_augment)
 
 
 def heads_of(kind) -> dict:
@@ -226,6 +237,11 @@ def validate(args):
         raise FlagError(f"--backbones: unknown heads {sorted(unknown_heads)}; heads are mask, gender, age")
     if args.optimizer.lower() not in timm.optim.list_optimizers() and args.optimizer.lower() != "sgd":
         raise FlagError(f"--optimizer: unknown optimizer {args.optimizer!r} (timm's: sgd, adam, adamw, lion, ...)")
+    if not 0 <= args.reprob <= 1 or args.recount < 1:
+        raise FlagError(f"--reprob must be a probability in [0, 1] and --recount at least 1, got {args.reprob} and "
+                        f"{args.recount}")
+    if args.clip_grad is not None and args.clip_grad <= 0:
+        raise FlagError(f"--clip_grad must be positive, got {args.clip_grad}")
     if not MARGIN_RANGE[0] <= args.face_margin <= MARGIN_RANGE[1]:
         raise FlagError(f"--face_margin must be in [{MARGIN_RANGE[0]}, {MARGIN_RANGE[1]}], got {args.face_margin}")
     if not 0 < args.face_score < 1:
@@ -308,6 +324,7 @@ def check_cache_features(args):
     others = [flag for flag, on in [("--color_jitter", args.color_jitter), ("--grayscale", args.grayscale),
                                     ("--sharpness", args.sharpness), ("--noise", args.noise),
                                     ("--randaugment", args.randaugment), ("--mixup", args.mixup),
+                                    ("--auto_augment", args.auto_augment != "none"), ("--reprob", args.reprob),
                                     ("--cutmix", args.cutmix), ("--device_aug", args.device_aug),
                                     ("--compile", args.compile)] if on]
     if others:

@@ -22,7 +22,8 @@ import timm.optim
 import timm.scheduler
 import torch
 import torch.distributed as dist
-from timm.utils import ModelEmaV3
+from timm.data.random_erasing import RandomErasing
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -216,8 +217,9 @@ def make_loaders(args, dataset, model, rank, world, device, faces=None):
                               generator=generator, drop_last=drop_last, **common)
     val_loader = DataLoader(val_shard, args.valid_batch_size, shuffle=False, **common)
     augment = DeviceAugment(generator=generator) if args.device_aug else None
+    erase = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device=device) if args.reprob else None
     normalise = (None, None) if args.cache_features else (config["mean"], config["std"])  # features: as they are
-    return (PrefetchLoader(train_loader, *normalise, device, augment=augment), generator,
+    return (PrefetchLoader(train_loader, *normalise, device, augment=augment, erase=erase), generator,
             PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard)
 
 
@@ -421,6 +423,13 @@ def updates_per_epoch(loader, args) -> int:
     return math.ceil(len(loader) / args.grad_accum)
 
 
+def clip_gradients(model, optimizer, scaler, value, mode="norm"):
+    """timm's gradient clipping (norm, value or agc) of the trainable parameters, on the true gradients:
+    a fp16 grad scaler unscales them first (its step then does not unscale again)."""
+    scaler.unscale_(optimizer)
+    dispatch_clip_grad([p for p in model.parameters() if p.grad is not None], value, mode=mode)
+
+
 def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device, is_main, ema=None,
                 ema_source=None, scheduler=None) -> dict:
     """One pass over the training data; returns the epoch's log row (train losses, lr, speed). `ema`
@@ -446,6 +455,8 @@ def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device
                 parts = {head: lam * parts[head] + (1 - lam) * parts_b[head] for head in parts}
         scaler.scale(total / args.grad_accum).backward()
         if (step + 1) % args.grad_accum == 0 or step + 1 == len(loader):
+            if args.clip_grad is not None:
+                clip_gradients(model, optimizer, scaler, args.clip_grad, args.clip_mode)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
