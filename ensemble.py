@@ -28,8 +28,8 @@ from inference import (
     validation_offsets,
     write_submission,
 )
-from metrics import apply_offsets
-from model import TTA_CHOICES, combine_heads, head_probs
+from metrics import apply_offsets, score
+from model import HEADS, TTA_CHOICES, combine_heads, head_probs
 from runs import (
     PROB_COLUMNS,
     one_line_errors,
@@ -119,13 +119,52 @@ def vote(probs, weights, method="soft"):
     return np.where(tied, mean, -np.inf).argmax(1), mean
 
 
-def ensemble(probs, weights, method="soft", per_head=False):
+def ensemble(probs, weights, method="soft", per_head=False, head_weights=None):
     """Classes (N,) and probabilities (N, 18) of the ensemble; `per_head` votes mask, gender and
-    age separately (on each input's marginals) and combines the three winners."""
-    if not per_head:
+    age separately (on each input's marginals) and combines the three winners; `head_weights` (head ->
+    one weight per input; heads it leaves out use `weights`) votes per head with weights of its own."""
+    if not per_head and not head_weights:
         return vote(probs, weights, method)
-    (mask, mask_p), (gender, gender_p), (age, age_p) = (vote(p, weights, method) for p in head_probs(probs).values())
+    head_weights = head_weights or {}
+    (mask, mask_p), (gender, gender_p), (age, age_p) = (vote(p, head_weights.get(head, weights), method)
+                                                        for head, p in head_probs(probs).items())
     return encode_multi_class(mask, gender, age), combine_heads(mask_p, gender_p, age_p)
+
+
+def parse_head_weights(items, n_inputs) -> dict:
+    """`mask=1,0,0 age=0,1,2` -> {head: [one weight per input]}; one-line errors."""
+    weights = {}
+    for item in items:
+        head, _, values = item.partition("=")
+        if head not in HEADS or not values:
+            raise ValueError(f"--head_weights {item!r}: write HEAD=W1,W2,... with HEAD one of {', '.join(HEADS)}")
+        try:
+            numbers = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--head_weights {item!r}: the weights must be numbers") from None
+        if len(numbers) != n_inputs or min(numbers) < 0 or sum(numbers) <= 0:
+            raise ValueError(f"--head_weights {item!r}: needs {n_inputs} non-negative weights, not all zero")
+        weights[head] = numbers
+    return weights
+
+
+def select_per_head(inputs) -> tuple:
+    """For each head, the input (a run folder) whose validation probabilities (val_probs.csv; out-of-fold
+    for a fold of a k-fold run) score the best F1 on that head: ({head: one-hot weights}, the lines that
+    say what was chosen). The runs' validation people may differ (other seeds or folds): a guide."""
+    scores = []
+    for path in inputs:
+        if not (path.is_dir() and (path / "val_probs.csv").is_file()):
+            raise FileNotFoundError(f"--select_per_head: {path} is not a run folder with val_probs.csv")
+        frame = read_probabilities(path / "val_probs.csv")
+        scores.append(score(frame["ans"].to_numpy(), frame[PROB_COLUMNS].to_numpy()))
+    weights, lines = {}, []
+    for head in HEADS:
+        best = int(np.argmax([s[f"{head}_f1"] for s in scores]))
+        weights[head] = [1.0 if i == best else 0.0 for i in range(len(inputs))]
+        lines.append(f"{head}: {inputs[best]} (validation {head} F1 {scores[best][f'{head}_f1']:.3f}; "
+                     + ", ".join(f"{s[f'{head}_f1']:.3f}" for s in scores) + ")")
+    return weights, lines
 
 
 def build_parser():
@@ -135,6 +174,10 @@ def build_parser():
     parser.add_argument("--weights", type=float, nargs="*", default=None, help="one per input (default: equal)")
     parser.add_argument("--method", default="soft", choices=["soft", "hard"])
     parser.add_argument("--per_head", action="store_true", help="vote mask, gender and age separately")
+    parser.add_argument("--head_weights", nargs="*", default=[], metavar="HEAD=W1,W2,...",
+                        help="per-head weights, one per input, e.g. mask=1,0,0 age=0,1,2 (votes per head)")
+    parser.add_argument("--select_per_head", action="store_true",
+                        help="for each head, use the run folder with the best validation F1 on it (val_probs.csv)")
     parser.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_EVAL", str(SAMPLE_DIR / "eval")),
                         help="eval folder: its info.csv gives the rows and their order")
     parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"))
@@ -163,6 +206,12 @@ def main(argv=None):
             raise ValueError(f"--weights: {len(weights)} weights for {len(inputs)} inputs")
         if min(weights) < 0 or sum(weights) <= 0:
             raise ValueError("--weights must be non-negative and not all zero")
+        head_weights = parse_head_weights(args.head_weights, len(inputs))
+        if args.select_per_head:
+            if head_weights:
+                raise ValueError("--select_per_head chooses the per-head weights: drop --head_weights")
+            head_weights, lines = select_per_head(inputs)
+            print("chosen per head:\n  " + "\n  ".join(lines))
         submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
         image_ids, paths, labels, info = eval_images(args.data_dir)
         if args.labels:
@@ -189,11 +238,11 @@ def main(argv=None):
                           for path in inputs])
         if offsets is not None:
             probs = np.stack([apply_offsets(p, offsets) for p in probs])
-    classes, mean = ensemble(probs, weights, args.method, args.per_head)
+    classes, mean = ensemble(probs, weights, args.method, args.per_head, head_weights)
     write_submission(submission, probs_path, image_ids, mean, info, classes)
     if args.calibrate:
         write_json(submission.with_name(f"{submission.stem}_offsets.json"), offsets.round(3).tolist())
-    print(f"{args.method}{' per-head' if args.per_head else ''} vote of {len(inputs)} inputs -> {submission}")
+    print(f"{args.method}{' per-head' if args.per_head or head_weights else ''} vote of {len(inputs)} inputs -> {submission}")
     if labels is not None:
         report(labels, np.eye(18)[classes])
     return classes

@@ -255,3 +255,39 @@ def test_ensemble_notes_runs_trained_with_different_age_bins(trained, tiny_data,
     ensemble.main([str(trained), str(other), *flags, "--output_dir", str(tmp_path / "mixed")])
     out = capsys.readouterr().out
     assert "note: the runs were trained with different --age_bins (30 60: exp; 30 58: bins58)" in out
+
+
+def test_head_weights_take_each_head_from_the_inputs_asked_for():
+    """Input 0 is right on mask only, input 1 on gender and age only: per-head weights combine them."""
+    truth = np.array([0 * 6 + 1 * 3 + 2, 2 * 6 + 0 * 3 + 1])  # (wear, female, 60+), (not wear, male, 30-59)
+    mask_right = np.eye(18)[[0 * 6 + 0 * 3 + 0, 2 * 6 + 1 * 3 + 0]] * 0.9 + 0.005  # mask right, gender/age wrong
+    rest_right = np.eye(18)[[1 * 6 + 1 * 3 + 2, 1 * 6 + 0 * 3 + 1]] * 0.9 + 0.005  # gender/age right, mask wrong
+    probs = np.stack([mask_right, rest_right])
+    classes, _ = ensemble.ensemble(probs, [1, 1], head_weights={"mask": [1, 0], "gender": [0, 1], "age": [0, 1]})
+    assert classes.tolist() == truth.tolist()
+    assert ensemble.ensemble(probs, [1, 1])[0].tolist() != truth.tolist()  # one weight per input cannot
+    with pytest.raises(ValueError, match="needs 2 non-negative weights"):
+        ensemble.parse_head_weights(["mask=1,0,0"], 2)
+    with pytest.raises(ValueError, match="HEAD one of mask, gender, age"):
+        ensemble.parse_head_weights(["nose=1,0"], 2)
+
+
+def test_select_per_head_picks_the_input_best_on_each_head(tmp_path, capsys):
+    """Run 'a' is right on mask only, run 'b' on gender and age only (constructed val_probs.csv)."""
+    truth = np.array([c for c in range(18)] * 3)
+    mask, gender, age = truth // 6, truth // 3 % 2, truth % 3
+    runs = []
+    for name, right in (("a", "mask"), ("b", "rest")):
+        folder = tmp_path / name
+        folder.mkdir()
+        predicted = np.where(right == "mask", mask * 6 + (1 - gender) * 3 + (age + 1) % 3,
+                             ((mask + 1) % 3) * 6 + gender * 3 + age)
+        probs = np.eye(18)[predicted] * 0.9 + 0.1 / 18
+        frame = probability_frame([f"p/{i}.jpg" for i in range(len(truth))], probs).assign(ans=truth)
+        frame.to_csv(folder / "val_probs.csv", index=False)
+        runs.append(folder)
+    weights, lines = ensemble.select_per_head(runs)
+    assert weights == {"mask": [1.0, 0.0], "gender": [0.0, 1.0], "age": [0.0, 1.0]}
+    assert lines[0].startswith(f"mask: {runs[0]}") and lines[1].startswith(f"gender: {runs[1]}")
+    with pytest.raises(FileNotFoundError, match="not a run folder with val_probs.csv"):
+        ensemble.select_per_head([tmp_path])
