@@ -242,7 +242,8 @@ def main(argv=None):
     write_submission(submission, probs_path, image_ids, mean, info, classes)
     if args.calibrate:
         write_json(submission.with_name(f"{submission.stem}_offsets.json"), offsets.round(3).tolist())
-    print(f"{args.method}{' per-head' if args.per_head or head_weights else ''} vote of {len(inputs)} inputs -> {submission}")
+    kind = " per-head" if args.per_head or head_weights else ""
+    print(f"{args.method}{kind} vote of {len(inputs)} inputs -> {submission}")
     if labels is not None:
         report(labels, np.eye(18)[classes])
     return classes

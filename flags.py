@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "error in tens of years weighted W (0: off); val_probs.csv gets its ages (age_years) "
                              "for audit.py; needs MultiLabelDataset and --kind three_head")
     run = parser.add_argument_group("run")
+    run.add_argument("--checkpoint_hist", type=int, default=0, metavar="K",
+                     help="keep the K best epochs' weights (epochN.pth) and their average as avg.pth (0: off)")
     run.add_argument("--model_dir", default=os.environ.get("SM_MODEL_DIR", "./model"))
     run.add_argument("--name", default="exp", help="run folder name (exp, exp2, ... never overwrites)")
     run.add_argument("--seed", type=int, default=42)
@@ -240,6 +242,9 @@ def validate(args):
     if not 0 <= args.reprob <= 1 or args.recount < 1:
         raise FlagError(f"--reprob must be a probability in [0, 1] and --recount at least 1, got {args.reprob} and "
                         f"{args.recount}")
+    if args.checkpoint_hist < 0:
+        raise FlagError(f"--checkpoint_hist must be 0 (off) or a number of epochs to average, got "
+                        f"{args.checkpoint_hist}")
     if args.clip_grad is not None and args.clip_grad <= 0:
         raise FlagError(f"--clip_grad must be positive, got {args.clip_grad}")
     if not MARGIN_RANGE[0] <= args.face_margin <= MARGIN_RANGE[1]:

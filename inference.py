@@ -217,7 +217,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_dir", default=DEFAULT_MODEL_DIR, help="a run folder (default: the newest run)")
-    parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last", "avg"],
+                        help="avg: the average of the best epochs kept by train.py --checkpoint_hist K")
     parser.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_EVAL", str(SAMPLE_DIR / "eval")),
                         help="eval folder (info.csv + images/), or a labelled train-layout folder to score")
     parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"))

@@ -384,6 +384,9 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
                                                                config=config))
                     if n_val:
                         save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch, years)
+                if args.checkpoint_hist:
+                    keep_history(run_dir, scored.state_dict(), row.get("val_f1", float("nan")), epoch + 1,
+                                 args.checkpoint_hist, config)
                 save_checkpoint(run_dir / "last.pth", checkpoint(epoch + 1))
                 if wandb_run is not None:
                     wandb_run.log(row, step=epoch + 1)
@@ -411,6 +414,24 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             except Exception as error:  # a report must never cost the run
                 print(f"warning: no report.html ({one_line(error)})", file=sys.stderr)
     return best_f1
+
+
+def keep_history(run_dir, weights, f1, epoch, keep, config) -> None:
+    """--checkpoint_hist K: this epoch's weights (the scored ones: the moving average with --ema) as
+    epochN.pth, only the K best kept (by validation F1; without validation the K last), and their average
+    written as avg.pth (`inference.py --checkpoint avg`). Batch-norm statistics are averaged with the
+    weights, not recomputed."""
+    save_checkpoint(run_dir / f"epoch{epoch}.pth", dict(model=weights, epoch=epoch, f1=f1, config=config))
+    kept = [(load_checkpoint(path), path) for path in run_dir.glob("epoch*.pth")]
+    kept.sort(key=lambda item: (item[0]["epoch"] if math.isnan(item[0]["f1"]) else item[0]["f1"], item[0]["epoch"]),
+              reverse=True)
+    for _, path in kept[keep:]:
+        path.unlink()
+    states = [state["model"] for state, _ in kept[:keep]]
+    average = {key: torch.stack([s[key].float() for s in states]).mean(0).to(value.dtype)
+               if value.is_floating_point() else value for key, value in states[0].items()}
+    save_checkpoint(run_dir / "avg.pth", dict(model=average, epoch=epoch, f1=f1, config=config,
+                                              averaged_epochs=sorted(state["epoch"] for state, _ in kept[:keep])))
 
 
 def head_lr(optimizer) -> float:

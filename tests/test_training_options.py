@@ -56,3 +56,24 @@ def test_clipping_bounds_the_gradient_of_a_huge_step(mode):
         assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 0.5 + 1e-5
     else:
         assert max(g.abs().max() for g in grads) <= 0.5
+
+
+def test_the_checkpoint_average_is_the_mean_of_the_kept_epochs(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
+                "--resize", "32", "32", "--num_workers", "0", "--epochs", "3", "--report", "off", "--val_ratio", "0",
+                "--checkpoint_hist", "2"])
+    run = runs / "exp"
+    kept = sorted(run.glob("epoch*.pth"))
+    assert [p.name for p in kept] == ["epoch2.pth", "epoch3.pth"]  # without validation: the last two
+    states = [torch.load(p, weights_only=False)["model"] for p in kept]
+    average = torch.load(run / "avg.pth", weights_only=False)
+    assert average["averaged_epochs"] == [2, 3]
+    for key, value in average["model"].items():
+        if value.is_floating_point():
+            assert torch.allclose(value, (states[0][key] + states[1][key]) / 2)
+    out = tmp_path / "out"
+    import inference
+    inference.main(["--model_dir", str(run), "--data_dir", str(tiny_data / "eval"), "--output_dir", str(out),
+                    "--num_workers", "0", "--checkpoint", "avg"])
+    assert (out / "submission.csv").is_file()
