@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "error in tens of years weighted W (0: off); val_probs.csv gets its ages (age_years) "
                              "for audit.py; needs MultiLabelDataset and --kind three_head")
     run = parser.add_argument_group("run")
+    run.add_argument("--deterministic", default="auto", choices=["auto", "on", "off"],
+                     help="deterministic kernels (torch.use_deterministic_algorithms): auto is on for CPUs, off "
+                          "for GPUs")
     run.add_argument("--checkpoint_hist", type=int, default=0, metavar="K",
                      help="keep the K best epochs' weights (epochN.pth) and their average as avg.pth (0: off)")
     run.add_argument("--model_dir", default=os.environ.get("SM_MODEL_DIR", "./model"))

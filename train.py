@@ -149,6 +149,24 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def seed_worker(worker_id):
+    """Loader workers' numpy seeded from torch's per-worker seed (torch seeds `random` and itself; numpy
+    would otherwise repeat the parent's state in every worker)."""
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def set_deterministic(asked, device) -> bool:
+    """--deterministic: auto is on for CPUs and off for GPUs (cuDNN's fastest kernels are not deterministic;
+    `on` there also sets CUBLAS_WORKSPACE_CONFIG). An op with no deterministic kernel warns instead of
+    stopping the run. Returns whether it is on."""
+    on = asked == "on" or (asked == "auto" and device.type != "cuda")
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    return on
+
+
 # ---------------------------------------------------------------- one run
 def run_config(args, model, run_dir, fold) -> dict:
     """Every resolved setting plus what rebuilds the model and its preprocessing."""
@@ -210,7 +228,8 @@ def make_loaders(args, dataset, model, rank, world, device, faces=None):
         train_set = build_feature_set(model, train_set, val_tf, config["mean"], config["std"], args.cache_dir,
                                       device, args.channels_last in (True, "on", "auto"),
                                       flip=args.augmentation == "CustomAugmentation")
-    common = dict(num_workers=args.num_workers, collate_fn=fast_collate, pin_memory=device.type == "cuda")
+    common = dict(num_workers=args.num_workers, collate_fn=fast_collate, pin_memory=device.type == "cuda",
+                  worker_init_fn=seed_worker)
     remainder = len(train_set) // world % args.batch_size  # a last batch of 1 breaks batch norm; of another
     drop_last = remainder == 1 or (args.compile and remainder > 0)  # size, a recompile under --compile
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -261,6 +280,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     """Train one model into `run_dir`; return its best validation macro F1. `skipped`: the
     unreadable images left out, recorded in the run; `faces`: the face boxes with --face_crop."""
     seed_everything(args.seed)
+    deterministic = set_deterministic(args.deterministic, device)
     is_main = rank == 0
     dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed, n_folds=args.n_folds,
                                      fold=fold or 0, drop_ages=args.drop_ages, extra_table=extra_table,
@@ -280,7 +300,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
                                         resumed=state and state.get("config"),
                                         features_shape=train_loader.dataset.shape if args.cache_features else None)
     config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last, device_type=device.type,
-                  skipped_images=len(skipped))
+                  skipped_images=len(skipped), deterministic_resolved=deterministic)
     if faces is not None:
         faces = faces.subset(pd.concat([t["path"] for t in (table, extra_table) if t is not None]))
         config.update(faces=face_record(faces))

@@ -24,14 +24,14 @@ def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("amp", ["off", "auto"])
-def test_the_same_command_writes_the_same_model(tiny_data, tmp_path, amp):
-    first, log1, config1 = run(tiny_data, tmp_path, "a", "--amp", amp)
-    second, log2, config2 = run(tiny_data, tmp_path, "b", "--amp", amp)
-    assert config1["amp_resolved"] == config2["amp_resolved"]
+@pytest.mark.parametrize("flags", [["--amp", "off"], ["--amp", "auto", "--grayscale", "0.5", "--num_workers", "2"]])
+def test_the_same_command_writes_the_same_model(tiny_data, tmp_path, flags):
+    first, log1, config1 = run(tiny_data, tmp_path, "a", *flags)
+    second, log2, config2 = run(tiny_data, tmp_path, "b", *flags)
+    assert config1["amp_resolved"] == config2["amp_resolved"] and config1["deterministic_resolved"]
     assert same(first, second)
     assert log1["train_loss"].tolist() == log2["train_loss"].tolist()
-    other, log3, _ = run(tiny_data, tmp_path, "c", "--amp", amp, "--seed", "7")
+    other, log3, _ = run(tiny_data, tmp_path, "c", *flags, "--seed", "7")
     assert not same(first, other) and log1["train_loss"].tolist() != log3["train_loss"].tolist()
 
 
