@@ -52,6 +52,12 @@ def candidate_flags(row, weights=WEIGHTS, face=FACE, detector=DETECTOR) -> str:
     return str(row.get("flags", "")).format(face=face, weights=weights, detector=detector)
 
 
+def recipe_script(recipes_dir, name) -> Path:
+    """A kept recipe's script: recipes/NAME.sh, or one of the older full recipes in recipes/candidates/."""
+    kept = Path(recipes_dir) / f"{name}.sh"
+    return kept if kept.is_file() else Path(recipes_dir) / "candidates" / f"{name}.sh"
+
+
 def run_block(script, seed, out, data, weights, train_flags="") -> float:
     """Run a recipe `script` on `data` with its output in `out` (a new folder), `train_flags` added to its
     train.py commands; return its wall minutes."""
@@ -123,7 +129,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"error: no candidate {', '.join(unknown)} in {CANDIDATES}")
     blocks = {recipe: (Path(args.recipes_dir) / f"{recipe}.sh", "") for recipe in args.recipes}
-    blocks.update({name: (Path(args.recipes_dir) / f"{candidates[name]['base']}.sh",
+    blocks.update({name: (recipe_script(args.recipes_dir, candidates[name]["base"]),
                           candidate_flags(candidates[name], args.weights)) for name in args.candidates})
     missing = [str(path) for path, _ in blocks.values() if not path.is_file()]
     if missing:

@@ -95,10 +95,10 @@ def test_recipe_minutes_are_given_against_the_reference_of_the_same_run(monkeypa
 def test_candidates_are_rows_of_one_table_over_kept_recipes(monkeypatch):
     """benchmarks/recipes/candidates.yaml: each candidate names a kept recipe and its changed flags."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from bench_recipes import candidate_flags, read_candidates
+    from bench_recipes import RECIPES_DIR, candidate_flags, read_candidates, recipe_script
     candidates = read_candidates()
-    assert {"same_budget_face", "same_budget_facecrop"} <= set(candidates)
+    assert {"same_budget_face", "same_budget_facecrop", "same_budget_4ep"} <= set(candidates) and len(candidates) > 20
     for row in candidates.values():
-        assert (ROOT / "benchmarks" / "recipes" / f"{row['base']}.sh").is_file() and "measured" in row
+        assert recipe_script(RECIPES_DIR, row["base"]).is_file() and "measured" in row
         assert "{" not in candidate_flags(row)
     assert "local-dir:" in candidate_flags(candidates["same_budget_face"])
