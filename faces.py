@@ -186,7 +186,6 @@ def find_faces(paths, detector_path=DEFAULT_DETECTOR, score=DEFAULT_SCORE, margi
     settings = detector_settings(detector_path, score)
     if detector is None:
         detector = YuNet(detector_path, score)
-        settings["detector_stamp"] = file_stamp(detector_path)
     else:
         settings["detector"] = type(detector).__name__
     key = hashlib.sha1(json.dumps({k: v for k, v in settings.items() if k != "detector_file"},
