@@ -31,8 +31,8 @@ from runs import PROB_COLUMNS, atomic_write, load_checkpoint, one_line_errors, r
 
 HEAD_NAMES = {"mask": ("wear", "incorrect", "not wear"), "gender": ("male", "female"), "age": ("<30", "30-59", ">=60")}
 SECTIONS = {"settings": "Settings", "curves": "Learning curves", "confusion": "Confusion matrices",
-            "classes": "Per-class scores", "errors": "Validation errors", "cams": "Where the heads look",
-            "faces": "Face crops"}
+            "classes": "Per-class scores", "errors": "Validation errors", "cams": "Where the heads look"}
+OPTIONAL_SECTIONS = {"faces": "Face crops"}  # runs trained with --face_crop only
 CSS = """body{font-family:sans-serif;margin:24px;max-width:1400px}table{border-collapse:collapse;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
 .changed td{font-weight:bold}.tile{display:inline-block;margin:4px;font-size:11px;width:150px;vertical-align:top}
@@ -270,7 +270,8 @@ def cams_section(run, n_errors=4, n_correct=2) -> str:
 
 # ---------------------------------------------------------------- one run, or several side by side
 def page(title, sections) -> str:
-    body = "".join(f'<h2 id="{key}">{SECTIONS.get(key, key)}</h2>{content}' for key, content in sections)
+    titles = {**SECTIONS, **OPTIONAL_SECTIONS}
+    body = "".join(f'<h2 id="{key}">{titles.get(key, key)}</h2>{content}' for key, content in sections)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
 

@@ -114,7 +114,7 @@ def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf
     cpu_bf16(native)
     monkeypatch.setattr(model, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
-                "--resize", "32", "24", "--num_workers", "0", "--epochs", "1"])
+                "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--cache_dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     assert f"amp auto -> {expected}: CPU with{'' if native else 'out'} native bf16" in out
     assert "channels_last auto -> on: convolutional model" in out
@@ -123,7 +123,7 @@ def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf
     assert (config["channels_last"], config["channels_last_resolved"]) == ("auto", True)
     monkeypatch.setattr(model, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
     paths = sorted((tiny_data / "eval" / "images").iterdir())[:2]
-    probs = inference.predict_run(tmp_path / "exp", paths, batch_size=2, num_workers=0)
+    probs = inference.predict_run(tmp_path / "exp", paths, batch_size=2, num_workers=0, cache_dir=tmp_path / "cache")
     assert probs.shape == (2, 18)
     assert f"exp: amp auto -> {expected}: CPU with{'' if native else 'out'} native bf16" in capsys.readouterr().out
 
