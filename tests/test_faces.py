@@ -24,16 +24,15 @@ YUNET = SHARED / "weights" / "face_detection_yunet_2026may.onnx"
 
 class CentreFace:
     """A fake detector: one face, a box of half the image's width around its centre; none in images
-    narrower than `min_width`. Counts its calls."""
-    calls = None
+    narrower than `min_width`. Counts its calls (and appends them to `calls`, a list shared by instances)."""
 
-    def __init__(self, path=None, score=0.5, min_width=0):
-        self.min_width, self.count = min_width, 0
+    def __init__(self, path=None, score=0.5, min_width=0, calls=None):
+        self.min_width, self.count, self.calls = min_width, 0, calls
 
     def detect(self, rgb):
         self.count += 1
-        if CentreFace.calls is not None:
-            CentreFace.calls.append(1)
+        if self.calls is not None:
+            self.calls.append(1)
         height, width = rgb.shape[:2]
         if width < self.min_width:
             return np.zeros((0, 5), np.float32)
@@ -113,17 +112,17 @@ def test_a_damaged_detector_file_is_a_one_line_error(tmp_path):
 
 @pytest.fixture()
 def fake_yunet(monkeypatch, tmp_path):
-    """faces.YuNet replaced by CentreFace; a detector file that exists."""
-    monkeypatch.setattr(faces, "YuNet", lambda path, score: CentreFace(path, score, min_width=0))
+    """faces.YuNet replaced by CentreFace; (a detector file that exists, the list of detection calls)."""
+    calls = []
+    monkeypatch.setattr(faces, "YuNet", lambda path, score: CentreFace(path, score, calls=calls))
     detector = tmp_path / "fake_yunet.onnx"
     detector.write_bytes(b"fake")
-    CentreFace.calls = []
-    yield detector
-    CentreFace.calls = None
+    return detector, calls
 
 
 def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_data, tmp_path, fake_yunet,
                                                                          monkeypatch):
+    fake_yunet, calls = fake_yunet
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
                 "--resize", "32", "32", "--num_workers", "0", "--epochs", "1", "--report", "off", "--cache",
@@ -132,12 +131,12 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
     assert config["face_crop"] and config["face_margin"] == 1.2
     assert config["faces"]["no_face"] == 0 and config["faces"]["images"] == 168
     assert (runs / "exp" / "no_face.csv").is_file()
-    assert len(CentreFace.calls) == 168
-    CentreFace.calls.clear()
+    assert len(calls) == 168
+    calls.clear()
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
                 "--resize", "32", "32", "--num_workers", "0", "--epochs", "1", "--report", "off",
                 "--cache_dir", str(cache), "--face_crop", "--face_detector", str(fake_yunet), "--face_margin", "1.2"])
-    assert CentreFace.calls == []  # the second run detects nothing
+    assert calls == []  # the second run detects nothing
     used = []
     real_create = inference.create_transforms
     monkeypatch.setattr(inference, "create_transforms", lambda *a, **k: used.append(k) or real_create(*a, **k))
@@ -145,11 +144,11 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
     inference.main(["--model_dir", str(runs / "exp"), "--data_dir", str(tiny_data / "eval"), "--output_dir",
                     str(out), "--num_workers", "0", "--cache_dir", str(cache), "--face_crop"])
     crop = used[0]["face_crop"]
-    assert crop.margin == 1.2 and crop.settings["score"] == config["face_score"] and len(CentreFace.calls) == 42
+    assert crop.margin == 1.2 and crop.settings["score"] == config["face_score"] and len(calls) == 42
     assert pd.read_csv(out / "no_face.csv").empty
     ensemble.main([str(runs / "exp"), str(runs / "exp2"), "--data_dir", str(tiny_data / "eval"), "--output_dir",
                    str(out), "--num_workers", "0", "--cache_dir", str(cache)])
-    assert len(CentreFace.calls) == 42  # the eval boxes were kept too
+    assert len(calls) == 42  # the eval boxes were kept too
     import report
     text = report.run_report(runs / "exp", cams=True)
     assert "Face crops" in text and "168 of 168 images with a face" in text
@@ -192,14 +191,15 @@ def test_yunet_finds_the_faces_of_real_photos(tmp_path):
 
 def test_the_audit_sheet_of_face_crop_runs_shows_the_crops(tiny_data, tmp_path, fake_yunet, monkeypatch):
     import audit
+    fake_yunet, calls = fake_yunet
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
                 "--resize", "32", "32", "--num_workers", "0", "--epochs", "1", "--report", "off", "--n_folds", "2",
                 "--cache_dir", str(cache), "--face_crop", "--face_detector", str(fake_yunet), "--name", "cv"])
-    calls = len(CentreFace.calls)
+    before = len(calls)
     tiles = []
     real_tile = audit.face_tile
     monkeypatch.setattr(audit, "face_tile", lambda file, faces: tiles.append(faces) or real_tile(file, faces))
     audit.main([str(runs / "cv_cv.json"), "--output_dir", str(tmp_path / "audit")])
-    assert (tmp_path / "audit" / "audit.png").is_file() and len(CentreFace.calls) == calls  # boxes from the cache
+    assert (tmp_path / "audit" / "audit.png").is_file() and len(calls) == before  # boxes from the cache
     assert tiles and all(faces is not None and faces.margin == 1.05 for faces in tiles)
