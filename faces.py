@@ -2,7 +2,9 @@
 once with an offline detector (OpenCV's YuNet, `cv2.FaceDetectorYN`), the boxes are kept in the cache
 folder keyed like the image check (absolute path, size, mtime, and the detector's settings), and the
 transforms crop a square of `margin` times the box's larger side around the chosen face, padded by edge
-replication where it leaves the image. Images without a face keep the usual centre crop.
+replication where it leaves the image. Images without a face take the typical face square of the run's
+training images instead (the median face position and size, relative to the image: the competition's
+photos are framed alike), or the usual centre crop where no training image had a face.
 
     python faces.py DIR [--detector FILE] [--output_dir faces]   # boxes.csv + a contact sheet of the crops
 """
@@ -27,7 +29,7 @@ DEFAULT_MARGIN = 1.05  # on utkmask aligned crops 160 px over the box side is 0.
 DEFAULT_SCORE = 0.5  # YuNet's 0.9 keeps about 30% of real masked faces; 0.5 about 93%
 MARGIN_RANGE = (1.0, 3.0)
 DETECT_SIDE = 320  # images whose longer side is smaller are upscaled to it before detection
-FACES_VERSION = 1
+FACES_VERSION = 2  # 2: the cache keeps each image's size (for the typical face square)
 
 
 class FaceDetectorError(ValueError):
@@ -116,6 +118,25 @@ def square_box(box, margin) -> tuple:
     return round(y + h / 2 - side / 2), round(x + w / 2 - side / 2), side
 
 
+def typical_face(boxes: dict, sizes: dict):
+    """The median face of `boxes` (path -> box or None) relative to each image's size (path -> (height,
+    width)): (centre x / width, centre y / height, larger side / smaller image side), rounded, or None
+    where no image has a face. Images without a face are cropped there (`FaceCrop.crop`)."""
+    found = [(box, sizes[path]) for path, box in boxes.items() if box is not None and sizes.get(path)]
+    if not found:
+        return None
+    relative = np.array([((x + w / 2) / width, (y + h / 2) / height, max(w, h) / min(height, width))
+                         for (x, y, w, h, _), (height, width) in found])
+    return tuple(round(float(v), 4) for v in np.median(relative, axis=0))
+
+
+def typical_box(fallback, height, width) -> tuple:
+    """The typical face (`typical_face`) as a box (x, y, w, h) in an image of this size."""
+    centre_x, centre_y, side = fallback
+    side = side * min(height, width)
+    return centre_x * width - side / 2, centre_y * height - side / 2, side, side
+
+
 def crop_square(image: torch.Tensor, top, left, side) -> torch.Tensor:
     """image[..., top:top+side, left:left+side] of a CHW tensor, edge-replicated where it leaves the image."""
     height, width = image.shape[-2:]
@@ -126,15 +147,24 @@ def crop_square(image: torch.Tensor, top, left, side) -> torch.Tensor:
 
 class FaceCrop:
     """What a transform needs to crop faces: the chosen box of every image (by absolute path; None
-    where no face was found) and the margin. `settings` go into config.json and into cache keys."""
+    where no face was found), the margin, and `fallback`: the typical face (`typical_face`) that images
+    without one are cropped at (None: they keep the centre crop). `settings` go into config.json and
+    into cache keys."""
 
-    def __init__(self, boxes: dict, margin=DEFAULT_MARGIN, settings=None):
+    def __init__(self, boxes: dict, margin=DEFAULT_MARGIN, settings=None, fallback=None):
         self.boxes, self.margin = boxes, float(margin)
-        self.settings = dict(settings or {}, margin=self.margin)
+        self.fallback = None if fallback is None else tuple(float(v) for v in fallback)
+        self.settings = dict(settings or {}, margin=self.margin, fallback=self.fallback)
+
+    def found(self, path) -> bool:
+        return path is not None and self.boxes.get(os.path.abspath(path)) is not None
 
     def crop(self, image: torch.Tensor, path):
-        """The face square of `image` (decoded from `path`), or None where it has no face."""
+        """The face square of `image` (decoded from `path`); where it has no face, the typical face's
+        square, or None without a fallback (the caller's centre crop)."""
         box = self.boxes.get(os.path.abspath(path)) if path is not None else None
+        if box is None and self.fallback is not None:
+            box = typical_box(self.fallback, *image.shape[-2:])
         if box is None:
             return None
         return crop_square(image, *square_box(box, self.margin))
@@ -146,11 +176,11 @@ class FaceCrop:
     def subset(self, paths) -> "FaceCrop":
         """The same crop for `paths` only (the images a run keeps)."""
         return FaceCrop({os.path.abspath(p): self.boxes.get(os.path.abspath(p)) for p in map(str, paths)},
-                        self.margin, self.settings)
+                        self.margin, self.settings, self.fallback)
 
 
 class DetectFiles(Dataset):
-    """Item i: (i, the chosen box of image i or None) for a DataLoader's workers."""
+    """Item i: (i, the chosen box of image i or None, its (height, width)) for a DataLoader's workers."""
 
     def __init__(self, paths, detector):
         self.paths, self.detector = paths, detector
@@ -162,9 +192,9 @@ class DetectFiles(Dataset):
         try:
             image = decode_image(self.paths[index])
         except ValueError:  # unreadable: the image check names it
-            return index, None
+            return index, None, None
         rgb = image.permute(1, 2, 0).numpy()
-        return index, choose_face(self.detector.detect(rgb), *rgb.shape[:2])
+        return index, choose_face(self.detector.detect(rgb), *rgb.shape[:2]), rgb.shape[:2]
 
 
 def detector_settings(detector_path, score) -> dict:
@@ -175,10 +205,12 @@ def detector_settings(detector_path, score) -> dict:
 
 
 def find_faces(paths, detector_path=DEFAULT_DETECTOR, score=DEFAULT_SCORE, margin=DEFAULT_MARGIN,
-               cache_dir=DEFAULT_CACHE_DIR, num_workers=0, detector=None) -> FaceCrop:
+               cache_dir=DEFAULT_CACHE_DIR, num_workers=0, detector=None, fallback="typical") -> FaceCrop:
     """The FaceCrop of `paths`: boxes found once and kept in `cache_dir` (a CSV per detector setting), so
     that a second run, an ensemble member or inference on the same files detects nothing again.
-    `detector`: any object with `detect(rgb) -> (n, 5)` (tests inject one); by default YuNet."""
+    `detector`: any object with `detect(rgb) -> (n, 5)` (tests inject one); by default YuNet.
+    `fallback`: where images without a face are cropped: "typical" (the typical face of `paths`: a
+    training set), a run's recorded typical face, or None (the centre crop)."""
     if not MARGIN_RANGE[0] <= margin <= MARGIN_RANGE[1]:
         raise FaceDetectorError(f"--face_margin must be in [{MARGIN_RANGE[0]}, {MARGIN_RANGE[1]}], got {margin}")
     if not 0 < score < 1:
@@ -196,36 +228,46 @@ def find_faces(paths, detector_path=DEFAULT_DETECTOR, score=DEFAULT_SCORE, margi
     wanted = {os.path.abspath(p): file_stamp(p) for p in map(str, paths)}
     with locked(record.with_suffix(".lock")):
         known = read_boxes(record)
-        todo = [path for path, stamp in wanted.items() if known.get(path, (None, None))[0] != stamp]
+        todo = [path for path, stamp in wanted.items() if known.get(path, (None,))[0] != stamp]
         if todo:
             loader = DataLoader(DetectFiles(todo, detector), batch_size=None, num_workers=num_workers)
-            for index, box in tqdm(loader, desc=f"finding faces in {len(todo)} images", total=len(todo),
-                                   leave=False, dynamic_ncols=True):
-                known[todo[index]] = (wanted[todo[index]], None if box is None else tuple(map(float, box)))
+            for index, box, size in tqdm(loader, desc=f"finding faces in {len(todo)} images", total=len(todo),
+                                         leave=False, dynamic_ncols=True):
+                known[todo[index]] = (wanted[todo[index]], None if box is None else tuple(map(float, box)),
+                                      None if size is None else tuple(map(int, size)))
             write_boxes(record, known)
-    return FaceCrop({path: known[path][1] for path in wanted}, margin, settings)
+    boxes = {path: known[path][1] for path in wanted}
+    if isinstance(fallback, str) and fallback == "typical":
+        fallback = typical_face(boxes, {path: known[path][2] for path in wanted})
+    return FaceCrop(boxes, margin, settings, fallback)
 
 
 BOX_COLUMNS = ["x", "y", "w", "h", "score"]
 
 
 def read_boxes(record) -> dict:
-    """path -> (stamp, box or None) from a box cache file (a damaged one is detected again)."""
+    """path -> (stamp, box or None, (height, width) or None) from a box cache file (a damaged one is
+    detected again)."""
     if not Path(record).is_file():
         return {}
     try:
         frame = pd.read_csv(record, dtype={"path": str, "stamp": str}, keep_default_na=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
         return {}
-    return {row.path: (row.stamp, None if np.isnan(row.x) else tuple(float(getattr(row, c)) for c in BOX_COLUMNS))
+    if not {"path", "stamp", "height", "width", *BOX_COLUMNS} <= set(frame.columns):
+        return {}
+    return {row.path: (row.stamp, None if np.isnan(row.x) else tuple(float(getattr(row, c)) for c in BOX_COLUMNS),
+                       None if np.isnan(row.height) else (int(row.height), int(row.width)))
             for row in frame.itertuples()}
 
 
 def write_boxes(path, boxes: dict) -> None:
-    """Write path -> (stamp, box or None) as a CSV: path, stamp, x, y, w, h, score (empty: no face)."""
-    rows = [dict(path=image, stamp=stamp, **dict(zip(BOX_COLUMNS, box or [np.nan] * 5, strict=True)))
-            for image, (stamp, box) in boxes.items()]
-    write_csv(path, pd.DataFrame(rows, columns=["path", "stamp", *BOX_COLUMNS]))
+    """Write path -> (stamp, box or None, (height, width) or None) as a CSV: path, stamp, x, y, w, h, score
+    (empty: no face), height, width (empty: unreadable)."""
+    rows = [dict(path=image, stamp=stamp, **dict(zip(BOX_COLUMNS, box or [np.nan] * 5, strict=True)),
+                 **dict(zip(("height", "width"), size or [np.nan] * 2, strict=True)))
+            for image, (stamp, box, size) in boxes.items()]
+    write_csv(path, pd.DataFrame(rows, columns=["path", "stamp", *BOX_COLUMNS, "height", "width"]))
 
 
 def run_face_crop(config, paths, face_detector=None, cache_dir=None, num_workers=0):
@@ -238,7 +280,13 @@ def run_face_crop(config, paths, face_detector=None, cache_dir=None, num_workers
         raise FaceDetectorError(f"{config.get('run_dir', 'the run')} was trained with --face_crop: its detector "
                                 f"file {detector} is not here; pass --face_detector FILE")
     return find_faces(paths, detector, config["face_score"], config["face_margin"],
-                      cache_dir or config.get("cache_dir") or DEFAULT_CACHE_DIR, num_workers)
+                      cache_dir or config.get("cache_dir") or DEFAULT_CACHE_DIR, num_workers,
+                      fallback=config.get("faces", {}).get("fallback"))
+
+
+def no_face_words(fallback) -> str:
+    """What happens to an image without a face, for the run header, inference and the report."""
+    return "keep the centre crop" if fallback is None else "take the typical face square"
 
 
 def write_no_face(path, faces: FaceCrop) -> Path:
@@ -253,7 +301,8 @@ def face_record(faces: FaceCrop) -> dict:
 
 
 def contact_sheet(path, images, faces: FaceCrop, size=96, columns=12, limit=120) -> Path:
-    """A PNG of the face crops of `images` (the first `limit`), images without a face framed in red."""
+    """A PNG of the face crops of `images` (the first `limit`), images without a face (their typical
+    face square or whole image) framed in red."""
     import torchvision.transforms.v2.functional as TF
     from PIL import Image, ImageDraw
     images = list(images)[:limit]
@@ -266,7 +315,7 @@ def contact_sheet(path, images, faces: FaceCrop, size=96, columns=12, limit=120)
         tile = TF.resize(crop if crop is not None else image, [size, size], antialias=True)
         x, y = i % columns * size, i // columns * size
         sheet.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), (x, y))
-        if crop is None:
+        if not faces.found(image_path):
             draw.rectangle([x, y, x + size - 1, y + size - 1], outline="red", width=3)
     atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
     return Path(path)
@@ -295,7 +344,9 @@ def main(argv=None):
                            args.num_workers)
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_boxes(out / "boxes.csv", {path: (file_stamp(path), box) for path, box in faces.boxes.items()})
+        boxes = [dict(path=path, **dict(zip(BOX_COLUMNS, box or [np.nan] * 5, strict=True)))
+                 for path, box in faces.boxes.items()]
+        write_csv(out / "boxes.csv", pd.DataFrame(boxes, columns=["path", *BOX_COLUMNS]))
         write_no_face(out / "no_face.csv", faces)
         sheet = contact_sheet(out / "faces.png", paths, faces)
     print(f"{len(paths) - len(faces.missing())} of {len(paths)} images have a face; wrote {out / 'boxes.csv'}, "

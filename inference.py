@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from augment import create_transforms
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
 from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, images_dir, scan_people
-from faces import run_face_crop, write_no_face
+from faces import no_face_words, run_face_crop, write_no_face
 from features import FromFeatures, frozen_outputs, predict_from_features, state_digest
 from metrics import apply_offsets, class_report, fit_offsets, score
 from model import (
@@ -170,8 +170,8 @@ def run_faces(config, paths, face_detector=None, cache_dir=DEFAULT_CACHE_DIR, nu
     if faces is None:
         return None
     missing = len(faces.missing())
-    print(f"faces: found in {len(paths) - missing:,} of {len(paths):,} images; {missing:,} keep the centre crop"
-          + (f", listed in {no_face_path}" if missing and no_face_path else ""))
+    print(f"faces: found in {len(paths) - missing:,} of {len(paths):,} images; {missing:,} "
+          f"{no_face_words(faces.fallback)}" + (f", listed in {no_face_path}" if missing and no_face_path else ""))
     if no_face_path:
         Path(no_face_path).parent.mkdir(parents=True, exist_ok=True)
         write_no_face(no_face_path, faces)

@@ -24,7 +24,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from augment import create_transforms
 from dataset import decode_multi_class, images_dir, load_image, open_upright
-from faces import run_face_crop
+from faces import no_face_words, run_face_crop
 from metrics import pyplot, save_confusion_png
 from model import HEADS, model_from_config
 from runs import PROB_COLUMNS, atomic_write, load_checkpoint, one_line_errors, read_folds, read_json, read_probabilities
@@ -182,7 +182,7 @@ def errors_section(run, per_head=12) -> str:
 
 def faces_section(run, n=12) -> str:
     """With --face_crop: a strip of validation crops as the model saw them, and one of the images where
-    no face was found (they kept the centre crop)."""
+    no face was found (they took the typical face square, or the centre crop in older runs)."""
     config, probs, root = run["config"], run["probs"], images_dir(run["config"]["data_dir"])
     record = config["faces"]
     no_face = run["dir"] / "no_face.csv"
@@ -203,10 +203,11 @@ def faces_section(run, n=12) -> str:
         return "".join(tags)
 
     text = (f"<p>{record['images'] - record['no_face']:,} of {record['images']:,} images with a face (margin "
-            f"{record['margin']}, score {record['score']}); {record['no_face']:,} kept the centre crop.</p>")
+            f"{record['margin']}, score {record['score']}); {record['no_face']:,} "
+            f"{no_face_words(record.get('fallback'))}.</p>")
     text += f"<h3>validation crops</h3><div>{strip([p for p in shown if p.is_file()])}</div>"
     if missing_paths:
-        text += f"<h3>no face found (centre crop)</h3><div>{strip([Path(p) for p in missing_paths[:n]])}</div>"
+        text += f"<h3>no face found</h3><div>{strip([Path(p) for p in missing_paths[:n]])}</div>"
     return text
 
 

@@ -40,7 +40,7 @@ from dataset import (
     scan_people,
     to_class_targets,
 )
-from faces import face_record, find_faces, write_no_face
+from faces import face_record, find_faces, no_face_words, write_no_face
 from features import FromFeatures, build_feature_set, check_supported
 from flags import (
     RESUME_OVERRIDES,
@@ -368,9 +368,9 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
         print(precision, flush=True)
         if faces is not None:
             missing = config["faces"]["no_face"]
+            listed = f", listed in {run_dir / 'no_face.csv'}" if missing else ""
             print(f"faces: found in {len(faces.boxes) - missing:,} of {len(faces.boxes):,} images (margin "
-                  f"{faces.margin}); {missing:,} keep the centre crop" + (f", listed in {run_dir / 'no_face.csv'}"
-                                                                       if missing else ""), flush=True)
+                  f"{faces.margin}); {missing:,} {no_face_words(faces.fallback)}{listed}", flush=True)
     wandb_run = start_wandb(args, config, run_dir) if args.wandb and is_main else None
     epoch = start_epoch
     try:

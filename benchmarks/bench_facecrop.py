@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine  # noqa: E402
 
 from dataset import decode_image  # noqa: E402
-from faces import DEFAULT_SCORE, YuNet, choose_face, find_faces  # noqa: E402
+from faces import DEFAULT_MARGIN, DEFAULT_SCORE, YuNet, choose_face, find_faces, square_box, typical_box  # noqa: E402
 from runs import atomic_write  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -123,20 +123,35 @@ def framing_jobs(seed, root):
             for i, src in enumerate(sources)]
 
 
+def square_iou(a, b) -> float:
+    """Intersection over union of two squares (top, left, side)."""
+    rows = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    cols = max(0, min(a[1] + a[2], b[1] + b[2]) - max(a[1], b[1]))
+    return rows * cols / (a[2] ** 2 + b[2] ** 2 - rows * cols)
+
+
 def right_faces(args):
     """On the framed copy: how often the chosen face is the placed one (its centre within a third of the
-    side of the placed centre, its width 0.5-1.6x the placed side), not a face of the background."""
+    side of the placed centre, its width 0.5-1.6x the placed side), not a face of the background; and for
+    the images without a face, how well the typical face square (the fallback) covers the placed face,
+    beside the whole canvas that `--crop 1 1` kept before (intersection over union of the crop squares)."""
     out = Path(args.framed)
     jobs = framing_jobs(args.seed, out)
     paths = [str(job[2]) for job in jobs]
     with tempfile.TemporaryDirectory() as cache:
         faces = find_faces(paths, YUNET_FILE, cache_dir=args.cache_dir or cache, num_workers=args.workers)
-    rows = []
+    rows, fallback_iou, canvas_iou = [], [], []
+    width, height = CANVAS
     for (_, background, path, seed) in jobs:
         place = placement(seed, Image.open(background).size)
         box = faces.boxes[os.path.abspath(path)]
         if box is None:
             rows.append("not found")
+            placed = (place["centre"][1] - place["side"] / 2, place["centre"][0] - place["side"] / 2, place["side"])
+            placed = square_box((placed[1], placed[0], placed[2], placed[2]), DEFAULT_MARGIN)
+            fallback_iou.append(square_iou(square_box(typical_box(faces.fallback, height, width), DEFAULT_MARGIN),
+                                           placed))
+            canvas_iou.append(placed[2] ** 2 / (width * height))  # the placed face lies inside the canvas
             continue
         x, y, w, h = box[:4]
         near = np.hypot(x + w / 2 - place["centre"][0], y + h / 2 - place["centre"][1]) < place["side"] / 3
@@ -144,8 +159,11 @@ def right_faces(args):
     counts = pd.Series(rows).value_counts()
     table = pd.DataFrame([dict(images=len(rows), **{k: f"{counts.get(k, 0)} ({counts.get(k, 0) / len(rows):.1%})"
                                                     for k in ("the placed face", "another face", "not found")})])
+    table["typical face (fallback)"] = ", ".join(f"{v:.3f}" for v in faces.fallback)
+    table["no face: IoU of the typical face square"] = f"{np.mean(fallback_iou):.2f}"
+    table["no face: IoU of the whole canvas"] = f"{np.mean(canvas_iou):.2f}"
     write_table("bench_facecrop_framed.md", table, "The face chosen on the framed copy of utkmask (YuNet, "
-                "score 0.5, nearest the centre)")
+                "score 0.5, nearest the centre), and the square the images without a face are cropped at")
 
 
 def build_framed(args):

@@ -17,7 +17,7 @@ import inference
 import train
 from augment import create_transforms
 from cache import cache_key
-from faces import FaceDetectorError, choose_face, crop_square, find_faces, square_box
+from faces import FaceDetectorError, choose_face, crop_square, find_faces, square_box, typical_face
 
 YUNET = SHARED / "weights" / "face_detection_yunet_2026may.onnx"
 
@@ -90,6 +90,20 @@ def test_images_without_a_face_keep_the_centre_crop(tiny_data, tmp_path):
     assert cache_key([path], val_tf) != cache_key([path], plain_tf) != cache_key([path], none_tf)
 
 
+def test_images_without_a_face_take_the_typical_face_square_of_the_training_images():
+    boxes = {"a": (10, 20, 30, 30, 0.9), "b": (20, 40, 40, 40, 0.8), "c": (0, 0, 8, 10, 0.7), "d": None}
+    sizes = {"a": (100, 80), "b": (200, 160), "c": (50, 40), "d": (100, 80)}
+    fallback = typical_face(boxes, sizes)  # medians of centre x / width, centre y / height, side / short side
+    assert fallback == (0.25, 0.3, 0.25)
+    assert typical_face({"d": None}, sizes) is None
+    image = torch.arange(100 * 80, dtype=torch.int32).view(1, 100, 80)
+    crop = faces.FaceCrop({os.path.abspath("d"): None}, margin=1.2, fallback=fallback).crop(image, "d")
+    top, left, side = square_box((10, 20, 20, 20), 1.2)  # 0.25 * 80 - 10, 0.3 * 100 - 10, 0.25 * 80
+    assert torch.equal(crop, crop_square(image, top, left, side)) and crop.shape[-1] == 24
+    without = faces.FaceCrop({os.path.abspath("d"): None}, margin=1.2)
+    assert without.crop(image, "d") is None and without.settings["fallback"] is None
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--face_margin", "0.5"], "--face_margin must be in [1.0, 3.0]"),
     (["--face_score", "1.5"], "--face_score must be in (0, 1)"),
@@ -130,6 +144,7 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
     config = json.loads((runs / "exp" / "config.json").read_text())
     assert config["face_crop"] and config["face_margin"] == 1.2
     assert config["faces"]["no_face"] == 0 and config["faces"]["images"] == 168
+    assert config["faces"]["fallback"] == [0.5, 0.5, 0.5]  # CentreFace's box, relative to the image
     assert (runs / "exp" / "no_face.csv").is_file()
     assert len(calls) == 168
     calls.clear()
@@ -145,6 +160,7 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
                     str(out), "--num_workers", "0", "--cache_dir", str(cache), "--face_crop"])
     crop = used[0]["face_crop"]
     assert crop.margin == 1.2 and crop.settings["score"] == config["face_score"] and len(calls) == 42
+    assert crop.fallback == (0.5, 0.5, 0.5)  # the run's typical face, not the eval images'
     assert pd.read_csv(out / "no_face.csv").empty
     ensemble.main([str(runs / "exp"), str(runs / "exp2"), "--data_dir", str(tiny_data / "eval"), "--output_dir",
                    str(out), "--num_workers", "0", "--cache_dir", str(cache)])
