@@ -5,6 +5,9 @@ toolkit's, with the same model, batch and optimizer; explicit precisions beside 
     python benchmarks/bench_train.py --models test_resnet:64x48 --steps 2 --batch_size 8   # smoke run
     python benchmarks/bench_train.py --models efficientnet_lite0:160x160 --configs auto auto_compile  # torch.compile
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_train.py ...  # as an AVX2-only CPU
+    python benchmarks/bench_train.py --configs fp32 fp32_nondet bf16_cl bf16_cl_nondet --rounds 3  # determinism
+
+The masktrain configurations run with train.py's --deterministic (auto: on for a CPU) unless they say off.
 """
 import argparse
 import tempfile
@@ -28,6 +31,10 @@ CONFIGS = {"reference": ("baseline loop + loader, fp32", None),
            "fp32": ("masktrain, --amp off --channels_last off", ["--amp", "off", "--channels_last", "off"]),
            "fp32_cl": ("masktrain, --amp off --channels_last", ["--amp", "off", "--channels_last"]),
            "bf16_cl": ("masktrain, --amp bf16 --channels_last", ["--amp", "bf16", "--channels_last"]),
+           "fp32_nondet": ("masktrain, --amp off --channels_last off --deterministic off",
+                           ["--amp", "off", "--channels_last", "off", "--deterministic", "off"]),
+           "bf16_cl_nondet": ("masktrain, --amp bf16 --channels_last --deterministic off",
+                              ["--amp", "bf16", "--channels_last", "--deterministic", "off"]),
            "auto": ("masktrain, defaults (--amp auto --channels_last auto)", []),
            "auto_cache": ("masktrain, defaults + --cache", ["--cache"]),
            "auto_compile": ("masktrain, defaults + --compile", ["--compile"])}
@@ -54,6 +61,7 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
     torch.manual_seed(0)
     precision, compile_seconds = "fp32", 0.0
     if config == "reference":
+        torch.use_deterministic_algorithms(False)
         model = timm.create_model(name, num_classes=18)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         criterion = torch.nn.CrossEntropyLoss()
@@ -67,13 +75,15 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
         model = build_model("single_head", name)
         flags = ["--epochs", "1", "--log_interval", "50", "--resize", *map(str, resize), *CONFIGS[config][1]]
         args, _ = train.resolve_precision(train.parse_args(flags), model, torch.device("cpu"))
+        train.set_deterministic(args.deterministic, torch.device("cpu"))
         model = model.to(memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.0)
         criterion = create_multi_head_loss("cross_entropy", {"class": 18})
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         dataset = MaskBaseDataset(table=table)
         train_tf, val_tf = create_transforms("CustomAugmentation", resize)
-        precision = ("fp32" if args.amp == "off" else args.amp) + (", channels_last" if args.channels_last else "")
+        precision = ("fp32" if args.amp == "off" else args.amp) + (", channels_last" if args.channels_last else "") \
+            + ("" if torch.are_deterministic_algorithms_enabled() else ", not deterministic")
         if args.cache:
             dataset.cache = DecodedCache.build(table["path"], val_tf, cache_dir, workers)
         compiling = time.perf_counter()

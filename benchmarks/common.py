@@ -50,10 +50,10 @@ def baseline_transform(resize):
 
 
 def model_specs(specs) -> list:
-    """["resnet18:128x96", ...] -> [("resnet18", [128, 96]), ...]."""
+    """["resnet18:128x96", "local-dir:FOLDER:160x160", ...] -> [("resnet18", [128, 96]), ...]."""
     parsed = []
     for spec in specs:
-        name, size = spec.split(":")
+        name, size = spec.rsplit(":", 1)
         parsed.append((name, [int(v) for v in size.split("x")]))
     return parsed
 
