@@ -64,7 +64,7 @@ def run_block(script, seed, out, data, weights, train_flags="") -> float:
     if out.exists():
         raise SystemExit(f"error: {out} exists: give another --work_dir (runs never overwrite)")
     out.mkdir(parents=True)
-    env = dict(os.environ, DATA=str(data), WEIGHTS=str(weights), OUT=str(out), SEED=str(seed),
+    env = dict(os.environ, DATA=str(data), WEIGHTS=str(weights), FACE=str(FACE), OUT=str(out), SEED=str(seed),
                TRAIN_FLAGS=train_flags)
     started = time.time()
     with open(out / "log.txt", "w") as log:
