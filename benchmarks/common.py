@@ -14,7 +14,6 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import cpu_flags  # noqa: E402
 from sample import make_sample  # noqa: E402
 
 MEAN, STD = (0.548, 0.504, 0.479), (0.237, 0.247, 0.246)  # the baseline's defaults
@@ -75,6 +74,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    from model import cpu_flags  # here, not at the top: the loader benchmark's child processes need no timm
     return f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__}"
 
 

@@ -1,9 +1,23 @@
-"""Shared fixtures: tiny generated data in the competition layout."""
+"""Shared fixtures: tiny generated data in the competition layout. Under pytest-xdist (the suite's default,
+pyproject.toml) each worker gets its share of the cores' threads, and so do the processes its tests start."""
+import getpass
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# torch.compile's kernel cache stays where it is without the tests' TMPDIR (child_temp_dir below), so that
+# the compile test reuses the kernels of earlier runs on this machine instead of compiling them anew each time
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
+    import torch
+    torch.set_num_threads(_threads)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

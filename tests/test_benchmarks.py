@@ -1,3 +1,4 @@
+import importlib
 import os
 import re
 import subprocess
@@ -19,37 +20,44 @@ def run_bench(script, tmp_path, *flags):
     return out.read_text()
 
 
+def bench_module(name, monkeypatch):
+    """A benchmark script imported to call its main() in this process (no interpreter start)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
+
+
 def test_bench_data_smoke(tmp_path):
     table = run_bench("bench_data.py", tmp_path, "--workers", "0", "--epochs", "1", "--batch_size", "8",
                       "--resize", "64", "48")
     assert table.count("| 0 |") == 5 and "ratio to (a)" in table and "Peak memory with the cache" in table
 
 
-def test_bench_layout_times_each_freeze_setting(tmp_path):
+def test_bench_layout_times_each_freeze_setting(tmp_path, monkeypatch):
     """bench_layout.py --freeze: one row per setting and precision, the frozen model stepped as train.py
     freezes it (its optimizer only gets the trainable parameters, so "all" must not fail)."""
     out = tmp_path / "layout.md"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layout.py"), "--models",
-                             "test_resnet:32x32", "--amp", "off", "--steps", "1", "--batch_size", "4",
-                             "--freeze", "none", "1", "all", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    bench_module("bench_layout", monkeypatch).main(["--models", "test_resnet:32x32", "--amp", "off", "--steps", "1",
+                                                    "--batch_size", "4", "--freeze", "none", "1", "all",
+                                                    "--out", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| test_resnet | 32x32 |")]
     assert [row.split(" | ")[2] for row in rows] == ["none", "1", "all"]
 
 
-def test_bench_train_smoke(tmp_path):
-    table = run_bench("bench_train.py", tmp_path, "--models", "test_resnet:64x48", "--steps", "2",
-                      "--batch_size", "8", "--workers", "0")
+def test_bench_train_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "result.md"
+    bench_module("bench_train", monkeypatch).main(["--work_dir", str(tmp_path), "--out", str(out), "--people", "6",
+                                                   "--models", "test_resnet:64x48", "--steps", "2",
+                                                   "--batch_size", "8", "--workers", "0"])
+    table = out.read_text()
     assert table.count("| test_resnet |") == 6 and "1.00x" in table and "kernels" in table
     assert "defaults (--amp auto --channels_last auto)" in table
 
 
-def test_gpu_check_without_cuda_says_so_and_exits_0():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "gpu_check: no CUDA device on this machine; nothing to check (exit 0)"
+def test_gpu_check_without_cuda_says_so_and_exits_0(monkeypatch, capsys):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_module("gpu_check", monkeypatch).main([]) is None  # its __main__ then exits 0
+    assert capsys.readouterr().out.strip() == "gpu_check: no CUDA device on this machine; nothing to check (exit 0)"
 
 
 def test_recipe_blocks_run_as_written_and_are_scored(tmp_path, shared_weights):
