@@ -129,8 +129,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18:128x96", "efficientnet_lite0:224x224"],
                         metavar="NAME:HxW")
-    parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "auto_compile"],
-                        choices=list(CONFIGS), help="auto_compile is left out by default: its compile takes a minute")
+    default_configs = [c for c in CONFIGS if c != "auto_compile" and "nondet" not in c]
+    parser.add_argument("--configs", nargs="+", default=default_configs,
+                        choices=list(CONFIGS), help="auto_compile (its compile takes a minute) and the *_nondet "
+                        "configurations (--deterministic's cost) are left out by default")
     parser.add_argument("--inference", action="store_true", help="also time inference before / after auto")
     parser.add_argument("--people", type=int, default=200)
     parser.add_argument("--steps", type=int, default=8, help="timed batches per configuration")
