@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 FLAG = r"(?<![\w-])--[a-z][\w-]*"
-NOT_OURS = {"--help", "--nproc_per_node"}  # argparse's own, torchrun's
+NOT_OURS = {"--help", "--nproc_per_node", "--dist"}  # argparse's own, torchrun's, pytest-xdist's
 
 
 def shown_commands(text):
