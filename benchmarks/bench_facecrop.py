@@ -5,6 +5,7 @@ and how often detection runs.
     python benchmarks/bench_facecrop.py frame      # 2. build the framed copy of utkmask (deterministic)
     python benchmarks/bench_facecrop.py right      # 2. how often the chosen face is the placed one
     python benchmarks/bench_facecrop.py once       # 4. detection time of a first and a second pass over utkmask
+    python benchmarks/bench_facecrop.py by_choice --runs OUT...  # 2. a framed run's accuracy by the face chosen
 
 The training comparisons (2, 3) are recipes: bench_recipes.py with --data on the framed copy and the
 candidate same_budget_facecrop (benchmarks/README.md lists the commands). Tables go to
@@ -130,6 +131,16 @@ def square_iou(a, b) -> float:
     return rows * cols / (a[2] ** 2 + b[2] ** 2 - rows * cols)
 
 
+def chosen_kind(box, place) -> str:
+    """What the detector chose in a framed image: "the placed face" (its centre within a third of the
+    placed side of the placed centre, its width 0.5-1.6x the placed side), "another face" or "not found"."""
+    if box is None:
+        return "not found"
+    x, y, w, h = box[:4]
+    near = np.hypot(x + w / 2 - place["centre"][0], y + h / 2 - place["centre"][1]) < place["side"] / 3
+    return "the placed face" if near and 0.5 <= w / place["side"] <= 1.6 else "another face"
+
+
 def right_faces(args):
     """On the framed copy: how often the chosen face is the placed one (its centre within a third of the
     side of the placed centre, its width 0.5-1.6x the placed side), not a face of the background; and for
@@ -145,17 +156,13 @@ def right_faces(args):
     for (_, background, path, seed) in jobs:
         place = placement(seed, Image.open(background).size)
         box = faces.boxes[os.path.abspath(path)]
+        rows.append(chosen_kind(box, place))
         if box is None:
-            rows.append("not found")
             placed = (place["centre"][1] - place["side"] / 2, place["centre"][0] - place["side"] / 2, place["side"])
             placed = square_box((placed[1], placed[0], placed[2], placed[2]), DEFAULT_MARGIN)
             fallback_iou.append(square_iou(square_box(typical_box(faces.fallback, height, width), DEFAULT_MARGIN),
                                            placed))
             canvas_iou.append(placed[2] ** 2 / (width * height))  # the placed face lies inside the canvas
-            continue
-        x, y, w, h = box[:4]
-        near = np.hypot(x + w / 2 - place["centre"][0], y + h / 2 - place["centre"][1]) < place["side"] / 3
-        rows.append("the placed face" if near and 0.5 <= w / place["side"] <= 1.6 else "another face")
     counts = pd.Series(rows).value_counts()
     table = pd.DataFrame([dict(images=len(rows), **{k: f"{counts.get(k, 0)} ({counts.get(k, 0) / len(rows):.1%})"
                                                     for k in ("the placed face", "another face", "not found")})])
@@ -164,6 +171,34 @@ def right_faces(args):
     table["no face: IoU of the whole canvas"] = f"{np.mean(canvas_iou):.2f}"
     write_table("bench_facecrop_framed.md", table, "The face chosen on the framed copy of utkmask (YuNet, "
                 "score 0.5, nearest the centre), and the square the images without a face are cropped at")
+
+
+def by_choice(args):
+    """Each framed run's (a bench_recipes output folder's submission.csv) accuracy on framed eval, split by
+    what the detector chose there: where the chosen face is the placed one, the model sees what an aligned
+    model sees, less the resolution and the paste's edges."""
+    out = Path(args.framed)
+    jobs = [job for job in framing_jobs(args.seed, out) if job[2].parent.name == "images"
+            and job[2].parent.parent.name == "eval"]
+    faces = find_faces([str(job[2]) for job in jobs], YUNET_FILE, cache_dir=args.cache_dir or out / ".faces",
+                       num_workers=args.workers)
+    kinds = pd.DataFrame([dict(ImageID=path.name, chosen=chosen_kind(faces.boxes[os.path.abspath(path)],
+                                                                     placement(seed, Image.open(background).size)))
+                          for _, background, path, seed in jobs])
+    labels = pd.read_csv(out / "eval_labels.csv")
+    tables = []
+    for run in args.runs:
+        predicted = pd.read_csv(Path(run) / "submission.csv").merge(labels, on="ImageID", suffixes=("_p", ""))
+        predicted = predicted.merge(kinds, on="ImageID")
+        predicted = predicted.assign(class_ok=predicted["ans_p"] == predicted["ans"],
+                                     gender_ok=predicted["ans_p"] // 3 % 2 == predicted["gender"],
+                                     age_ok=predicted["ans_p"] % 3 == predicted["age_group"])
+        table = predicted.groupby("chosen").agg(images=("class_ok", "size"), accuracy_18=("class_ok", "mean"),
+                                                gender_acc=("gender_ok", "mean"), age_acc=("age_ok", "mean"))
+        tables.append(table.round(3).reset_index().assign(run=Path(run).name))
+    write_table("bench_facecrop_by_choice.md", pd.concat(tables)[["run", "chosen", "images", "accuracy_18",
+                                                                  "gender_acc", "age_acc"]],
+                "Framed eval accuracy by what the detector chose (YuNet, score 0.5)")
 
 
 def build_framed(args):
@@ -213,7 +248,8 @@ def write_table(name, table, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["found", "frame", "right", "once"])
+    parser.add_argument("part", choices=["found", "frame", "right", "once", "by_choice"])
+    parser.add_argument("--runs", nargs="*", default=[], help="by_choice: bench_recipes output folders of framed runs")
     parser.add_argument("--cache_dir", default=None, help="right: a cache folder that already holds the boxes")
     parser.add_argument("--framed", default=str(ROOT / "benchmarks" / "work" / "utkmask_framed"))
     parser.add_argument("--data", default=str(UTKMASK), help="once: the data folder (train/ inside)")
@@ -222,7 +258,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not YUNET_FILE.is_file() or not UTKMASK.is_dir():
         raise SystemExit(f"error: needs the shared data and {YUNET_FILE}")
-    {"found": found_rates, "frame": build_framed, "right": right_faces, "once": detect_once}[args.part](args)
+    {"found": found_rates, "frame": build_framed, "right": right_faces, "once": detect_once,
+     "by_choice": by_choice}[args.part](args)
 
 
 if __name__ == "__main__":
