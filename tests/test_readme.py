@@ -93,3 +93,30 @@ def test_the_quick_start_runs_as_written_and_writes_what_it_says(tmp_path, monke
         for written in re.findall(r"-> (\S+)", comment):
             assert (tmp_path / written).exists(), f"{line}: {written} was not written"
     assert (tmp_path / "model" / "exp" / "best.pth").is_file() and (tmp_path / "output" / "submission.csv").is_file()
+
+
+def train_flags(command) -> dict:
+    """--flag -> its values (a tuple) of one train.py command line (a shell line continued with \\)."""
+    words = shlex.split(re.sub(r"\\\n\s*", " ", command))
+    flags, current = {}, None
+    for word in words[words.index("train.py") + 1:]:
+        if word.startswith("--"):
+            current = word
+            flags[current] = ()
+        elif current:
+            flags[current] += (word,)
+    return flags
+
+
+def test_the_readme_cpu_recipe_is_the_same_budget_script_that_the_recipe_test_runs():
+    """The README's CPU block trains what benchmarks/recipes/same_budget.sh trains (the script the recipe
+    test runs and bench_recipes.py measures): the same flags and values but where and under what name."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"On a CPU, the measured recipe.*?```bash\n(.*?)```", text, re.S).group(1)
+    script = (ROOT / "benchmarks" / "recipes" / "same_budget.sh").read_text()
+    shown = train_flags(block.split("python inference.py")[0])
+    kept = train_flags(script.split("python inference.py")[0].replace("$TRAIN_FLAGS", ""))
+    where = {"--data_dir", "--model_dir", "--name", "--seed", "--cache_dir", "--report"}
+    assert shown["--model"] == ("local-dir:../shared/weights/faceres_vggface2_mobilenetv1",)
+    assert kept.pop("--model") == ("local-dir:$FACE",) and shown.pop("--model")
+    assert {k: v for k, v in shown.items() if k not in where} == {k: v for k, v in kept.items() if k not in where}
