@@ -259,7 +259,9 @@ def main(argv=None):
         run([ROOT / "train.py", "--data_dir", work / "noisy", "--model_dir", work / "runs", "--name", "kfold",
              "--n_folds", args.n_folds, *recipe(args.seed)], log)
         inputs = [work / "runs" / "kfold_cv.json"]
-        source = (f"{args.n_folds}-fold efficientnet_lite0 (shared weights), {args.size}x{args.size}, --crop 1 1, "
+        flags = args.train_flags.split()
+        model = flags[flags.index("--model") + 1] if "--model" in flags else "efficientnet_lite0 (shared weights)"
+        source = (f"{args.n_folds}-fold {model}, {args.size}x{args.size}, --crop 1 1, "
                   f"{args.epochs} epochs, --amp auto{' ' + args.train_flags if args.train_flags else ''}, "
                   "trained on the noisy folder")
     run([ROOT / "audit.py", *inputs, "--data_dir", work / "noisy", "--output_dir", work / "audit", "--min_score",
