@@ -5,6 +5,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 FLAG = r"(?<![\w-])--[a-z][\w-]*"
@@ -95,8 +97,9 @@ def test_the_quick_start_runs_as_written_and_writes_what_it_says(tmp_path, monke
     assert (tmp_path / "model" / "exp" / "best.pth").is_file() and (tmp_path / "output" / "submission.csv").is_file()
 
 
-def train_flags(command) -> dict:
-    """--flag -> its values (a tuple) of one train.py command line (a shell line continued with \\)."""
+def train_flags(text) -> dict:
+    """--flag -> its values (a tuple) of the first train.py command of a shell text (lines continued with \\)."""
+    command = re.search(r"python train\.py(?:\\\n|[^\n])*", text).group(0)
     words = shlex.split(re.sub(r"\\\n\s*", " ", command))
     flags, current = {}, None
     for word in words[words.index("train.py") + 1:]:
@@ -114,9 +117,22 @@ def test_the_readme_cpu_recipe_is_the_same_budget_script_that_the_recipe_test_ru
     text = (ROOT / "README.md").read_text()
     block = re.search(r"On a CPU, the measured recipe.*?```bash\n(.*?)```", text, re.S).group(1)
     script = (ROOT / "benchmarks" / "recipes" / "same_budget.sh").read_text()
-    shown = train_flags(block.split("python inference.py")[0])
-    kept = train_flags(script.split("python inference.py")[0].replace("$TRAIN_FLAGS", ""))
+    shown, kept = train_flags(block), train_flags(script.replace("$TRAIN_FLAGS", ""))
     where = {"--data_dir", "--model_dir", "--name", "--seed", "--cache_dir", "--report"}
     assert shown["--model"] == ("local-dir:../shared/weights/faceres_vggface2_mobilenetv1",)
     assert kept.pop("--model") == ("local-dir:$FACE",) and shown.pop("--model")
+    assert {k: v for k, v in shown.items() if k not in where} == {k: v for k, v in kept.items() if k not in where}
+
+
+@pytest.mark.parametrize("title, script", [("**Same budget on lite0**", "candidates/same_budget_lite0.sh"),
+                                           ("**One hour**", "one_hour.sh")])
+def test_the_quality_doc_blocks_are_the_recipe_scripts(title, script):
+    """docs/quality.md's lite0 blocks train what the scripts bench_recipes.py measures train (the one-hour
+    script is also run by the recipe test)."""
+    text = (ROOT / "docs" / "quality.md").read_text()
+    block = re.search(re.escape(title) + r".*?```bash\n(.*?)```", text, re.S).group(1)
+    kept = (ROOT / "benchmarks" / "recipes" / script).read_text().replace("$TRAIN_FLAGS", "")
+    shown, kept = train_flags(block), train_flags(kept)
+    where = {"--data_dir", "--model_dir", "--name", "--seed", "--cache_dir", "--report", "--pretrained"}
+    assert shown.pop("--pretrained") == ("../shared/weights/efficientnet_lite0.safetensors",)
     assert {k: v for k, v in shown.items() if k not in where} == {k: v for k, v in kept.items() if k not in where}
