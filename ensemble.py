@@ -74,8 +74,9 @@ def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp,
                unreadable=sorted(map(str, unreadable)))
     if cache.is_file() and source.is_file() and json.loads(source.read_text()) == key:
         if no_face_path:  # a --face_crop member still lists its images without a face (boxes cached: no detection)
-            run_faces(read_config(run_dir), [p for p in paths if str(p) not in set(map(str, unreadable))],
-                      face_detector, cache_dir, num_workers, no_face_path)
+            skipped = set(map(str, unreadable))
+            run_faces(read_config(run_dir), [p for p in paths if str(p) not in skipped], face_detector, cache_dir,
+                      num_workers, no_face_path)
         return aligned(read_probabilities(cache), image_ids, cache)
     probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers, channels_last=channels_last,
                         unreadable=unreadable, shared_stages=shared_stages, face_detector=face_detector,

@@ -237,7 +237,7 @@ def find_faces(paths, detector_path=DEFAULT_DETECTOR, score=DEFAULT_SCORE, margi
                                       None if size is None else tuple(map(int, size)))
             write_boxes(record, known)
     boxes = {path: known[path][1] for path in wanted}
-    if isinstance(fallback, str) and fallback == "typical":
+    if fallback == "typical":
         fallback = typical_face(boxes, {path: known[path][2] for path in wanted})
     return FaceCrop(boxes, margin, settings, fallback)
 
@@ -261,11 +261,16 @@ def read_boxes(record) -> dict:
             for row in frame.itertuples()}
 
 
+def box_fields(box) -> dict:
+    """x, y, w, h, score of a box (NaN where there is no face), as the CSV columns."""
+    return dict(zip(BOX_COLUMNS, box or [np.nan] * 5, strict=True))
+
+
 def write_boxes(path, boxes: dict) -> None:
     """Write path -> (stamp, box or None, (height, width) or None) as a CSV: path, stamp, x, y, w, h, score
     (empty: no face), height, width (empty: unreadable)."""
-    rows = [dict(path=image, stamp=stamp, **dict(zip(BOX_COLUMNS, box or [np.nan] * 5, strict=True)),
-                 **dict(zip(("height", "width"), size or [np.nan] * 2, strict=True)))
+    rows = [dict(path=image, stamp=stamp, **box_fields(box), **dict(zip(("height", "width"), size or [np.nan] * 2,
+                                                                       strict=True)))
             for image, (stamp, box, size) in boxes.items()]
     write_csv(path, pd.DataFrame(rows, columns=["path", "stamp", *BOX_COLUMNS, "height", "width"]))
 
@@ -344,9 +349,8 @@ def main(argv=None):
                            args.num_workers)
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        boxes = [dict(path=path, **dict(zip(BOX_COLUMNS, box or [np.nan] * 5, strict=True)))
-                 for path, box in faces.boxes.items()]
-        write_csv(out / "boxes.csv", pd.DataFrame(boxes, columns=["path", *BOX_COLUMNS]))
+        rows = [dict(path=path, **box_fields(box)) for path, box in faces.boxes.items()]
+        write_csv(out / "boxes.csv", pd.DataFrame(rows, columns=["path", *BOX_COLUMNS]))
         write_no_face(out / "no_face.csv", faces)
         sheet = contact_sheet(out / "faces.png", paths, faces)
     print(f"{len(paths) - len(faces.missing())} of {len(paths)} images have a face; wrote {out / 'boxes.csv'}, "

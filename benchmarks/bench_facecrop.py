@@ -158,8 +158,8 @@ def right_faces(args):
         box = faces.boxes[os.path.abspath(path)]
         rows.append(chosen_kind(box, place))
         if box is None:
-            placed = (place["centre"][1] - place["side"] / 2, place["centre"][0] - place["side"] / 2, place["side"])
-            placed = square_box((placed[1], placed[0], placed[2], placed[2]), DEFAULT_MARGIN)
+            (centre_x, centre_y), side = place["centre"], place["side"]
+            placed = square_box((centre_x - side / 2, centre_y - side / 2, side, side), DEFAULT_MARGIN)
             fallback_iou.append(square_iou(square_box(typical_box(faces.fallback, height, width), DEFAULT_MARGIN),
                                            placed))
             canvas_iou.append(placed[2] ** 2 / (width * height))  # the placed face lies inside the canvas
