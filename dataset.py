@@ -361,13 +361,18 @@ def fold_people(table: pd.DataFrame, n_folds: int, fold: int, seed: int):
         raise ValueError(f"--fold must be in 0..{n_folds - 1}, got {fold}")
     if len(people) < n_folds:
         raise ValueError(f"{n_folds} folds need at least {n_folds} people, found {len(people)}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        splits = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed)
-                      .split(people.index, people["stratum"]))
-    fold_of = pd.Series(0, index=people.index)
-    for k, (_, val) in enumerate(splits):
-        fold_of.iloc[val] = k
+    if people["stratum"].value_counts().max() >= n_folds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            splits = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+                          .split(people.index, people["stratum"]))
+        fold_of = pd.Series(0, index=people.index)
+        for k, (_, val) in enumerate(splits):
+            fold_of.iloc[val] = k
+    else:  # every stratum has fewer people than folds (scikit-learn refuses): deal them round the folds
+        rng = np.random.default_rng(seed)
+        dealt = [name for _, group in people.groupby("stratum") for name in rng.permutation(group.index.to_numpy())]
+        fold_of = pd.Series(np.arange(len(dealt)) % n_folds, index=dealt).reindex(people.index)
     fold_of = keep_duplicates_together(fold_of, table)
     return sorted(people.index[fold_of != fold]), sorted(people.index[fold_of == fold])
 

@@ -365,6 +365,7 @@ def main(argv=None):
         else:
             path = Path(args.out or Path(args.runs[0]).parent / "compare.html")
             text = compare_report(args.runs)
+            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {path}")
     return path

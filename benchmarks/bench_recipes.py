@@ -7,9 +7,10 @@ every member, inference, ensembling) and score its submission.csv against eval_l
     python benchmarks/bench_recipes.py --candidates same_budget_lite0 --seeds 0 1
 
 A candidate is a row of benchmarks/recipes/candidates.yaml: a kept recipe (`base`) run with a few flags
-changed (`flags`, given to the recipe as TRAIN_FLAGS, where they win over the recipe's own), and what was
-measured of it. `{face}`, `{weights}` and `{detector}` in the flags stand for the shared face backbone's folder,
-efficientnet_lite0's weights file and the YuNet face detector file.
+changed (`flags`, given to the recipe as TRAIN_FLAGS, where they win over the recipe's own; `infer_flags`,
+given as INFER_FLAGS to recipes that read it), and what was measured of it. `{face}`, `{weights}` and
+`{detector}` in the flags stand for the shared face backbone's folder, efficientnet_lite0's weights file
+and the YuNet face detector file.
 
 Rows are appended to benchmarks/results/bench_recipes.csv with the machine (CPU flags) and the
 precision the runs resolved; the table of all rows so far is rewritten beside it. Where one invocation
@@ -48,8 +49,9 @@ def read_candidates(path=CANDIDATES) -> dict:
     return {row["name"]: row for row in rows}
 
 
-def candidate_flags(row, weights=WEIGHTS, face=FACE, detector=DETECTOR) -> str:
-    return str(row.get("flags", "")).format(face=face, weights=weights, detector=detector)
+def candidate_flags(row, weights=WEIGHTS, face=FACE, detector=DETECTOR, key="flags") -> str:
+    """A candidate's train.py flags (`flags`) or inference.py flags (`infer_flags`), placeholders filled in."""
+    return str(row.get(key, "")).format(face=face, weights=weights, detector=detector)
 
 
 def recipe_script(recipes_dir, name) -> Path:
@@ -58,14 +60,15 @@ def recipe_script(recipes_dir, name) -> Path:
     return kept if kept.is_file() else Path(recipes_dir) / "candidates" / f"{name}.sh"
 
 
-def run_block(script, seed, out, data, weights, train_flags="") -> float:
+def run_block(script, seed, out, data, weights, train_flags="", infer_flags="") -> float:
     """Run a recipe `script` on `data` with its output in `out` (a new folder), `train_flags` added to its
-    train.py commands; return its wall minutes."""
+    train.py commands and `infer_flags` to its inference.py command (where the script reads INFER_FLAGS);
+    return its wall minutes."""
     if out.exists():
         raise SystemExit(f"error: {out} exists: give another --work_dir (runs never overwrite)")
     out.mkdir(parents=True)
     env = dict(os.environ, DATA=str(data), WEIGHTS=str(weights), FACE=str(FACE), OUT=str(out), SEED=str(seed),
-               TRAIN_FLAGS=train_flags)
+               TRAIN_FLAGS=train_flags, INFER_FLAGS=infer_flags)
     started = time.time()
     with open(out / "log.txt", "w") as log:
         subprocess.run(["bash", str(script)], cwd=ROOT, env=env, check=True, stdout=log,
@@ -128,10 +131,12 @@ def main(argv=None):
     unknown = [name for name in args.candidates if name not in candidates]
     if unknown:
         raise SystemExit(f"error: no candidate {', '.join(unknown)} in {CANDIDATES}")
-    blocks = {recipe: (Path(args.recipes_dir) / f"{recipe}.sh", "") for recipe in args.recipes}
+    blocks = {recipe: (Path(args.recipes_dir) / f"{recipe}.sh", "", "") for recipe in args.recipes}
     blocks.update({name: (recipe_script(args.recipes_dir, candidates[name]["base"]),
-                          candidate_flags(candidates[name], args.weights)) for name in args.candidates})
-    missing = [str(path) for path, _ in blocks.values() if not path.is_file()]
+                          candidate_flags(candidates[name], args.weights),
+                          candidate_flags(candidates[name], args.weights, key="infer_flags"))
+                   for name in args.candidates})
+    missing = [str(path) for path, _, _ in blocks.values() if not path.is_file()]
     if missing:
         raise SystemExit(f"error: no recipe {', '.join(missing)}")
     results_path = Path(args.results)
@@ -139,9 +144,9 @@ def main(argv=None):
     previous = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame()
     rows = []
     for seed in args.seeds:
-        for recipe, (script, train_flags) in blocks.items():
+        for recipe, (script, train_flags, infer_flags) in blocks.items():
             out = Path(args.work_dir) / f"{recipe}_s{seed}"
-            minutes = run_block(script, seed, out, args.data, args.weights, train_flags)
+            minutes = run_block(script, seed, out, args.data, args.weights, train_flags, infer_flags)
             scores = score_submission(out, args.data)
             row = dict(recipe=recipe, seed=seed, f1=scores["f1"], mask_acc=scores["mask_acc"],
                        gender_acc=scores["gender_acc"], age_f1=scores["age_f1"], minutes=minutes,

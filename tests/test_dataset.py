@@ -1,5 +1,6 @@
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -276,6 +277,19 @@ def test_kfold_every_person_validated_once(tiny_data):
     assert sorted(seen) == sorted(table["person"].unique())
     with pytest.raises(ValueError, match="--fold"):
         MultiLabelDataset(table=table, n_folds=3, fold=3).split_indices()
+
+
+def test_more_folds_than_people_in_any_stratum_still_validates_everyone_once():
+    """The bundled sample: 24 people, 4 in each gender x age stratum, in 5 folds (scikit-learn refuses):
+    every person validated once, the folds as even as the people allow, each stratum spread over them,
+    the same folds again from the same seed."""
+    table = dataset_module.scan_people(Path(__file__).resolve().parent.parent / "sample_data" / "train")
+    folds = [dataset_module.fold_people(table, 5, fold, seed=0)[1] for fold in range(5)]
+    people = dataset_module.person_table(table)
+    assert people["stratum"].value_counts().max() < 5
+    assert sorted(sum(folds, [])) == sorted(people.index) and {len(f) for f in folds} <= {4, 5}
+    assert all(people.loc[f, "stratum"].nunique() >= 4 for f in folds)
+    assert folds == [dataset_module.fold_people(table, 5, fold, seed=0)[1] for fold in range(5)]
 
 
 def test_drop_ages_only_leaves_training(tiny_data):

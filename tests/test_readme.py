@@ -1,6 +1,7 @@
 """The READMEs and docs/ stay true: the quick start runs as written, every flag they show exists where
 they show it, and every flag of train.py is documented in docs/training.md."""
 import importlib
+import itertools
 import re
 import shlex
 from pathlib import Path
@@ -75,26 +76,69 @@ def test_the_readme_is_short_and_starts_with_what_a_newcomer_needs():
                                                   "python inference.py", "--amp auto", "gpu_check.md"))
 
 
-def test_the_quick_start_runs_as_written_and_writes_what_it_says(tmp_path, monkeypatch):
-    """The README's quick start, line by line, from a folder with the project's sample_data (its default
-    paths: sample_data, model/, output/), each `python X.py ARGS` as X.main(ARGS) in this process, with
-    train.py's lines cut to one epoch at 32x24; each `-> PATH` it names exists afterwards."""
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"## Quick start.*?```bash\n(.*?)```", text, re.S).group(1)
-    (tmp_path / "sample_data").symlink_to(ROOT / "sample_data")
-    monkeypatch.chdir(tmp_path)
-    lines = [line for line in block.splitlines() if line.strip()]
-    assert len(lines) >= 4 and lines[0].startswith("python train.py")
+SHORT_TRAINING = ["--epochs", "1", "--resize", "32", "24"]
+FAST_TRAINING = [*SHORT_TRAINING, "--model", "test_resnet", "--amp", "off", "--report", "off", "--num_workers", "0"]
+
+
+def run_block(block, folder, cut=SHORT_TRAINING):
+    """Run a shell block of the docs as written in `folder`, each `python X.py ARGS` as X.main(ARGS) in
+    this process; `cut` added to train.py's lines (and to search.py's flags for its trials, after ` -- `);
+    a `cat > FILE <<'END'` here-document written as FILE; comment lines skipped. Each `-> PATH ...` of a
+    line's comment (up to a bracket) must exist afterwards."""
+    lines = iter(block.splitlines())
+    ran = 0
     for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        heredoc = re.fullmatch(r"cat > (\S+) <<'(\w+)'", line.strip())
+        if heredoc:
+            body = [text for text in iter(lambda: next(lines), heredoc.group(2))]
+            (folder / heredoc.group(1)).write_text("\n".join(body) + "\n")
+            continue
         command, _, comment = line.partition(" #")
         python, script, *args = shlex.split(command)
         assert python == "python" and script.endswith(".py"), line
-        if script == "train.py":
-            args += ["--epochs", "1", "--resize", "32", "24"]
+        if script == "train.py" or (script == "search.py" and "--" in args):
+            args += cut
         importlib.import_module(script[:-3]).main(args)
-        for written in re.findall(r"-> (\S+)", comment):
-            assert (tmp_path / written).exists(), f"{line}: {written} was not written"
+        ran += 1
+        for written in itertools.takewhile(lambda word: not word.startswith("("), comment.partition("-> ")[2].split()):
+            assert (folder / written).exists(), f"{line}: {written} was not written"
+    return ran
+
+
+def bash_blocks(text) -> list:
+    return re.findall(r"```bash\n(.*?)```", text, re.S)
+
+
+def in_a_sample_folder(folder, monkeypatch):
+    """`folder` as the project's working folder: the bundled sample_data and the shared face detector's
+    weights/ linked in, the current directory."""
+    (folder / "sample_data").symlink_to(ROOT / "sample_data")
+    (folder / "weights").symlink_to(ROOT.parent / "shared" / "weights")
+    monkeypatch.chdir(folder)
+
+
+def test_the_quick_start_runs_as_written_and_writes_what_it_says(tmp_path, monkeypatch):
+    """The README's quick start, line by line, from a folder with the project's sample_data (its default
+    paths: sample_data, model/, output/)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start.*?```bash\n(.*?)```", text, re.S).group(1)
+    in_a_sample_folder(tmp_path, monkeypatch)
+    assert block.startswith("python train.py") and run_block(block, tmp_path) >= 5
     assert (tmp_path / "model" / "exp" / "best.pth").is_file() and (tmp_path / "output" / "submission.csv").is_file()
+
+
+def test_the_tools_doc_runs_as_written_after_the_quick_start(tmp_path, monkeypatch):
+    """docs/tools.md's blocks (report, k-fold + audit + relabel, search, faces), in order, after the
+    quick start's two training runs; every run without the automatic precision, report and loader
+    workers (the quick start test runs those)."""
+    in_a_sample_folder(tmp_path, monkeypatch)
+    quick_start = re.search(r"## Quick start.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    run_block("\n".join(line for line in quick_start.splitlines() if "train.py" in line), tmp_path, FAST_TRAINING)
+    blocks = bash_blocks((ROOT / "docs" / "tools.md").read_text())
+    assert len(blocks) == 4 and sum(run_block(block, tmp_path, FAST_TRAINING) for block in blocks) >= 7
+    assert (tmp_path / "model" / "relabeled" / "best.pth").is_file()
 
 
 def train_flags(text) -> dict:
