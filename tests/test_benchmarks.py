@@ -1,5 +1,4 @@
 import importlib
-import os
 import re
 import subprocess
 import sys
@@ -60,7 +59,7 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == "gpu_check: no CUDA device on this machine; nothing to check (exit 0)"
 
 
-def test_recipe_blocks_run_as_written_and_are_scored(tmp_path, shared_weights):
+def test_recipe_blocks_run_as_written_and_are_scored(tmp_path, shared_weights, monkeypatch):
     """The README's copy-paste recipes (benchmarks/recipes/*.sh), run by bench_recipes.py on a tiny set
     with every flag as written but one epoch at 32x32 and two members of one_hour's four (its MEMBERS
     variable; the two references differ from same_budget only in flags the unit tests cover,
@@ -75,12 +74,10 @@ def test_recipe_blocks_run_as_written_and_are_scored(tmp_path, shared_weights):
         small = re.sub(r"--resize \d+ \d+", "--resize 32 32", text.replace("--epochs 3", "--epochs 1"))
         assert small.count("--resize 32 32") == text.count("--resize") == 1 and "--epochs 1" in small
         (tmp_path / "recipes" / f"{recipe}.sh").write_text(small)
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_recipes.py"), "--data", str(data),
-                             "--weights", str(shared_weights), "--work_dir", str(tmp_path / "work"),
-                             "--results", str(results), "--recipes_dir", str(tmp_path / "recipes"),
-                             "--recipes", *recipes],
-                            capture_output=True, text=True, timeout=600, env=dict(os.environ, MEMBERS="0 1"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.setenv("MEMBERS", "0 1")
+    bench_module("bench_recipes", monkeypatch).main(["--data", str(data), "--weights", str(shared_weights),
+                                                     "--work_dir", str(tmp_path / "work"), "--results", str(results),
+                                                     "--recipes_dir", str(tmp_path / "recipes"), "--recipes", *recipes])
     rows = pd.read_csv(results)
     assert list(rows["recipe"]) == recipes and rows["f1"].between(0, 1).all() and "cores" in rows["machine"][0]
     assert sorted(p.parent.name for p in (tmp_path / "work" / "one_hour_s0").glob("*/best.pth")) == \

@@ -180,3 +180,18 @@ def test_the_quality_doc_blocks_are_the_recipe_scripts(title, script):
     where = {"--data_dir", "--model_dir", "--name", "--seed", "--cache_dir", "--report", "--pretrained"}
     assert shown.pop("--pretrained") == ("../shared/weights/efficientnet_lite0.safetensors",)
     assert {k: v for k, v in shown.items() if k not in where} == {k: v for k, v in kept.items() if k not in where}
+
+
+def test_the_readme_gpu_block_passes_every_check_short_of_downloading(tmp_path, monkeypatch):
+    """The README's GPU commands (a convnext from timm's hub, which cannot download here): train.py's
+    flags parse and pass all of its checks (/data/ read as the bundled sample, the detector file in
+    weights/), and inference.py's parse."""
+    import flags
+    import inference
+    block = re.search(r"On a GPU server.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    train_line, infer_line = re.sub(r"\\\n\s*", " ", block.replace("/data/", "sample_data/")).strip().splitlines()
+    in_a_sample_folder(tmp_path, monkeypatch)
+    args = flags.parse_args(shlex.split(train_line)[2:])
+    flags.validate(args)
+    assert (args.model, args.pretrained, args.amp, args.face_crop) == ("convnext_tiny", "timm", "auto", True)
+    assert inference.build_parser().parse_args(shlex.split(infer_line)[2:]).tta == "hflip"
