@@ -5,11 +5,10 @@ decoded cache, each at several worker counts; plus peak memory of (b) and (c).
     python benchmarks/bench_data.py                       # 200 people (1,400 images of 512x384)
     python benchmarks/bench_data.py --people 8 --epochs 1 # a smoke run
 
-Each measurement runs in a fresh process; the table gives ratios to (a) at the same worker count."""
+Each measurement runs in a fresh process (forked from a server that imported torch once), so its peak
+memory is its own; the table gives ratios to (a) at the same worker count."""
 import argparse
-import json
-import subprocess
-import sys
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +60,32 @@ def measure(kind, data_dir, workers, batch_size, resize, epochs, cache_dir) -> d
                 setup_seconds=setup, peak_rss_mb=peak_rss_mb())
 
 
+def measure_into(pipe, start_method, *args):
+    """measure(*args), its result sent down `pipe` (the body of one measurement's process). Its loader
+    workers start as they would in a fresh interpreter (`start_method`), not from the forkserver."""
+    multiprocessing.set_start_method(start_method, force=True)
+    pipe.send(measure(*args))
+
+
+def measure_in_fresh_process(*args) -> dict:
+    """measure(*args) in a new process forked from the forkserver, which has imported this module's
+    dependencies once (starting five interpreters cost the smoke run 20 s of its 31)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "timm", "common", "augment", "cache", "dataset"])
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=measure_into, args=(send, multiprocessing.get_start_method(), *args))
+    process.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        result = None
+    process.join()
+    if result is None or process.exitcode != 0:
+        raise SystemExit(f"error: measuring loader ({args[0]}) with {args[2]} workers failed (exit {process.exitcode})")
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--people", type=int, default=200)
@@ -70,24 +95,16 @@ def main(argv=None):
     parser.add_argument("--resize", type=int, nargs=2, default=[224, 224])
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "masktrain_bench"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_data.md"))
-    parser.add_argument("--one", nargs=2, metavar=("KIND", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     data_dir = bench_data_dir(args.people, args.work_dir)
     cache_dir = Path(args.work_dir) / "cache"
-    if args.one:
-        print(json.dumps(measure(args.one[0], data_dir, int(args.one[1]), args.batch_size, args.resize, args.epochs,
-                                 cache_dir)))
-        return
     DecodedCache.build(MaskBaseDataset(data_dir, check_images=False).table["path"],
                        create_transforms("CustomAugmentation", args.resize)[1], cache_dir, max(args.workers))
     rows = []
     for workers in args.workers:
         for kind in LOADERS:
-            command = [sys.executable, __file__, "--one", kind, str(workers), "--people", str(args.people),
-                       "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--work_dir", args.work_dir,
-                       "--resize", *map(str, args.resize)]
-            result = subprocess.run(command, capture_output=True, text=True, check=True)
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            rows.append(measure_in_fresh_process(kind, data_dir, workers, args.batch_size, args.resize, args.epochs,
+                                                 cache_dir))
             print(f"{kind} workers={workers}: {rows[-1]['images_per_second']:.0f} img/s", flush=True)
     reference = {r["workers"]: r["images_per_second"] for r in rows if r["kind"] == "a"}
     peak = {(r["kind"], r["workers"]): r["peak_rss_mb"] for r in rows}
