@@ -155,31 +155,44 @@ def train_flags(text) -> dict:
     return flags
 
 
+SHARED_PATHS = {"$FACE": "../shared/weights/faceres_vggface2_mobilenetv1",
+                "$WEIGHTS": "../shared/weights/efficientnet_lite0.safetensors", "$TRAIN_FLAGS": ""}
+WHERE = {"--data_dir", "--model_dir", "--name", "--seed", "--cache_dir", "--report"}
+
+
+def recipe_flags(text) -> dict:
+    """The first train.py command's flags of a block or recipe script, the scripts' variables read as their
+    defaults and the flags that only say where and under what name left out."""
+    for variable, value in SHARED_PATHS.items():
+        text = text.replace(variable, value)
+    return {flag: values for flag, values in train_flags(text).items() if flag not in WHERE}
+
+
+def doc_block(doc, title) -> str:
+    return re.search(re.escape(title) + r".*?```bash\n(.*?)```", (ROOT / doc).read_text(), re.S).group(1)
+
+
 def test_the_readme_cpu_recipe_is_the_same_budget_script_that_the_recipe_test_runs():
     """The README's CPU block trains what benchmarks/recipes/same_budget.sh trains (the script the recipe
     test runs and bench_recipes.py measures): the same flags and values but where and under what name."""
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"On a CPU, the measured recipe.*?```bash\n(.*?)```", text, re.S).group(1)
-    script = (ROOT / "benchmarks" / "recipes" / "same_budget.sh").read_text()
-    shown, kept = train_flags(block), train_flags(script.replace("$TRAIN_FLAGS", ""))
-    where = {"--data_dir", "--model_dir", "--name", "--seed", "--cache_dir", "--report"}
+    shown = recipe_flags(doc_block("README.md", "On a CPU, the measured recipe"))
     assert shown["--model"] == ("local-dir:../shared/weights/faceres_vggface2_mobilenetv1",)
-    assert kept.pop("--model") == ("local-dir:$FACE",) and shown.pop("--model")
-    assert {k: v for k, v in shown.items() if k not in where} == {k: v for k, v in kept.items() if k not in where}
+    assert shown == recipe_flags((ROOT / "benchmarks" / "recipes" / "same_budget.sh").read_text())
 
 
-@pytest.mark.parametrize("title, script", [("**Same budget on lite0**", "candidates/same_budget_lite0.sh"),
-                                           ("**One hour**", "one_hour.sh")])
+@pytest.mark.parametrize("title, script", [("**One hour**", "one_hour.sh"),
+                                           ("**Same budget on lite0**", "candidates/same_budget_lite0.sh"),
+                                           ("**One hour on lite0**", "candidates/one_hour_lite0.sh")])
 def test_the_quality_doc_blocks_are_the_recipe_scripts(title, script):
-    """docs/quality.md's lite0 blocks train what the scripts bench_recipes.py measures train (the one-hour
+    """docs/quality.md's blocks train what the scripts bench_recipes.py measures train (the one-hour
     script is also run by the recipe test)."""
-    text = (ROOT / "docs" / "quality.md").read_text()
-    block = re.search(re.escape(title) + r".*?```bash\n(.*?)```", text, re.S).group(1)
-    kept = (ROOT / "benchmarks" / "recipes" / script).read_text().replace("$TRAIN_FLAGS", "")
-    shown, kept = train_flags(block), train_flags(kept)
-    where = {"--data_dir", "--model_dir", "--name", "--seed", "--cache_dir", "--report", "--pretrained"}
-    assert shown.pop("--pretrained") == ("../shared/weights/efficientnet_lite0.safetensors",)
-    assert {k: v for k, v in shown.items() if k not in where} == {k: v for k, v in kept.items() if k not in where}
+    shown = recipe_flags(doc_block("docs/quality.md", title))
+    assert shown == recipe_flags((ROOT / "benchmarks" / "recipes" / script).read_text())
+
+
+def test_the_one_hour_members_are_the_same_budget_recipe():
+    recipes = ROOT / "benchmarks" / "recipes"
+    assert recipe_flags((recipes / "one_hour.sh").read_text()) == recipe_flags((recipes / "same_budget.sh").read_text())
 
 
 def test_the_readme_gpu_block_passes_every_check_short_of_downloading(tmp_path, monkeypatch):
