@@ -151,8 +151,8 @@ def describe(cv_json) -> str:
     """A k-fold run's recipe in a few words, from its first fold's config."""
     config = json.loads((Path(json.loads(Path(cv_json).read_text())["folds"][0]) / "config.json").read_text())
     return (f"{config['n_folds']}-fold {config['model']}, {config['resize'][0]}x{config['resize'][1]}, "
-            f"{config['epochs']} epochs, --age_soft {config['age_soft']}, --seed {config['seed']}, "
-            f"--amp {config.get('amp_resolved')}")
+            f"{config['epochs']} epochs, --freeze {config.get('freeze')}, --layer_decay {config.get('layer_decay')}, "
+            f"--age_soft {config['age_soft']}, --seed {config['seed']}, --amp {config.get('amp_resolved')}")
 
 
 def retrain_table(arms, seeds, recipe, work, log, size, epochs) -> list:
