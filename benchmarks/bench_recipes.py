@@ -115,8 +115,8 @@ def summary(results: pd.DataFrame) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="*", default=["reference", "same_budget"],
-                        help=f"names of {RECIPES_DIR}/*.sh")
+    parser.add_argument("--recipes", nargs="*", help=f"names of {RECIPES_DIR}/*.sh (default: reference and "
+                        "same_budget, or none where --candidates are given)")
     parser.add_argument("--candidates", nargs="*", default=[], help=f"names of rows of {CANDIDATES}")
     parser.add_argument("--recipes_dir", default=str(RECIPES_DIR))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -125,6 +125,8 @@ def main(argv=None):
     parser.add_argument("--work_dir", default=str(ROOT / "benchmarks" / "work" / "recipes"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_recipes.csv"))
     args = parser.parse_args(argv)
+    if args.recipes is None:
+        args.recipes = [] if args.candidates else ["reference", "same_budget"]
     if not (Path(args.data) / "eval_labels.csv").is_file() or not Path(args.weights).is_file():
         raise SystemExit(f"error: needs {args.data}/eval_labels.csv and {args.weights} (the shared benchmark data)")
     candidates = read_candidates()

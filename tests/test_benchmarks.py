@@ -107,3 +107,16 @@ def test_candidates_are_rows_of_one_table_over_kept_recipes(monkeypatch):
         assert "{" not in candidate_flags(row)
     assert "face_detection_yunet" in candidate_flags(candidates["same_budget_facecrop"])  # {detector} filled in
     assert candidates["same_budget_freeze4"]["base"] == "same_budget_lite0"  # measured on lite0, runs on lite0
+
+
+def test_candidates_alone_run_no_default_recipes(tmp_path, monkeypatch):
+    """`bench_recipes.py --candidates X` runs X only (the reference and same_budget only when named or
+    when no candidate is given): the missing-script error lists what it would have run."""
+    bench_recipes = bench_module("bench_recipes", monkeypatch)
+    if not (bench_recipes.UTKMASK / "eval_labels.csv").is_file() or not bench_recipes.WEIGHTS.is_file():
+        pytest.skip("the shared benchmark data is not here")
+    with pytest.raises(SystemExit, match="no recipe") as stop:
+        bench_recipes.main(["--candidates", "same_budget_5ep", "--recipes_dir", str(tmp_path)])
+    assert "reference.sh" not in str(stop.value) and str(stop.value).count(".sh") == 1
+    with pytest.raises(SystemExit, match="reference.sh"):
+        bench_recipes.main(["--recipes_dir", str(tmp_path)])
