@@ -1,9 +1,12 @@
 """Shared fixtures: tiny generated data in the competition layout. Under pytest-xdist (the suite's default,
 pyproject.toml) each worker gets its share of the cores' threads, and so do the processes its tests start."""
 import getpass
+import multiprocessing
 import os
+import runpy
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,51 @@ def child_temp_dir(tmp_path_factory):
         os.environ.pop("TMPDIR", None)
     else:
         os.environ["TMPDIR"] = previous
+
+
+# a fresh interpreter spends 4-6 s of this 2-core machine importing torch, timm and the project; the tests that
+# need processes of their own (to kill them, or to run two at once) fork them from a server that imported it once
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["train", "search"])
+
+
+def printing_to(stdout, stderr, target, *args):
+    """target(*args) with what it prints written to the files `stdout` and `stderr` (the body of start_forked's
+    processes: they inherit no descriptors from the test)."""
+    sys.stdout, sys.stderr = open(stdout, "w", buffering=1), open(stderr, "w", buffering=1)  # closed at exit
+    os.dup2(sys.stdout.fileno(), 1)
+    os.dup2(sys.stderr.fileno(), 2)
+    target(*args)
+
+
+def run_script(path, *args):
+    """The script at `path` run as `python path *args` runs it (a start_forked target)."""
+    sys.argv = [str(path), *map(str, args)]
+    runpy.run_path(str(path), run_name="__main__")
+
+
+def start_forked(target, *args, stdout, stderr=os.devnull) -> multiprocessing.Process:
+    """A started process that runs target(*args) as a script would: an uncaught SystemExit sets its exit code,
+    and a message one is printed to `stderr`. `stdout` is a file to read with printed_lines."""
+    Path(stdout).touch()
+    process = FORKSERVER.Process(target=printing_to, args=(str(stdout), str(stderr), target, *args))
+    process.start()
+    return process
+
+
+def printed_lines(stdout, process):
+    """The lines a start_forked process prints to `stdout`, as it prints them, until it ends."""
+    with open(stdout) as file:
+        line = ""
+        while True:
+            alive = process.is_alive()
+            line += file.readline()
+            if line.endswith("\n"):
+                yield line
+                line = ""
+            elif not alive:
+                if line:
+                    yield line
+                return
+            else:
+                time.sleep(0.05)

@@ -6,8 +6,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, printed_lines, run_script, start_forked
 
 import ensemble
 import inference
@@ -106,13 +104,15 @@ def test_unreadable_eval_image_stops_inference_with_one_line(tiny_data, tmp_path
     train_main(data, tmp_path, "--epochs", "1")
     image = sorted((data / "eval" / "images").iterdir())[4]
     truncate(image)
-    result = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_dir", str(tmp_path / "runs"),
-                             "--data_dir", str(data / "eval"), "--output_dir", str(tmp_path / "out"),
-                             "--num_workers", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode != 0
-    messages = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and "images:" not in line]
-    assert len(messages) == 1 and messages[0].startswith("error: 1 unreadable image(s)"), result.stderr
-    assert image.name in messages[0] and "Traceback" not in result.stderr and "/__w/" not in result.stderr
+    process = start_forked(run_script, ROOT / "inference.py", "--model_dir", tmp_path / "runs", "--data_dir",
+                           data / "eval", "--output_dir", tmp_path / "out", "--num_workers", 1,
+                           stdout=tmp_path / "stdout", stderr=tmp_path / "stderr")
+    process.join(timeout=300)
+    stderr = (tmp_path / "stderr").read_text()
+    assert process.exitcode != 0
+    messages = [line for line in re.split(r"[\r\n]", stderr) if line.strip() and "images:" not in line]
+    assert len(messages) == 1 and messages[0].startswith("error: 1 unreadable image(s)"), stderr
+    assert image.name in messages[0] and "Traceback" not in stderr and "/__w/" not in stderr
     assert "--bad_images fill" in messages[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bad_images.csv"]
     # --bad_images fill: every row is written, the unreadable image gets the mean of the others
@@ -194,37 +194,35 @@ def test_a_failing_write_keeps_the_previous_checkpoints(tiny_data, tmp_path, mon
     assert not list(run_dir.glob(".*.tmp"))
 
 
-KILLER = """
-import os, signal, sys, torch
-sys.path.insert(0, {root!r})
-import train
-if {during_save}:  # die half-way through the second checkpoint write of epoch 1
+def train_dying_in_the_third_save(argv):
+    """train.main(argv) killed half-way through its second checkpoint write of epoch 1."""
     original, calls = torch.save, []
+
     def save(obj, path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 3:
             open(path, "wb").write(b"partial")
             os.kill(os.getpid(), signal.SIGKILL)
         return original(obj, path, *args, **kwargs)
+
     torch.save = save
-train.main(sys.argv[1:])
-"""
+    train.main(argv)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, "during_save"])
 def test_sigkill_at_any_moment_leaves_a_resumable_run(tiny_data, tmp_path, seed):
     flags = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path / "runs"), "--cache_dir",
              str(tmp_path / "cache"), *FAST, "--epochs", "4"]
-    script = KILLER.format(root=str(ROOT), during_save=seed == "during_save")
-    process = subprocess.Popen([sys.executable, "-c", script, *flags], stdout=subprocess.PIPE, text=True,
-                               stderr=subprocess.DEVNULL)
-    for line in process.stdout:  # the run header: config.json and a first last.pth exist from here on
-        if line.startswith("amp "):
+    target = train_dying_in_the_third_save if seed == "during_save" else train.main
+    process = start_forked(target, flags, stdout=tmp_path / "stdout")
+    for line in printed_lines(tmp_path / "stdout", process):  # the run header: config.json and a first last.pth
+        if line.startswith("amp "):                             # exist from here on
             break
     if seed != "during_save":
         time.sleep(random.Random(seed).uniform(0, 1.5))
-        process.send_signal(signal.SIGKILL)
-    process.wait(timeout=120)
+        process.kill()
+    process.join(timeout=120)
+    assert process.exitcode == -signal.SIGKILL
     run_dir = tmp_path / "runs" / "exp"
     train.main(["--resume", str(run_dir), "--num_workers", "0"])
     last = torch.load(run_dir / "last.pth", weights_only=False)
@@ -233,26 +231,19 @@ def test_sigkill_at_any_moment_leaves_a_resumable_run(tiny_data, tmp_path, seed)
     assert not list(run_dir.glob(".*.tmp"))
 
 
-BUILDER = """
-import sys
-sys.path.insert(0, {root!r})
-from cache import DecodedCache
-from dataset import scan_people
-from augment import CustomAugmentation
-paths = list(scan_people({data!r})["path"])
-cache = DecodedCache.build(paths, CustomAugmentation((48, 32), train=False), {cache!r})
-print(cache.data_path)
-"""
+def build_cache(paths, cache_dir):
+    print(DecodedCache.build(paths, CustomAugmentation((48, 32), train=False), cache_dir).data_path)
 
 
 def test_two_processes_building_one_cache_at_once(tiny_data, tmp_path):
-    script = BUILDER.format(root=str(ROOT), data=str(tiny_data / "train"), cache=str(tmp_path / "cache"))
-    processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-                 for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0].strip() for p in processes]
-    assert all(p.returncode == 0 for p in processes) and outputs[0] == outputs[1]
-    assert len(list((tmp_path / "cache").glob("*.u8"))) == 1 and not list((tmp_path / "cache").glob(".*.tmp"))
     paths = list(scan_people(tiny_data / "train")["path"])
+    processes = [start_forked(build_cache, paths, tmp_path / "cache", stdout=tmp_path / f"stdout{i}")
+                 for i in range(2)]
+    for process in processes:
+        process.join(timeout=300)
+    outputs = [(tmp_path / f"stdout{i}").read_text().strip() for i in range(2)]
+    assert all(p.exitcode == 0 for p in processes) and outputs[0] == outputs[1]
+    assert len(list((tmp_path / "cache").glob("*.u8"))) == 1 and not list((tmp_path / "cache").glob(".*.tmp"))
     transform = CustomAugmentation((48, 32), train=False)
     fresh = DecodedCache.build(paths, transform, tmp_path / "fresh")
     assert Path(outputs[0]).read_bytes() == Path(fresh.data_path).read_bytes()

@@ -2,15 +2,13 @@
 pruning, and one-line errors for bad spaces and databases."""
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import printed_lines, start_forked
 
 import search
 import train
@@ -49,8 +47,9 @@ def test_augmentation_flags_are_recorded_and_checked(tmp_path, tiny_data):
             train.main(flags + bad)
 
 
-def search_command(tmp_path, data, *own, fixed=()):
-    return [sys.executable, str(ROOT / "search.py"), str(tmp_path / "space.yaml"), *own, "--",
+def search_args(tmp_path, data, *own, fixed=()):
+    """search.py's arguments: the space, its own flags, then fixed train.py flags of a tiny fast run."""
+    return [str(tmp_path / "space.yaml"), *own, "--",
             "--data_dir", str(data / "train"), "--model_dir", str(tmp_path / "model"), "--model", "test_resnet",
             "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--report", "off", *fixed]
 
@@ -58,7 +57,7 @@ def search_command(tmp_path, data, *own, fixed=()):
 def run_search(tmp_path, data, capsys, *own, fixed=()):
     """search.py in this process; returns what it printed."""
     capsys.readouterr()
-    search.main(search_command(tmp_path, data, *own, fixed=fixed)[2:])
+    search.main(search_args(tmp_path, data, *own, fixed=fixed))
     return capsys.readouterr().out
 
 
@@ -87,17 +86,17 @@ def test_grid_runs_each_point_once_resumes_and_writes_results(tmp_path, tiny_dat
 def test_a_killed_search_finishes_the_grid_when_run_again(tmp_path, tiny_data, capsys):
     (tmp_path / "space.yaml").write_text("lr: [0.003, 0.002, 0.001]\n")
     own = ["--grace_period", "3"]
-    process = subprocess.Popen(search_command(tmp_path, tiny_data, *own, fixed=["--epochs", "3"]),
-                               stdout=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL)
+    process = start_forked(search.main, search_args(tmp_path, tiny_data, *own, fixed=["--epochs", "3"]),
+                           stdout=tmp_path / "stdout")
     started = 0
-    for line in process.stdout:
+    for line in printed_lines(tmp_path / "stdout", process):
         started += line.startswith("trial ")
         if started == 2:  # the first trial is finished, the second is running (it printed its values)
             time.sleep(0.3)  # its first heartbeat is recorded
-            process.send_signal(signal.SIGKILL)
+            process.kill()
             break
-    process.wait(timeout=60)
-    process.stdout.close()
+    process.join(timeout=60)
+    assert process.exitcode == -signal.SIGKILL
     run_search(tmp_path, tiny_data, capsys, *own, fixed=["--epochs", "3"])
     results = pd.read_csv(tmp_path / "model" / "space_results.csv")
     complete = results[results["state"] == "complete"]
@@ -107,11 +106,13 @@ def test_a_killed_search_finishes_the_grid_when_run_again(tmp_path, tiny_data, c
 
 def test_two_processes_share_one_study_without_repeating_a_trial(tmp_path, tiny_data):
     (tmp_path / "space.yaml").write_text("lr: [0.003, 0.001]\nbatch_size: [16, 32]\n")
-    processes = [subprocess.Popen(search_command(tmp_path, tiny_data), stdout=subprocess.PIPE, text=True,
-                                  stderr=subprocess.PIPE) for _ in range(2)]
-    outputs = [p.communicate(timeout=600) for p in processes]
-    assert all(p.returncode == 0 for p in processes), [err[-1500:] for _, err in outputs]
-    ran = [line for out, _ in outputs for line in out.splitlines() if line.startswith("trial ")]
+    outputs = [(tmp_path / f"stdout{i}", tmp_path / f"stderr{i}") for i in range(2)]
+    processes = [start_forked(search.main, search_args(tmp_path, tiny_data), stdout=out, stderr=err)
+                 for out, err in outputs]
+    for process in processes:
+        process.join(timeout=600)
+    assert all(p.exitcode == 0 for p in processes), [err.read_text()[-1500:] for _, err in outputs]
+    ran = [line for out, _ in outputs for line in out.read_text().splitlines() if line.startswith("trial ")]
     assert len(ran) == 4 and len(set(line.split(": ", 1)[1] for line in ran)) == 4
     results = pd.read_csv(tmp_path / "model" / "space_results.csv")
     assert len(results[results["state"] == "complete"]) == 4
@@ -139,7 +140,7 @@ def test_pruning_stops_a_trial_that_is_behind(tmp_path, tiny_data, capsys):
 def test_bad_spaces_and_storages_are_one_line_errors(tmp_path, tiny_data, capsys, space, own, message):
     (tmp_path / "space.yaml").write_bytes(space.encode("utf-8", "surrogateescape"))  # \udce1: the raw byte 0xe1
     with pytest.raises(SystemExit) as stop:
-        search.main(search_command(tmp_path, tiny_data, *own)[2:])
+        search.main(search_args(tmp_path, tiny_data, *own))
     line = str(stop.value.code)
     assert "\n" not in line and line.startswith("error: ") and message in line
     assert capsys.readouterr().err == ""
@@ -149,7 +150,7 @@ def test_bad_spaces_and_storages_are_one_line_errors(tmp_path, tiny_data, capsys
 def test_a_search_needs_validation(tmp_path, tiny_data):
     (tmp_path / "space.yaml").write_text("lr: [0.1]\n")
     with pytest.raises(SystemExit, match="--val_ratio 0 leaves no validation to score the trials on"):
-        search.main(search_command(tmp_path, tiny_data, fixed=("--val_ratio", "0"))[2:])
+        search.main(search_args(tmp_path, tiny_data, fixed=("--val_ratio", "0")))
 
 
 def test_a_crashing_trial_is_recorded_and_the_search_goes_on(tmp_path, tiny_data, monkeypatch):
@@ -162,7 +163,7 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(tmp_path, tiny_data
         return original(model, loader, criterion, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_epoch", crash_for_small_lr)
-    search.main(search_command(tmp_path, tiny_data, fixed=["--scheduler", "none"])[2:])
+    search.main(search_args(tmp_path, tiny_data, fixed=["--scheduler", "none"]))
     results = pd.read_csv(tmp_path / "model" / "space_results.csv").set_index("lr")
     assert results.loc[0.003, "state"] == "complete"
     assert results.loc[0.001, "state"] == "fail" and "simulated crash" in results.loc[0.001, "error"]
