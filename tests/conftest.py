@@ -26,12 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
-from sample import make_sample  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """24 train people and 6 eval people with 128x96 images (cached for the whole session)."""
+    from sample import make_sample  # here, not above: xdist's controller process has no use for torch
     return make_sample(tmp_path_factory.mktemp("tiny"), n_people=24, n_eval_people=6, size=(128, 96), seed=1)
 
 
