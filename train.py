@@ -59,7 +59,7 @@ from loss import create_multi_head_loss
 from metrics import save_confusion_png, score
 from model import AMP_TIMINGS, autocast, build_model, checked_compile, freeze, model_sources, predict, preprocessing
 from model import resolve_precision as model_precision
-from report import write_report
+from run_page import write_report
 from runs import (
     atomic_write,
     load_checkpoint,

@@ -168,8 +168,8 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
     ensemble.main([str(runs / "exp"), str(runs / "exp2"), "--data_dir", str(tiny_data / "eval"), "--output_dir",
                    str(tmp_path / "again"), "--num_workers", "0", "--cache_dir", str(cache)])
     assert pd.read_csv(tmp_path / "again" / "no_face.csv").empty and len(calls) == 42  # from the members' cache
-    import report
-    text = report.run_report(runs / "exp", cams=True)
+    import run_page
+    text = run_page.run_report(runs / "exp", cams=True)
     assert "Face crops" in text and "168 of 168 images with a face" in text
 
 

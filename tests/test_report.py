@@ -1,5 +1,6 @@
 """report.py: a self-contained report for each model kind, older runs without validation
 probabilities, run comparisons with k-fold spread, and a real headless browser rendering it."""
+import ast
 import re
 import shutil
 import subprocess
@@ -8,10 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import ROOT
+
 import report
+import run_page
 import train
 
-SECTION_IDS = list(report.SECTIONS)
+SECTION_IDS = list(run_page.SECTIONS)
 
 
 def train_run(model_dir, data, name, *flags):
@@ -88,7 +92,7 @@ def test_the_report_opens_in_a_headless_browser(runs, tmp_path):
              f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars"]
     dom = subprocess.run([*flags, "--dump-dom", path.resolve().as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
-    assert all(f">{title}</h2>" in dom for title in report.SECTIONS.values())
+    assert all(f">{title}</h2>" in dom for title in run_page.SECTIONS.values())
     shot = tmp_path / "shot.png"
     subprocess.run([*flags, "--window-size=1300,5000", f"--screenshot={shot}", path.resolve().as_uri()],
                    capture_output=True, timeout=120)
@@ -96,3 +100,17 @@ def test_the_report_opens_in_a_headless_browser(runs, tmp_path):
         pixels = np.asarray(image.convert("L"), dtype=float)
     rows_with_ink = (pixels < 200).any(axis=1)
     assert image.size == (1300, 5000) and rows_with_ink[:400].any() and rows_with_ink[2000:].any()
+
+
+def test_no_module_below_the_tools_imports_them():
+    """The tools around the loop (audit, search, report) read run folders: no other module imports them."""
+    tools = {"audit", "search", "report"}
+    for path in sorted(ROOT.glob("*.py")):
+        if path.stem in tools:
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & tools, f"{path.name} imports {sorted(imported & tools)}"
