@@ -1,6 +1,5 @@
-"""See a run: one self-contained `report.html` per run folder (run_page.py: settings, learning curves,
-confusion matrices, per-class scores, the validation errors as thumbnails, and where each head looks), or a
-comparison of several runs (k-fold runs as one entry with their spread).
+"""See a run: its page (`report.html`, run_page.py) with where each head looks, or a comparison of several
+runs (k-fold runs as one entry with their spread).
 
     python report.py model/exp                     # -> model/exp/report.html (train.py writes it too)
     python report.py model/exp model/exp2 model/cv_cv.json --out compare.html
