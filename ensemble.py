@@ -1,9 +1,10 @@
-"""Vote several runs or probability files into one submission.
+"""Vote several runs or probability files into one submission. Without --data_dir, the runs' eval folder
+is the eval/ beside their training folder.
 
-    python ensemble.py model/exp model/exp2 output/other_probs.csv --weights 2 1 1 --method soft
-    python ensemble.py model/exp_cv.json --per_head            # every fold of a k-fold run
+examples:
+  python ensemble.py model/exp model/exp2 output/other_probs.csv --weights 2 1 1 --method soft
+  python ensemble.py model/exp_cv.json --per_head            # every fold of a k-fold run
 """
-import argparse
 import glob
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import DEFAULT_CACHE_DIR
-from dataset import SAMPLE_DIR, encode_multi_class
+from dataset import encode_multi_class
 from inference import (
     add_bad_images_flag,
     add_face_flags,
@@ -20,6 +21,7 @@ from inference import (
     check_eval_images,
     check_face_flags,
     check_loader_flags,
+    eval_dir_for,
     eval_images,
     output_paths,
     predict_run,
@@ -38,6 +40,8 @@ from runs import (
     read_config,
     read_folds,
     read_probabilities,
+    run_command,
+    tool_parser,
     write_csv,
     write_json,
 )
@@ -173,37 +177,40 @@ def select_per_head(inputs) -> tuple:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("inputs", nargs="+", help="run folders, probability CSVs, <name>_cv.json or globs")
     parser.add_argument("--weights", type=float, nargs="*", default=None, help="one per input (default: equal)")
-    parser.add_argument("--method", default="soft", choices=["soft", "hard"])
+    parser.add_argument("--method", default="soft", choices=["soft", "hard"],
+                        help="soft: the mean probability; hard: the majority of the inputs' classes")
     parser.add_argument("--per_head", action="store_true", help="vote mask, gender and age separately")
     parser.add_argument("--head_weights", nargs="*", default=[], metavar="HEAD=W1,W2,...",
                         help="per-head weights, one per input, e.g. mask=1,0,0 age=0,1,2 (votes per head)")
     parser.add_argument("--select_per_head", action="store_true",
                         help="for each head, use the run folder with the best validation F1 on it (val_probs.csv)")
-    parser.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_EVAL", str(SAMPLE_DIR / "eval")),
-                        help="eval folder: its info.csv gives the rows and their order")
-    parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"))
-    parser.add_argument("--name", default="ensemble.csv")
+    parser.add_argument("--data_dir", default=None,
+                        help="eval folder: its info.csv gives the rows and their order (default: the eval/ beside "
+                             "the runs' training folder)")
+    parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"),
+                        help="where the submission and its probability file are written")
+    parser.add_argument("--name", default="ensemble.csv", help="submission file name")
     parser.add_argument("--tta", default="hflip", choices=TTA_CHOICES, help="for run folders")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=256, help="images per batch (run folders)")
     add_precision_flags(parser)
-    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data loader processes (0: load in this process)")
     parser.add_argument("--labels", default=None, help="CSV with ImageID and ans: score the ensemble")
     parser.add_argument("--calibrate", action="store_true",
                         help="add per-class offsets fitted for macro F1 on the run folders' validation probabilities "
                              "(out-of-fold for k-fold members) to every input before voting")
     add_bad_images_flag(parser)
     add_face_flags(parser)
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with one_line_errors(KeyError):
+    with one_line_errors():
         check_loader_flags(args)
         inputs = expand_inputs(args.inputs)
         weights = args.weights or [1.0] * len(inputs)
@@ -218,10 +225,13 @@ def main(argv=None):
             head_weights, lines = select_per_head(inputs)
             print("chosen per head:\n  " + "\n  ".join(lines))
         submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
-        image_ids, paths, labels, info = eval_images(args.data_dir)
+        configs = [read_config(path, "best") for path in inputs if path.is_dir()]
+        data_dir, why = eval_dir_for(args.data_dir, configs)
+        print(f"eval folder {data_dir} ({why})")
+        image_ids, paths, labels, info = eval_images(data_dir)
         if args.labels:
             labels = read_labels(args.labels, image_ids)
-        check_face_flags(args, [read_config(path, "best") for path in inputs if path.is_dir()])
+        check_face_flags(args, configs)
         note = mixed_age_bins([path for path in inputs if path.is_dir()])
         if note:
             print(note)
@@ -237,7 +247,7 @@ def main(argv=None):
             unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images, args.cache_dir)
         shared_stages = {}  # --cache_features members' frozen-stage outputs, computed once for all of them
         probs = np.stack([files[path] if path in files else
-                          run_probabilities(path, image_ids, paths, args.data_dir, args.tta, args.batch_size, args.amp,
+                          run_probabilities(path, image_ids, paths, data_dir, args.tta, args.batch_size, args.amp,
                                             args.num_workers, args.channels_last, unreadable, shared_stages,
                                             args.face_detector, args.cache_dir, submission.with_name("no_face.csv"))
                           for path in inputs])
@@ -255,4 +265,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -24,7 +24,7 @@ from cache import DEFAULT_CACHE_DIR, file_stamp, locked
 from dataset import IMAGE_EXTENSIONS, decode_image
 from runs import atomic_write, one_line_errors, write_csv
 
-DEFAULT_DETECTOR = "weights/face_detection_yunet_2026may.onnx"
+DEFAULT_DETECTOR = str(Path(__file__).resolve().parent / "weights" / "face_detection_yunet_2026may.onnx")  # ships
 DEFAULT_MARGIN = 1.05  # on utkmask aligned crops 160 px over the box side is 0.99-1.06 (quartiles): about their crop
 DEFAULT_SCORE = 0.5  # YuNet's 0.9 keeps about 30% of real masked faces; 0.5 about 93%
 MARGIN_RANGE = (1.0, 3.0)
@@ -281,6 +281,8 @@ def run_face_crop(config, paths, face_detector=None, cache_dir=None, num_workers
     if not config.get("face_crop"):
         return None
     detector = face_detector or config["face_detector"]
+    if not face_detector and not Path(detector).is_file() and Path(detector).name == Path(DEFAULT_DETECTOR).name:
+        detector = DEFAULT_DETECTOR  # the file this project ships, where the run recorded another copy of it
     if not Path(detector).is_file():
         raise FaceDetectorError(f"{config.get('run_dir', 'the run')} was trained with --face_crop: its detector "
                                 f"file {detector} is not here; pass --face_detector FILE")

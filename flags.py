@@ -13,6 +13,17 @@ from dataset import DATASETS, SAMPLE_DIR
 from faces import DEFAULT_DETECTOR, DEFAULT_MARGIN, DEFAULT_SCORE, MARGIN_RANGE
 from loss import create_criterion
 from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, HEADS, MODEL_KINDS, check_model_name
+from runs import tool_parser
+
+RESUME_OVERRIDES = {"epochs", "num_workers", "log_interval", "early_stop", "device", "keep_last", "report"}
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+TRAIN_DOC = """Train a mask / gender / age classifier: a run folder with config.json, best.pth, last.pth, log.csv and
+report.html. Every flag can also be set in a --config YAML or JSON file.
+
+examples:
+  python train.py --pretrained none                        # the bundled sample, offline, random weights
+  python train.py --data_dir /data/train --model convnext_tiny --resize 224 224 --face_crop --epochs 10
+  torchrun --nproc_per_node=2 train.py --data_dir /data/train   # DistributedDataParallel, same flags"""
 
 
 class FlagError(Exception):
@@ -34,17 +45,21 @@ def key_values(items, cast=str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a mask / gender / age classifier.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = tool_parser(TRAIN_DOC)
     parser.add_argument("--config", help="YAML or JSON file setting any flag; command-line flags override it")
     data = parser.add_argument_group("data")
     data.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_TRAIN", str(SAMPLE_DIR / "train")),
                       help="train folder (images/ + train.csv) or its images/ folder")
-    data.add_argument("--dataset", default="MultiLabelDataset", choices=list(DATASETS))
-    data.add_argument("--augmentation", default="CustomAugmentation", choices=list(AUGMENTATIONS))
-    data.add_argument("--resize", type=int, nargs=2, default=[128, 96], metavar=("H", "W"))
+    data.add_argument("--dataset", default="MultiLabelDataset", choices=list(DATASETS),
+                      help="MultiLabelDataset: targets per head (mask, gender, age); MaskBaseDataset / "
+                           "MaskSplitByProfileDataset: the baseline's (random split by image / split by person)")
+    data.add_argument("--augmentation", default="CustomAugmentation", choices=list(AUGMENTATIONS),
+                      help="the per-image preparation and training augmentation (BaseAugmentation: resize only)")
+    data.add_argument("--resize", type=int, nargs=2, default=[128, 96], metavar=("H", "W"),
+                      help="the model's input size")
     data.add_argument("--crop", type=float, nargs=2, default=None, metavar=("H_FRAC", "W_FRAC"),
-                      help="centre crop as fractions of the input (default: the augmentation's; 1 1: none)")
+                      help="centre crop as fractions of the input before resizing (default: the augmentation's; 1 1: "
+                           "none)")
     data.add_argument("--val_ratio", type=float, default=0.2,
                       help="share of people held out for validation; 0: train on everyone for --epochs "
                            "(best.pth is the last epoch, no val_probs.csv)")
@@ -52,15 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--fold", type=int, default=None, help="train only this fold (default: all folds)")
     data.add_argument("--sampler", default="none", choices=["none", "class", "age"],
                       help="class-balanced sampling of the 18 classes or of the age groups")
-    data.add_argument("--age_bins", type=int, nargs=2, default=[30, 60], metavar=("MIDDLE", "OLD"))
+    data.add_argument("--age_bins", type=int, nargs=2, default=[30, 60], metavar=("MIDDLE", "OLD"),
+                      help="the first age of the middle and of the old group")
     data.add_argument("--drop_ages", type=int, nargs="*", default=[], help="ages left out of training, e.g. 57 58 59")
-    data.add_argument("--relabel", default=None, help="CSV of label corrections (see README)")
+    data.add_argument("--relabel", default=None, help="CSV of label corrections (see docs/training.md; default: none)")
     data.add_argument("--extra_data", nargs="*", default=[], metavar="DIR",
                       help="more train-layout folders (e.g. from synthesize.py) added to training only; "
                       "their people may have fewer than 7 images")
     data.add_argument("--skip_bad_images", action="store_true",
                       help="leave unreadable images out (with a warning) instead of stopping before the run")
-    data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                      help="data loader processes (0: load in the training process)")
     data.add_argument("--cache", action="store_true",
                       help="decode, crop and resize every image once into a cache file, reused by later epochs "
                            "and runs")
@@ -73,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     faces = parser.add_argument_group("face crop (photos where the face is not framed: faces.py)")
     faces.add_argument("--face_crop", action="store_true",
                        help="crop a square around each image's face, found once by a detector (cached in "
-                            "--cache_dir); images without a face keep the centre crop (listed in no_face.csv)")
+                            "--cache_dir); images without a face get the typical face square of the images where "
+                            "one was found (listed in no_face.csv)")
     faces.add_argument("--face_detector", default=DEFAULT_DETECTOR,
-                       help="YuNet's ONNX file (OpenCV model zoo: face_detection_yunet_2026may.onnx)")
+                       help="YuNet's ONNX file (the project's weights/ folder ships OpenCV's model zoo file)")
     faces.add_argument("--face_margin", type=float, default=DEFAULT_MARGIN,
                        help=f"the crop's side over the face box's larger side, {MARGIN_RANGE[0]} to {MARGIN_RANGE[1]}")
     faces.add_argument("--face_score", type=float, default=DEFAULT_SCORE, help="the detector's score threshold")
@@ -95,37 +113,42 @@ def build_parser() -> argparse.ArgumentParser:
                          help="random erasing fill: const (the mean), rand (a colour per box), pixel (noise)")
     augment.add_argument("--recount", type=int, default=1, help="random erasing: at most this many boxes")
     augment.add_argument("--randaugment", type=int, nargs=2, default=None, metavar=("N", "M"),
-                         help="torchvision RandAugment: N operations of magnitude M (0..30)")
-    data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="batch MixUp (Beta alpha; 0: off)")
-    data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="batch CutMix (Beta alpha; 0: off)")
-    data.add_argument("--mix_prob", type=float, default=0.5, help="share of batches mixed when --mixup/--cutmix")
-    data.add_argument("--device_aug", action="store_true",
-                      help="flip, crop and colour batch-wise on the device (GPU) instead of per image on the CPU")
+                         help="torchvision RandAugment: N operations of magnitude M (0..30) (default: off)")
+    augment.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="batch MixUp (Beta alpha; 0: off)")
+    augment.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                         help="batch CutMix (Beta alpha; 0: off)")
+    augment.add_argument("--mix_prob", type=float, default=0.5, help="share of batches mixed when --mixup/--cutmix")
+    augment.add_argument("--device_aug", action="store_true",
+                         help="flip, crop and colour batch-wise on the device (GPU) instead of per image on the CPU")
     model = parser.add_argument_group("model")
-    model.add_argument("--kind", default="three_head", choices=list(MODEL_KINDS))
+    model.add_argument("--kind", default="three_head", choices=list(MODEL_KINDS),
+                       help="three_head: mask, gender and age heads on one backbone; single_head: one 18-class head; "
+                            "multi_backbone: a backbone per head (--backbones)")
     model.add_argument("--model", default="resnet18",
                        help="a timm backbone name, or a timm model source: local-dir:FOLDER, hf-hub:ORG/NAME")
     model.add_argument("--backbones", nargs="*", default=[], metavar="HEAD=NAME",
-                       help="multi_backbone: a backbone per head, e.g. mask=convnext_tiny age=swin_s3_tiny_224")
+                       help="with --kind multi_backbone: a backbone per head, e.g. mask=convnext_tiny "
+                            "age=swin_s3_tiny_224 (heads left out use --model)")
     model.add_argument("--pretrained", default="auto",
-                       help="auto (a model source's own weights; none for a timm name), none (random), timm "
-                            "(timm's weights, downloaded) or a .pth/.safetensors file")
+                       help="auto: pretrained weights (a timm name's from timm, downloaded once into its cache; a "
+                            "model source's own); none: random weights; timm: as auto; or a .pth/.safetensors file")
     model.add_argument("--freeze", default="none", help="none, all (train heads only) or N (train the last N stages)")
-    model.add_argument("--drop_rate", type=float, default=0.0)
-    model.add_argument("--drop_path_rate", type=float, default=0.0)
+    model.add_argument("--drop_rate", type=float, default=0.0, help="dropout before each head")
+    model.add_argument("--drop_path_rate", type=float, default=0.0, help="stochastic depth of the backbone (timm's)")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=10)
+    optim.add_argument("--epochs", type=int, default=10, help="passes over the training images")
     optim.add_argument("--clip_grad", type=float, default=None, metavar="V",
-                       help="clip gradients (timm's dispatch_clip_grad; after unscaling under fp16)")
+                       help="clip gradients (timm's dispatch_clip_grad; after unscaling under fp16; default: off)")
     optim.add_argument("--clip_mode", default="norm", choices=["norm", "value", "agc"],
                        help="--clip_grad clips the total norm, each value, or adaptively (agc)")
-    optim.add_argument("--batch_size", type=int, default=64)
-    optim.add_argument("--valid_batch_size", type=int, default=256)
+    optim.add_argument("--batch_size", type=int, default=64, help="training images per batch (per process)")
+    optim.add_argument("--valid_batch_size", type=int, default=256, help="validation images per batch")
     optim.add_argument("--optimizer", default="adamw", help="any of timm's optimizers: sgd, adam, adamw, lion, ...")
-    optim.add_argument("--lr", type=float, default=1e-3)
-    optim.add_argument("--weight_decay", type=float, default=0.01)
-    optim.add_argument("--momentum", type=float, default=0.9)
-    optim.add_argument("--scheduler", default="cosine", choices=["cosine", "step", "none"])
+    optim.add_argument("--lr", type=float, default=1e-3, help="learning rate (of the heads with --layer_decay)")
+    optim.add_argument("--weight_decay", type=float, default=0.01, help="the optimizer's weight decay")
+    optim.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum")
+    optim.add_argument("--scheduler", default="cosine", choices=["cosine", "step", "none"],
+                       help="learning-rate schedule (timm's), to 1%% of --lr at the end for cosine")
     optim.add_argument("--lr_decay_step", type=int, default=20, help="step: epochs between decays")
     optim.add_argument("--lr_gamma", type=float, default=0.5, help="step: decay factor")
     optim.add_argument("--warmup_epochs", type=float, default=0,
@@ -152,9 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     losses.add_argument("--criterion", nargs="+", default=["cross_entropy"], metavar="NAME",
                         help="one criterion for all heads (cross_entropy, focal, label_smoothing, f1, or a mix "
                              "like focal:0.6+f1:0.4), or one per head: mask=cross_entropy age=focal")
-    losses.add_argument("--head_weights", nargs="*", default=[], metavar="HEAD=W", help="e.g. age=1.5")
-    losses.add_argument("--focal_gamma", type=float, default=2.0)
-    losses.add_argument("--smoothing", type=float, default=0.1)
+    losses.add_argument("--head_weights", nargs="*", default=[], metavar="HEAD=W",
+                        help="loss weight per head, e.g. age=1.5 (heads left out: 1)")
+    losses.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss: the focusing exponent")
+    losses.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing: the share spread over classes")
     losses.add_argument("--age_soft", type=float, default=0.0, metavar="SIGMA",
                         help="age head: soft targets from the exact age, a Gaussian of SIGMA years over the groups "
                              "(0: hard groups); needs MultiLabelDataset and a model with heads")
@@ -163,23 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
                              "error in tens of years weighted W (0: off); val_probs.csv gets its ages (age_years) "
                              "for audit.py; needs MultiLabelDataset and --kind three_head")
     run = parser.add_argument_group("run")
+    run.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                     help="auto: the GPU where this torch can use it, else the CPU; cuda: the GPU or a one-line "
+                          "error saying why not")
     run.add_argument("--deterministic", default="auto", choices=["auto", "on", "off"],
                      help="deterministic kernels (torch.use_deterministic_algorithms): auto is on for CPUs, off "
                           "for GPUs")
     run.add_argument("--checkpoint_hist", type=int, default=0, metavar="K",
                      help="keep the K best epochs' weights (epochN.pth) and their average as avg.pth (0: off)")
-    run.add_argument("--model_dir", default=os.environ.get("SM_MODEL_DIR", "./model"))
+    run.add_argument("--keep_last", default="on", choices=["on", "off"],
+                     help="off: delete last.pth (weights, optimizer state: what --resume needs) when the run "
+                          "finishes, keeping best.pth; about 3x the model's size saved per run")
+    run.add_argument("--model_dir", default=os.environ.get("SM_MODEL_DIR", "./model"),
+                     help="where run folders are made")
     run.add_argument("--name", default="exp", help="run folder name (exp, exp2, ... never overwrites)")
-    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--seed", type=int, default=42, help="the seed of the split, the weights and the augmentation")
     run.add_argument("--resume", default=None, help="a run folder (or its last.pth) to continue with its own "
-                     "settings; only --epochs, --num_workers, --log_interval and --early_stop may change")
+                     "settings; only " + ", ".join("--" + f for f in sorted(RESUME_OVERRIDES)) + " may change")
     run.add_argument("--log_interval", type=int, default=20, help="batches between loss checks")
     logging = parser.add_argument_group("logging")
-    logging.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
-    logging.add_argument("--wandb_project", default="masktrain")
-    logging.add_argument("--wandb_entity", default=None)
-    logging.add_argument("--wandb_name", default=None, help="default: the run folder name")
-    logging.add_argument("--wandb_mode", default="online", choices=["online", "offline"])
+    logging.add_argument("--wandb", action="store_true", help="log to Weights & Biases (`wandb login` first)")
+    logging.add_argument("--wandb_project", default="masktrain", help="the wandb project")
+    logging.add_argument("--wandb_entity", default=None, help="the wandb team or user (default: yours)")
+    logging.add_argument("--wandb_name", default=None, help="the wandb run name (default: the run folder name)")
+    logging.add_argument("--wandb_mode", default="online", choices=["online", "offline"],
+                         help="offline: log into the run folder without a login, `wandb sync` later")
     logging.add_argument("--wandb_group", default=None, help="group runs in wandb (search.py: the study)")
     logging.add_argument("--report", default="on", choices=["on", "off"],
                          help="write report.html into the run folder at the end (without class activation maps)")
@@ -200,9 +232,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.exit(2, f"error: {path}: unknown settings {', '.join(unknown)}\n")
         parser.set_defaults(**values)
     return parser.parse_args(argv)
-
-
-RESUME_OVERRIDES = {"epochs", "num_workers", "log_interval", "early_stop"}
 
 
 def given_flags(argv=None) -> set:
@@ -237,6 +266,8 @@ def validate(args):
             check_model_name(name)
         except (ValueError, OSError, RuntimeError) as error:
             raise FlagError(f"{flag}: {error}") from None
+    if args.backbones and args.kind != "multi_backbone":
+        raise FlagError(f"--backbones needs --kind multi_backbone (got --kind {args.kind}, which uses --model alone)")
     unknown_heads = set(key_values(args.backbones)) - set(HEADS)
     if unknown_heads:
         raise FlagError(f"--backbones: unknown heads {sorted(unknown_heads)}; heads are mask, gender, age")

@@ -1,9 +1,10 @@
-"""Predict an eval folder with a trained run: submission.csv plus a probability file; with labels,
-score it locally.
+"""Predict an eval folder with a trained run: submission.csv plus a probability file, and with labels a
+local score. Without --data_dir, the eval/ folder beside the run's training folder.
 
-    python inference.py --model_dir model/exp --data_dir eval --tta hflip
+examples:
+  python inference.py                                  # the newest run under ./model
+  python inference.py --model_dir model/exp --data_dir /data/eval --tta hflip
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from augment import create_transforms
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
-from dataset import SAMPLE_DIR, ImageFiles, PrefetchLoader, TestDataset, fast_collate, images_dir, scan_people
+from dataset import ImageFiles, PrefetchLoader, TestDataset, fast_collate, images_dir, scan_people
 from faces import no_face_words, run_face_crop, write_no_face
 from features import FromFeatures, frozen_outputs, predict_from_features, state_digest
 from metrics import apply_offsets, class_report, fit_offsets, score
@@ -31,11 +32,14 @@ from model import (
 )
 from runs import (
     PROB_COLUMNS,
+    is_run_folder,
     one_line_errors,
     probability_frame,
     read_config,
     read_probabilities,
     read_run,
+    run_command,
+    tool_parser,
     write_csv,
     write_json,
 )
@@ -51,13 +55,42 @@ def newest_run(model_dir, checkpoint="best") -> Path:
     if model_dir.is_file() and model_dir.name.endswith("_cv.json"):
         raise ValueError(f"{model_dir} is a k-fold run's summary: vote its folds with python ensemble.py {model_dir} "
                          "(inference.py predicts with one run folder)")
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model_dir not found: {model_dir}")
     if (model_dir / "config.json").is_file():
+        read_config(model_dir, checkpoint)  # a one-line error for a baseline's or an unfinished run folder
         return model_dir
-    runs = [p.parent for p in model_dir.glob("*/config.json") if (p.parent / f"{checkpoint}.pth").is_file()]
+    runs = [p.parent for p in model_dir.glob("*/config.json") if is_run_folder(p.parent, checkpoint)]
     if not runs:
-        raise FileNotFoundError(f"no finished run folder (config.json and {checkpoint}.pth) in {model_dir}: "
+        raise FileNotFoundError(f"no finished train.py run folder (config.json and {checkpoint}.pth) in {model_dir}: "
                                 "train one with train.py first")
     return max(runs, key=lambda p: (p / f"{checkpoint}.pth").stat().st_mtime)
+
+
+def eval_dir_for(data_dir, configs) -> tuple:
+    """(the eval folder, why it was chosen) for --data_dir `data_dir` (None: not given). Not given: the
+    `eval/` folder beside the training folder of the runs (`configs`), which must agree; where there is
+    none, a one-line error (never the bundled sample for a run trained elsewhere)."""
+    if data_dir:
+        return Path(data_dir), "--data_dir"
+    if os.environ.get("SM_CHANNEL_EVAL"):
+        return Path(os.environ["SM_CHANNEL_EVAL"]), "SM_CHANNEL_EVAL"
+    beside = {}
+    for config in configs:
+        train_dir = Path(config.get("data_dir", ""))
+        root = train_dir.parent.parent if train_dir.name == "images" else train_dir.parent
+        beside.setdefault(root / "eval", []).append(config.get("run_dir", "a run"))
+    if not beside:
+        raise ValueError("--data_dir: give the eval folder (info.csv + images/); probability files do not say "
+                         "which folder they predicted")
+    if len(beside) > 1:
+        raise ValueError("--data_dir: the runs were trained on different folders ("
+                         + ", ".join(str(path.parent) for path in beside) + "): give the eval folder")
+    eval_dir = next(iter(beside))
+    if not (eval_dir / "info.csv").is_file():
+        raise FileNotFoundError(f"--data_dir: no eval folder given, and none beside the run's training folder "
+                                f"({eval_dir} has no info.csv): pass --data_dir EVAL_DIR")
+    return eval_dir, f"beside the run's training folder {eval_dir.parent / 'train'}; --data_dir to choose another"
 
 
 def fold_note(run_dir, config) -> str:
@@ -139,7 +172,11 @@ def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", t
     config, state = read_run(run_dir, checkpoint)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model_from_config(config)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{run_dir}/{checkpoint}.pth does not fit the model its config.json describes "
+                         f"({str(error).splitlines()[0]}): a run folder of another version?") from None
     amp_used, layout, line = resolve_precision(model, amp, channels_last, device, config["resize"], batch_size,
                                                train=False, remember=Path(cache_dir) / AMP_TIMINGS)
     print(f"{Path(run_dir).name}: {line}")
@@ -214,20 +251,23 @@ def add_bad_images_flag(parser):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_dir", default=DEFAULT_MODEL_DIR, help="a run folder (default: the newest run)")
+    parser = tool_parser(__doc__)
+    parser.add_argument("--model_dir", default=DEFAULT_MODEL_DIR,
+                        help="a run folder, or a folder of runs (the newest finished one)")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last", "avg"],
                         help="avg: the average of the best epochs kept by train.py --checkpoint_hist K")
-    parser.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_EVAL", str(SAMPLE_DIR / "eval")),
-                        help="eval folder (info.csv + images/), or a labelled train-layout folder to score")
-    parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"))
+    parser.add_argument("--data_dir", default=None,
+                        help="eval folder (info.csv + images/), or a labelled train-layout folder to score "
+                             "(default: the eval/ beside the run's training folder)")
+    parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"),
+                        help="where the submission and its probability file are written")
     parser.add_argument("--name", default="submission.csv", help="submission file name")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=256, help="images per batch")
     add_precision_flags(parser)
     parser.add_argument("--tta", default="hflip", choices=TTA_CHOICES,
                         help="hflip averages plain and flipped predictions (+0.01 to +0.03 macro F1 on utkmask)")
-    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data loader processes (0: load in this process)")
     parser.add_argument("--labels", default=None, help="CSV with ImageID and ans: score the predictions")
     parser.add_argument("--calibrate", action="store_true",
                         help="add per-class offsets fitted for macro F1 on the run's validation probabilities")
@@ -296,13 +336,14 @@ def main(argv=None):
         run_dir = newest_run(args.model_dir, args.checkpoint)
         config = read_config(run_dir, args.checkpoint)
         check_face_flags(args, [config])
+        data_dir, why = eval_dir_for(args.data_dir, [config])
         submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
-        image_ids, paths, labels, info = eval_images(args.data_dir)
+        image_ids, paths, labels, info = eval_images(data_dir)
         if args.labels:
             labels = read_labels(args.labels, image_ids)
         offsets = validation_offsets([run_dir]) if args.calibrate else None
         unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images, args.cache_dir)
-        print(f"predicting {len(paths)} images of {args.data_dir} with {run_dir} ({args.checkpoint}.pth, "
+        print(f"predicting {len(paths)} images of {data_dir} ({why}) with {run_dir} ({args.checkpoint}.pth, "
               f"tta {args.tta})" + fold_note(run_dir, config))
         probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
                             channels_last=args.channels_last, unreadable=unreadable, face_detector=args.face_detector,
@@ -319,4 +360,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -5,8 +5,10 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import timm
@@ -71,43 +73,46 @@ def check_model_name(name) -> dict:
     return None
 
 
-def create_backbone(name, pretrained=False, drop_path_rate=0.0, source=None) -> nn.Module:
+def create_backbone(name, pretrained=False, drop_path_rate=0.0, source=None, img_size=None) -> nn.Module:
     """A timm backbone without its classifier (outputs pooled features).
 
     `name`: a timm name or a model source (`local-dir:FOLDER`, `hf-hub:ORG/NAME`). `pretrained`: "auto"
-    (True for a source, False for a name); False;
-    True for the usual weights (timm's, downloaded, for a name; the source's own for a source); or a
-    local `.pth` / `.safetensors` file in timm's key format (its classifier is dropped). `source`: the
-    source's record (`resolve_source`), which rebuilds its architecture and preprocessing without the
-    folder or the hub (weights then come from a checkpoint)."""
-    if pretrained == "auto":
-        pretrained = is_source(name)
+    or True for the usual weights (timm's, downloaded once into its cache, for a name; the source's own
+    for a source); False for random weights; or a local `.pth` / `.safetensors` file in timm's key format
+    (its classifier is dropped). `source`: the source's record (`resolve_source`), which rebuilds its
+    architecture and preprocessing without the folder or the hub (weights then come from a checkpoint).
+    `img_size` (H, W): the input size for models built for one size (ViTs: timm resamples their position
+    embeddings); models that take any size ignore it."""
+    pretrained = True if pretrained in ("auto", "true", "timm") else pretrained
     kwargs = dict(num_classes=0)
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
+    if img_size:
+        kwargs["img_size"] = tuple(img_size)
     if is_source(name):
         source = source or resolve_source(name)
         if pretrained is True:
             return load_source_weights(name, source, kwargs)
-        backbone = timm.create_model(source["architecture"], pretrained=False, pretrained_cfg=source["pretrained_cfg"],
-                                     **source["model_args"], **kwargs)
+        backbone = sized_model(source["architecture"], kwargs, pretrained=False,
+                               pretrained_cfg=source["pretrained_cfg"], **source["model_args"])
         if pretrained in (False, None, "", "none", "false"):
             return backbone
         return load_weights_file(backbone, pretrained, name)
     check_model_name(name)
     if pretrained in (False, None, "", "none", "false"):
-        return timm.create_model(name, pretrained=False, **kwargs)
-    if pretrained is True or pretrained in ("true", "timm"):
+        return sized_model(name, kwargs, pretrained=False)
+    if pretrained is True:
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
+            return sized_model(name, kwargs, pretrained=True)
         except Exception as error:
             raise RuntimeError(f"could not get pretrained weights for {name} ({type(error).__name__}); without "
-                               f"internet pass a local file: --pretrained PATH.safetensors (or .pth)") from None
+                               "internet pass a local file (--pretrained PATH.safetensors or .pth) or train from "
+                               "random weights with --pretrained none") from None
     path = Path(pretrained)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {path}")
     try:
-        backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        backbone = sized_model(name, kwargs, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     except RuntimeError as error:
         if "weights_only" in str(error):  # a pickled object, not a plain state dict
             raise RuntimeError(f"weights file {path} is not a plain state dict (a train.py checkpoint? --resume "
@@ -120,10 +125,85 @@ def create_backbone(name, pretrained=False, drop_path_rate=0.0, source=None) -> 
     return backbone
 
 
+def sized_model(name, kwargs, **more) -> nn.Module:
+    """`timm.create_model(name, **more, **kwargs)`; where the architecture takes no `img_size` (CNNs take
+    any size), without it. A source's own `model_args` img_size gives way to the run's."""
+    if "img_size" in kwargs:
+        more.pop("img_size", None)
+        try:
+            return timm.create_model(name, **more, **kwargs)
+        except TypeError as error:
+            if "img_size" not in str(error):
+                raise
+            kwargs = {key: value for key, value in kwargs.items() if key != "img_size"}
+    return timm.create_model(name, **more, **kwargs)
+
+
+def timm_weights(name) -> tuple:
+    """(where, location) timm loads `name`'s pretrained weights from: ("hf-hub", "timm/resnet18.a1_in1k"),
+    ("url", URL) or ("", "") where timm has none for that name."""
+    from timm.models._builder import _resolve_pretrained_source
+    from timm.models._registry import get_pretrained_cfg
+    cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    if cfg is None:
+        return "", ""
+    where, location = _resolve_pretrained_source(cfg.to_dict())
+    return where, location[0] if isinstance(location, tuple) else location
+
+
+def fetch_pretrained(name, timeout=5.0) -> str:
+    """Make sure timm's pretrained weights of the registry name `name` are in timm's local cache before
+    any work (downloaded once, by timm itself); return where they come from, e.g.
+    "timm/resnet18.a1_in1k". Where they cannot be had (timm has none for the name, HF_HUB_OFFLINE, no
+    connection) a one-line RuntimeError says so and names --pretrained none."""
+    where, location = timm_weights(name)
+    random_init = "or train from random weights with --pretrained none"
+    if not where:
+        raise RuntimeError(f"timm has no pretrained weights for {name}: pass a weights file with --pretrained FILE, "
+                           f"{random_init}")
+    if is_cached(where, location):
+        return location
+    host = "huggingface.co" if where == "hf-hub" else urllib.parse.urlparse(location).hostname
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and where == "hf-hub":
+        raise RuntimeError(f"{name}'s pretrained weights ({location}) are not in the local cache and HF_HUB_OFFLINE "
+                           f"is set: download them once online, pass a file with --pretrained FILE, {random_init}")
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        raise RuntimeError(f"{name}'s pretrained weights ({location}) are not in the local cache and {host} cannot be "
+                           f"reached (offline?): pass a file with --pretrained FILE, {random_init}") from None
+    create_backbone(name, True)  # timm downloads them into its cache
+    return location
+
+
+def is_cached(where, location) -> bool:
+    """Whether timm's weights at `location` are already in the local cache (the hub's or torch hub's)."""
+    if where == "hf-hub":
+        from huggingface_hub import try_to_load_from_cache
+        return any(isinstance(try_to_load_from_cache(location, f), str)
+                   for f in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"))
+    if where == "url":
+        filename = Path(urllib.parse.urlparse(location).path).name
+        return (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
+    return where in ("file", "state_dict", "local-dir")
+
+
+def weights_line(name, pretrained) -> str:
+    """Where a backbone's starting weights come from, for the run header: "random init", "file PATH",
+    "timm's pretrained timm/resnet18.a1_in1k" or "the source's own (local-dir:FOLDER)"."""
+    if pretrained in (False, None, "", "none", "false"):
+        return "random init (--pretrained none)"
+    if pretrained not in (True, "auto", "true", "timm"):
+        return f"file {pretrained}"
+    if is_source(name):
+        return f"its own weights ({name})"
+    return f"timm's pretrained {timm_weights(name)[1]}"
+
+
 def load_source_weights(name, source, kwargs) -> nn.Module:
     """A model source built with its own weights through timm, checked to fit exactly."""
     try:
-        backbone = timm.create_model(name, pretrained=True, **kwargs)
+        backbone = sized_model(name, kwargs, pretrained=True)
     except Exception as error:
         where = f"model folder {name.split(':', 1)[1]}" if name.lower().startswith("local-dir") else name
         raise RuntimeError(f"{where}: its weights do not load into {source['architecture']} ({type(error).__name__}: "
@@ -206,16 +286,17 @@ class MaskModel(nn.Module):
 
 
 def build_model(kind="three_head", model="resnet18", backbones=None, pretrained=False, drop_rate=0.0,
-                drop_path_rate=0.0, age_years=False, sources=None) -> MaskModel:
+                drop_path_rate=0.0, age_years=False, sources=None, img_size=None) -> MaskModel:
     """Build one of the three model kinds. `backbones` (multi_backbone only) maps each head to a
     timm name, e.g. {"mask": "convnext_tiny", "gender": "resnext50_32x4d", "age": "swin_s3_tiny_224"};
     heads it leaves out use `model`. `age_years` (three_head only) adds the `years` regression head.
     `sources` maps each model source among the names to its `resolve_source` record (config.json keeps
-    them, so a run rebuilds without the source's folder)."""
+    them, so a run rebuilds without the source's folder). `img_size` (H, W): the input size, for
+    backbones built for one size (ViTs)."""
     sources = sources or {}
 
     def backbone(name):
-        return create_backbone(name, pretrained, drop_path_rate, sources.get(name))
+        return create_backbone(name, pretrained, drop_path_rate, sources.get(name), img_size)
 
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; choose from {', '.join(MODEL_KINDS)}")

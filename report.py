@@ -1,10 +1,10 @@
 """See a run: its page (`report.html`, run_page.py) with where each head looks, or a comparison of several
 runs (k-fold runs as one entry with their spread).
 
-    python report.py model/exp                     # -> model/exp/report.html (train.py writes it too)
-    python report.py model/exp model/exp2 model/cv_cv.json --out compare.html
+examples:
+  python report.py model/exp                     # -> model/exp/report.html (train.py writes it too)
+  python report.py model/exp model/exp2 model/cv_cv.json --out compare.html
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from run_page import class_name, class_scores, curves_figure, load_run, missing, page, table_html, write_report
-from runs import atomic_write, one_line_errors, read_folds
+from runs import atomic_write, one_line_errors, read_folds, run_command, tool_parser
 
 
 def entry(item) -> dict:
@@ -60,13 +60,13 @@ def compare_report(items) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = tool_parser(__doc__)
     parser.add_argument("runs", nargs="+", help="run folders or <name>_cv.json files")
     parser.add_argument("--out", default=None, help="several runs: the comparison file (default: compare.html "
                         "beside the first run)")
     parser.add_argument("--no_cams", action="store_true", help="leave out the class activation maps")
     args = parser.parse_args(argv)
-    with one_line_errors(KeyError):
+    with one_line_errors():
         if len(args.runs) == 1 and not args.runs[0].endswith(".json"):
             path = write_report(args.runs[0], cams=not args.no_cams)
         else:
@@ -79,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

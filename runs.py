@@ -1,10 +1,12 @@
 """Run folders and the files several tools share: new run folders that never overwrite, atomic
 writes, reading a run's config and checkpoint, and the probability file format."""
+import argparse
 import contextlib
 import json
 import os
 import pickle
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -55,6 +57,36 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default shown once: "(default: ...)" is added where the help does not already say what
+    the default is (and never for None, which the help explains); examples in the epilog keep their lines."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "").lower() or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def tool_parser(doc, **kwargs) -> argparse.ArgumentParser:
+    """A tool's parser: its module docstring's first paragraph as the description and the rest (the usage
+    examples) as the epilog, no abbreviated flags (`--model` is not `--model_dir`), defaults shown once."""
+    description, _, examples = doc.strip().partition("\n\n")
+    return argparse.ArgumentParser(description=" ".join(description.split()), epilog=examples or None,
+                                   formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
+
+
+def run_command(main):
+    """Run a tool's `main()` as a command: Ctrl-C ends it with one line (the interrupt's own message, e.g.
+    what train.py saved) and exit status 130, the shell's for SIGINT, instead of a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt as interrupt:
+        if os.environ.get("MASKTRAIN_TRACEBACK"):
+            raise
+        print(f"\n{interrupt or 'interrupted'}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def one_line(error) -> str:
@@ -134,7 +166,41 @@ def read_folds(path) -> list:
 
 
 def read_config(run_dir, checkpoint="best") -> dict:
-    return read_json(check_run(run_dir, checkpoint) / "config.json")
+    """A train.py run's config.json, an older version's brought up to date (`upgraded_config`); a run
+    folder of another tool (the competition baseline's) is a one-line ForeignRunError."""
+    return upgraded_config(read_json(check_run(run_dir, checkpoint) / "config.json"), run_dir)
+
+
+class ForeignRunError(ValueError):
+    """A folder with config.json and a checkpoint that this toolkit did not write (the baseline's)."""
+
+
+def upgraded_config(config, run_dir) -> dict:
+    """`config` as today's reader expects it. Versions before 2026-11-26 saved no `model_args` (what
+    rebuilds the model): they are derived from the flags those versions saved. A config.json without
+    this toolkit's records (`heads`, `preprocessing`: the competition baseline's is `vars(args)` alone)
+    is a ForeignRunError."""
+    if not isinstance(config, dict) or not {"heads", "preprocessing", "kind", "model"} <= set(config):
+        raise ForeignRunError(f"{run_dir} is not a run of this toolkit (its config.json lacks the model record "
+                              "train.py writes: the competition baseline's or another tool's run folder?); train "
+                              "one with train.py")
+    if "model_args" in config:
+        return config
+    backbones = config.get("backbones") or []
+    backbones = dict(item.split("=", 1) for item in backbones) if isinstance(backbones, list) else backbones
+    model_args = dict(kind=config["kind"], model=config["model"], backbones=backbones,
+                      drop_rate=config.get("drop_rate", 0.0), drop_path_rate=config.get("drop_path_rate", 0.0),
+                      age_years=bool(config.get("age_years", 0)), sources={})
+    return {**config, "model_args": model_args}
+
+
+def is_run_folder(run_dir, checkpoint="best") -> bool:
+    """Whether `run_dir` holds a train.py run (of any version) with `<checkpoint>.pth`."""
+    try:
+        read_config(run_dir, checkpoint)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -150,7 +216,10 @@ def read_run(run_dir, checkpoint="best"):
     """(config, checkpoint state) of a run folder, with clear errors for missing files. The state's
     `model` is the weights the run scores: for last.pth of an --ema run, the moving average (as in best.pth)."""
     config = read_config(run_dir, checkpoint)
-    state = load_checkpoint(Path(run_dir) / f"{checkpoint}.pth")
+    path = Path(run_dir) / f"{checkpoint}.pth"
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ForeignRunError(f"{path} is not a train.py checkpoint (no model record in it)")
     return config, {**state, "model": state["ema"]} if state.get("ema") is not None else state
 
 

@@ -57,7 +57,19 @@ from flags import (
 )
 from loss import create_multi_head_loss
 from metrics import save_confusion_png, score
-from model import AMP_TIMINGS, autocast, build_model, checked_compile, freeze, model_sources, predict, preprocessing
+from model import (
+    AMP_TIMINGS,
+    autocast,
+    build_model,
+    checked_compile,
+    fetch_pretrained,
+    freeze,
+    is_source,
+    model_sources,
+    predict,
+    preprocessing,
+    weights_line,
+)
 from model import resolve_precision as model_precision
 from run_page import write_report
 from runs import (
@@ -69,6 +81,7 @@ from runs import (
     probability_frame,
     read_config,
     remove_stale_temporaries,
+    run_command,
     save_checkpoint,
     write_csv,
     write_json,
@@ -169,6 +182,10 @@ def set_deterministic(asked, device) -> bool:
 
 
 # ---------------------------------------------------------------- one run
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C inside the loop, after last.pth was saved and the resume command printed."""
+
+
 def run_config(args, model, run_dir, fold) -> dict:
     """Every resolved setting plus what rebuilds the model and its preprocessing."""
     try:
@@ -192,13 +209,13 @@ def model_args(args) -> dict:
     backbones = key_values(args.backbones)
     return dict(kind=args.kind, model=args.model, backbones=backbones, drop_rate=args.drop_rate,
                 drop_path_rate=args.drop_path_rate, age_years=args.age_years > 0,
-                sources=model_sources([args.model, *backbones.values()]))
+                sources=model_sources([args.model, *backbones.values()]), img_size=list(args.resize))
 
 
 def pretrained_choice(args):
-    """`build_model`'s `pretrained` for --pretrained: auto as it is (a source's own weights, none for
-    a timm name), none False, timm True, a file its path."""
-    return False if args.pretrained == "none" else True if args.pretrained == "timm" else args.pretrained
+    """`build_model`'s `pretrained` for --pretrained: auto and timm True (a timm name's pretrained weights,
+    a source's own), none False, a file its path."""
+    return False if args.pretrained == "none" else True if args.pretrained in ("auto", "timm") else args.pretrained
 
 
 def make_loaders(args, dataset, model, rank, world, device, faces=None):
@@ -277,17 +294,17 @@ def evaluate(model, loader, val_shard, args, world):
 
 
 def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped=(), on_epoch=None,
-              faces=None) -> float:
+              faces=None, header="") -> float:
     """Train one model into `run_dir`; return its best validation macro F1. `skipped`: the
-    unreadable images left out, recorded in the run; `faces`: the face boxes with --face_crop."""
+    unreadable images left out, recorded in the run; `faces`: the face boxes with --face_crop;
+    `header`: the run header's first line (model, weights, sizes)."""
     seed_everything(args.seed)
     deterministic = set_deterministic(args.deterministic, device)
     is_main = rank == 0
     dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed, n_folds=args.n_folds,
                                      fold=fold or 0, drop_ages=args.drop_ages, extra_table=extra_table,
                                      exact_age=args.age_soft > 0 or args.age_years > 0)
-    pretrained = pretrained_choice(args)
-    model = build_model(pretrained=pretrained, **model_args(args))
+    model = build_model(pretrained=False if args.resume else pretrained_choice(args), **model_args(args))
     trainable, total = freeze(model, args.freeze)
     if args.cache_features and (unsupported := check_supported(model)):
         raise FlagError(unsupported)
@@ -364,6 +381,8 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     if is_main:
         if not args.resume:  # from here on the run folder can always be resumed, even after a kill
             save_checkpoint(run_dir / "last.pth", checkpoint(0))
+        if header:
+            print(header)
         print(f"run {run_dir}: {len(train_loader.dataset)} train / {n_val} val "
               f"images, {trainable:,} of {total:,} parameters trainable, device {device}, {world} process(es)")
         print(precision, flush=True)
@@ -420,12 +439,15 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     except KeyboardInterrupt:
         if is_main:
             save_checkpoint(run_dir / "last.pth", checkpoint(epoch))
-            print(f"\ninterrupted: saved {run_dir / 'last.pth'}; continue with --resume {run_dir}")
-        raise
+            raise RunInterrupted(f"interrupted: saved {run_dir / 'last.pth'}; continue with --resume {run_dir}") \
+                from None
+        raise RunInterrupted("interrupted") from None
     finally:
         if wandb_run is not None:
             wandb_run.finish()
     if is_main:
+        if args.keep_last == "off":
+            (run_dir / "last.pth").unlink(missing_ok=True)
         print(f"best validation macro F1 {best_f1:.4f}; run folder {run_dir}" if n_val else
               f"trained on every image for {args.epochs} epochs (best.pth is the last epoch); run folder {run_dir}")
         if args.report == "on":
@@ -551,28 +573,54 @@ def start_wandb(args, config, run_dir):
 
 
 # ---------------------------------------------------------------- main
+def resumed_args(args, given) -> tuple:
+    """(the resumed run's own flags with the RESUME_OVERRIDES given now, its folder, its saved config, the
+    header's note on what changed) for --resume. Other flags given with different values are refused in
+    one line: the run keeps the settings it was trained with."""
+    resume = Path(args.resume)
+    run_dir = resume if resume.is_dir() else resume.parent
+    if not resume.exists():
+        raise SystemExit(f"error: --resume: {resume} not found (a run folder under --model_dir, e.g. model/exp)")
+    if not (run_dir / "last.pth").is_file():
+        raise SystemExit(f"error: --resume: {run_dir} has no last.pth: is it a train.py run folder? (runs finished "
+                         "with --keep_last off cannot be resumed)")
+    try:
+        saved = read_config(run_dir, "last")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: --resume: {one_line(error)}") from None
+    changed = sorted(flag for flag in given - RESUME_OVERRIDES - {"resume", "config"}
+                     if flag in saved and saved[flag] != getattr(args, flag))
+    if changed:
+        raise SystemExit("error: --resume continues a run with its own settings; these cannot change: "
+                         + ", ".join(f"--{flag} (run: {saved[flag]})" for flag in changed)
+                         + f"; only {', '.join('--' + f for f in sorted(RESUME_OVERRIDES))} may (or start a new run)")
+    overrides = {flag for flag in given & RESUME_OVERRIDES if saved.get(flag) != getattr(args, flag)}
+    keep = {flag: getattr(args, flag) for flag in overrides | {"resume"}}
+    args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if hasattr(args, k)}, **keep})
+    note = ", ".join(f"--{flag} {saved.get(flag)} -> {getattr(args, flag)}" for flag in sorted(overrides))
+    return args, run_dir, saved, note
+
+
 def main(argv=None, on_epoch=None) -> list:
     """Run train.py with `argv`; return the best validation macro F1 of each fold. `on_epoch(epoch,
     log_row, fold)` (the hook of tools such as search.py) is called after every saved epoch; an
     exception it raises stops the run, its checkpoints kept."""
     args = parse_args(argv)
+    resumed_note = ""
     if args.resume:
-        resume = Path(args.resume)
-        run_dir = resume if resume.is_dir() else resume.parent
-        if not (run_dir / "last.pth").is_file():
-            raise SystemExit(f"error: --resume: {run_dir} has no last.pth")
-        saved = read_config(run_dir, "last")
-        keep = {k: getattr(args, k) for k in RESUME_OVERRIDES | {"resume"} if k in given_flags(argv) | {"resume"}}
-        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if hasattr(args, k)}, **keep})
+        args, run_dir, saved, resumed_note = resumed_args(args, given_flags(argv))
     try:
         validate(args)
     except FlagError as error:
         raise SystemExit(f"error: {error}") from None
     rank, world, device = setup_distributed()
     report_data_once(rank)
-    run_dirs = []
+    run_dirs, base = [], args.name
     try:
         with one_line_errors(FlagError, FloatingPointError):
+            weights = None if args.resume else starting_weights(args)
+            if args.wandb and args.wandb_mode == "online" and rank == 0:
+                check_wandb_login()
             try:
                 table = scan_people(args.data_dir, tuple(args.age_bins), args.relabel, check_images=False)
                 extra_tables = [scan_people(d, tuple(args.age_bins), check_images=False, expect_complete=False)
@@ -588,11 +636,12 @@ def main(argv=None, on_epoch=None) -> list:
                     base = new_run_dir(args.model_dir, args.name, suffixes) if rank == 0 else None
                     base = gather(base, world)[0]
                     run_dirs = [Path(args.model_dir) / f"{base}{s}" for s in suffixes]
+                header = run_header(args, weights, resumed_note)
                 scores = [train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped, on_epoch,
-                                    faces)
+                                    faces, header)
                           for fold, run_dir in zip(folds, run_dirs, strict=True)]
-            except Exception:
-                if rank == 0 and not args.resume:
+            except (Exception, KeyboardInterrupt) as error:
+                if rank == 0 and not args.resume and not isinstance(error, RunInterrupted):
                     remove_unfinished(run_dirs)
                 raise
     finally:
@@ -601,9 +650,48 @@ def main(argv=None, on_epoch=None) -> list:
     if len(scores) > 1 and rank == 0:
         summary = dict(folds=[str(d) for d in run_dirs], f1=scores, mean=float(np.mean(scores)),
                        std=float(np.std(scores)))
-        write_json(Path(args.model_dir) / f"{base}_cv.json", summary)
-        print(f"{len(scores)} folds: macro F1 {summary['mean']:.4f} +- {summary['std']:.4f}")
+        summary_path = Path(args.model_dir) / f"{base}_cv.json"
+        write_json(summary_path, summary)
+        print(f"{len(scores)} folds: macro F1 {summary['mean']:.4f} +- {summary['std']:.4f}; the folds are listed "
+              f"in {summary_path}; vote them with: python ensemble.py {summary_path} --data_dir EVAL_DIR")
     return scores
+
+
+def starting_weights(args) -> dict:
+    """{backbone name: where its starting weights come from}, with timm's pretrained weights fetched into
+    timm's cache now, before any work (--pretrained auto or timm on a timm name); a one-line error where
+    they cannot be had."""
+    names = dict.fromkeys([args.model, *key_values(args.backbones).values()])
+    choice = pretrained_choice(args)
+    weights = {}
+    for name in names:
+        if choice is True and not is_source(name):
+            fetch_pretrained(name)
+        weights[name] = weights_line(name, choice)
+    return weights
+
+
+def check_wandb_login():
+    """--wandb online needs a logged-in wandb: one line before any work instead of wandb's traceback."""
+    import wandb
+    try:
+        logged_in = wandb.login(prompt=False, verify=False)
+    except Exception:  # wandb's own errors (a bad key file, ...) mean the same for the user
+        logged_in = False
+    if not logged_in:
+        raise FlagError("--wandb: not logged in to Weights & Biases: run `wandb login` (or set WANDB_API_KEY), or "
+                        "pass --wandb_mode offline (sync later with `wandb sync`)")
+
+
+def run_header(args, weights, resumed_note="") -> str:
+    """The run header's first line: model, where its weights come from, input size, epochs, batch size, lr."""
+    if weights is None:
+        source = "from the resumed run's last.pth"
+    else:
+        source = "; ".join(f"{name}: {line}" if len(weights) > 1 else line for name, line in weights.items())
+    line = (f"model {args.model} ({args.kind}), weights {source}; input {args.resize[0]}x{args.resize[1]}, "
+            f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} ({args.optimizer}, {args.scheduler})")
+    return line + (f"; changed on resume: {resumed_note}" if resumed_note else "")
 
 
 def remove_unfinished(run_dirs):
@@ -614,4 +702,4 @@ def remove_unfinished(run_dirs):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -139,6 +139,7 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
     fake_yunet, calls = fake_yunet
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
+                "--pretrained", "none",
                 "--resize", "32", "32", "--num_workers", "0", "--epochs", "1", "--report", "off", "--cache",
                 "--cache_dir", str(cache), "--face_crop", "--face_detector", str(fake_yunet), "--face_margin", "1.2"])
     config = json.loads((runs / "exp" / "config.json").read_text())
@@ -149,6 +150,7 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
     assert len(calls) == 168
     calls.clear()
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
+                "--pretrained", "none",
                 "--resize", "32", "32", "--num_workers", "0", "--epochs", "1", "--report", "off",
                 "--cache_dir", str(cache), "--face_crop", "--face_detector", str(fake_yunet), "--face_margin", "1.2"])
     assert calls == []  # the second run detects nothing
@@ -176,6 +178,7 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
 def test_face_crop_at_inference_needs_a_run_trained_with_it(tiny_data, tmp_path, capsys):
     runs = tmp_path / "runs"
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
+                "--pretrained", "none",
                 "--resize", "32", "32", "--num_workers", "0", "--epochs", "1", "--report", "off"])
     with pytest.raises(SystemExit) as error:
         inference.main(["--model_dir", str(runs / "exp"), "--data_dir", str(tiny_data / "eval"),
@@ -213,6 +216,7 @@ def test_the_audit_sheet_of_face_crop_runs_shows_the_crops(tiny_data, tmp_path, 
     fake_yunet, calls = fake_yunet
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
+                "--pretrained", "none",
                 "--resize", "32", "32", "--num_workers", "0", "--epochs", "1", "--report", "off", "--n_folds", "2",
                 "--cache_dir", str(cache), "--face_crop", "--face_detector", str(fake_yunet), "--name", "cv"])
     before = len(calls)

@@ -23,7 +23,8 @@ from augment import CustomAugmentation
 from cache import DecodedCache, check_images
 from dataset import ImageFiles, fast_collate, scan_people
 
-FAST = ["--model", "test_resnet", "--resize", "32", "24", "--num_workers", "0", "--batch_size", "32", "--report", "off"]
+FAST = ["--model", "test_resnet", "--pretrained", "none", "--resize", "32", "24", "--num_workers", "0",
+        "--batch_size", "32", "--report", "off"]
 
 
 def copy_data(tiny_data, tmp_path):

@@ -11,6 +11,7 @@ from model import build_model, freeze
 from runs import read_run
 
 FAST = ["--resize", "64", "48", "--num_workers", "0", "--batch_size", "32", "--model", "test_efficientnet",
+        "--pretrained", "none",
         "--report", "off", "--freeze", "3", "--cache_features"]
 
 
@@ -64,7 +65,7 @@ def test_which_models_can_train_on_features():
 def test_runs_share_the_features_and_predict_as_usual(tmp_path, tiny_data, weights):
     cache = tmp_path / "cache"
     common = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--cache_dir", str(cache),
-              "--epochs", "2", "--pretrained", str(weights), *FAST]
+              "--epochs", "2", *FAST, "--pretrained", str(weights)]
     train.main([*common, "--name", "a", "--seed", "1"])
     files = sorted(cache.glob("*.features"))
     assert len(files) == 1
@@ -89,19 +90,20 @@ def test_runs_share_the_features_and_predict_as_usual(tmp_path, tiny_data, weigh
     ([], "needs --freeze N"),
     (["--freeze", "3", "--mixup", "0.2", "--grayscale", "0.1"], "drop --grayscale, --mixup$"),
     (["--freeze", "3", "--augmentation", "AlbumentationsAugmentation"], "a mirror flip only"),
-    (["--freeze", "3", "--model", "test_resnet"], "EfficientNet family"),
+    (["--freeze", "3", "--model", "test_resnet", "--pretrained", "none"], "EfficientNet family"),
 ])
 def test_flags_that_do_not_fit_are_one_line_errors(tmp_path, tiny_data, flags, message):
     with pytest.raises(SystemExit, match=message):
         train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path / "model"),
                     "--cache_dir", str(tmp_path / "cache"), "--cache_features",
-                    "--model", "test_efficientnet", "--resize", "64", "48", "--num_workers", "0", *flags])
+                    "--model", "test_efficientnet", "--pretrained", "none", "--resize", "64", "48",
+                        "--num_workers", "0", *flags])
     assert not (tmp_path / "model").exists() or not any((tmp_path / "model").iterdir())
 
 
 def test_an_ensemble_runs_the_shared_frozen_stages_once(tmp_path, tiny_data, weights):
     common = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--cache_dir",
-              str(tmp_path / "cache"), "--epochs", "1", "--val_ratio", "0", "--pretrained", str(weights), *FAST]
+              str(tmp_path / "cache"), "--epochs", "1", "--val_ratio", "0", *FAST, "--pretrained", str(weights)]
     for seed in (1, 2):
         train.main([*common, "--name", f"m{seed}", "--seed", str(seed)])
     paths = sorted(str(p) for p in (tiny_data / "eval" / "images").iterdir())

@@ -16,6 +16,7 @@ from runs import PROB_COLUMNS, probability_frame
 def trained(tiny_data, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("runs")
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(model_dir), "--model", "test_resnet",
+                "--pretrained", "none",
                 "--resize", "64", "48", "--num_workers", "0", "--epochs", "2", "--batch_size", "32", "--lr", "3e-3",
                 "--report", "off"])
     return model_dir / "exp"

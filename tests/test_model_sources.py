@@ -70,7 +70,7 @@ def test_a_source_run_is_self_contained(source, tiny_data, tmp_path):
                     "--output_dir", str(out), "--num_workers", "0"])
     info = pd.read_csv(tiny_data / "eval" / "info.csv")
     assert pd.read_csv(out / "submission.csv")["ImageID"].tolist() == info["ImageID"].tolist()
-    train.main([*common, "--model", "test_resnet", "--name", "plain"])
+    train.main([*common, "--model", "test_resnet", "--pretrained", "none", "--name", "plain"])
     ensemble.main([str(runs / "face"), str(runs / "plain"), "--data_dir", str(tiny_data / "eval"),
                    "--output_dir", str(out), "--num_workers", "0"])
     assert len(pd.read_csv(out / "ensemble.csv")) == len(info)

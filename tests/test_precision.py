@@ -114,6 +114,7 @@ def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf
     cpu_bf16(native)
     monkeypatch.setattr(model, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
+                "--pretrained", "none",
                 "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--cache_dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     assert f"amp auto -> {expected}: CPU with{'' if native else 'out'} native bf16" in out
@@ -164,6 +165,7 @@ def test_compile_falls_back_to_eager_where_the_compiled_output_is_wrong(monkeypa
 def test_train_compile_with_a_wrong_compiled_model_trains_eager_and_says_so(monkeypatch, tiny_data, tmp_path, capsys):
     monkeypatch.setattr(model.torch, "compile", _Miscompiled)
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
+                "--pretrained", "none",
                 "--resize", "32", "24", "--epochs", "1", "--num_workers", "0", "--report", "off", "--compile"])
     assert "warning: --compile: torch.compile's output differs from the eager model's" in capsys.readouterr().err
     assert (tmp_path / "exp" / "best.pth").is_file()

@@ -77,7 +77,8 @@ def test_the_readme_is_short_and_starts_with_what_a_newcomer_needs():
 
 
 SHORT_TRAINING = ["--epochs", "1", "--resize", "32", "24"]
-FAST_TRAINING = [*SHORT_TRAINING, "--model", "test_resnet", "--amp", "off", "--report", "off", "--num_workers", "0"]
+FAST_TRAINING = [*SHORT_TRAINING, "--model", "test_resnet", "--pretrained", "none", "--amp", "off", "--report",
+                 "off", "--num_workers", "0"]
 
 
 def run_block(block, folder, cut=SHORT_TRAINING):

@@ -29,6 +29,7 @@ def test_soft_age_targets_know_distance():
 
 def test_age_soft_trains_and_is_checked(tmp_path, tiny_data):
     flags = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
+             "--pretrained", "none",
              "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--report", "off"]
     scores = train.main(flags + ["--age_soft", "3"])
     assert 0 <= scores[0] <= 1 and json.loads((tmp_path / "exp" / "config.json").read_text())["age_soft"] == 3
@@ -57,6 +58,7 @@ def test_years_head_starts_near_forty_and_learns_from_the_exact_age():
 
 def test_age_years_writes_predicted_ages_for_the_audit_and_is_checked(tmp_path, tiny_data):
     flags = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
+             "--pretrained", "none",
              "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--report", "off"]
     train.main(flags + ["--age_years", "0.5", "--n_folds", "2", "--name", "cv"])
     probs = pd.concat([pd.read_csv(tmp_path / f"cv_fold{k}" / "val_probs.csv") for k in range(2)])
@@ -101,7 +103,8 @@ def test_calibrate_in_inference_and_ensemble(tmp_path, tiny_data):
 
 
 def test_val_ratio_0_trains_on_every_person(tmp_path, tiny_data):
-    flags = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path / "runs"), "--model", "test_resnet",
+    flags = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path / "runs"), "--model",
+             "test_resnet", "--pretrained", "none",
              "--resize", "32", "24", "--num_workers", "0", "--epochs", "2", "--val_ratio", "0",
              "--kind", "three_head", "--dataset", "MultiLabelDataset", "--age_soft", "3"]
     scores = train.main(flags)

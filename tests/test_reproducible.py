@@ -13,7 +13,8 @@ import train
 
 def run(tiny_data, tmp_path, name, *flags):
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path / "runs"), "--name", name,
-                "--model", "test_resnet", "--resize", "32", "32", "--num_workers", "0", "--epochs", "2",
+                "--model", "test_resnet", "--pretrained", "none", "--resize", "32", "32", "--num_workers", "0",
+                    "--epochs", "2",
                 "--batch_size", "32", "--report", "off", "--cache_dir", str(tmp_path / "cache"), *flags])
     folder = tmp_path / "runs" / name
     weights = torch.load(folder / "best.pth", map_location="cpu", weights_only=False)["model"]

@@ -16,7 +16,8 @@ from dataset import MultiLabelDataset
 from runs import read_run
 from sample import make_sample
 
-FAST = ["--resize", "64", "48", "--num_workers", "0", "--batch_size", "32", "--model", "test_resnet", "--report", "off"]
+FAST = ["--resize", "64", "48", "--num_workers", "0", "--batch_size", "32", "--model", "test_resnet",
+        "--pretrained", "none", "--report", "off"]
 
 
 def run(tmp_path, data, *flags, name="exp"):

@@ -13,6 +13,7 @@ from dataset import PrefetchLoader
 def test_the_options_are_recorded_and_validation_never_sees_them(tiny_data, tmp_path):
     runs = tmp_path / "runs"
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
+                "--pretrained", "none",
                 "--resize", "32", "32", "--num_workers", "0", "--epochs", "1", "--report", "off",
                 "--reprob", "0.5", "--remode", "const", "--recount", "2", "--auto_augment", "trivialaugment",
                 "--clip_grad", "1.0", "--clip_mode", "agc"])
@@ -61,6 +62,7 @@ def test_clipping_bounds_the_gradient_of_a_huge_step(mode):
 def test_the_checkpoint_average_is_the_mean_of_the_kept_epochs(tiny_data, tmp_path):
     runs = tmp_path / "runs"
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(runs), "--model", "test_resnet",
+                "--pretrained", "none",
                 "--resize", "32", "32", "--num_workers", "0", "--epochs", "3", "--report", "off", "--val_ratio", "0",
                 "--checkpoint_hist", "2"])
     run = runs / "exp"
