@@ -4,11 +4,11 @@ suspect; and people whose unmasked photos are the same picture (one person under
 two different labels). Writes a ranked `audit.csv`, a `relabel_draft.csv` that `train.py --relabel`
 reads, and `audit.png`, a contact sheet of the top suspects.
 
+examples:
     python train.py --n_folds 5 --name cv ...        # every person validated once
     python audit.py model/cv_cv.json                  # -> audit/audit.csv, relabel_draft.csv, audit.png
     python train.py --relabel audit/relabel_draft.csv ...   # after looking and editing
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,18 @@ from dataset import (
     scan_people,
 )
 from faces import run_face_crop
-from runs import HEAD_COLUMNS, atomic_write, one_line_errors, read_folds, read_json, read_probabilities, write_csv
+from runs import (
+    HEAD_COLUMNS,
+    atomic_write,
+    one_line_errors,
+    read_folds,
+    read_json,
+    read_probabilities,
+    run_command,
+    tool_parser,
+    upgraded_config,
+    write_csv,
+)
 
 GENDERS, AGE_GROUPS, MASKS = ("male", "female"), ("<30", "30-59", ">=60"), ("wear", "incorrect", "normal")
 RELABEL_COLUMNS = ["id", "gender", "age", "path", "mask"]
@@ -54,11 +65,12 @@ def probability_files(inputs) -> tuple:
         else:
             raise FileNotFoundError(f"input not found: {item}")
         for folder in folders:
+            config = upgraded_config(read_json(folder / "config.json"), folder)  # a baseline's folder: one line
             if not (folder / "val_probs.csv").is_file():
                 raise FileNotFoundError(f"{folder} has no val_probs.csv: audit needs finished runs with validation "
                                         "(--n_folds), not --val_ratio 0")
             files.append(folder / "val_probs.csv")
-            configs.append(read_json(folder / "config.json"))
+            configs.append(config)
     roots = {str(images_dir(c["data_dir"]).resolve()) for c in configs}
     if len(roots) > 1:
         raise ValueError(f"the runs come from different train folders: {', '.join(sorted(roots))}")
@@ -323,7 +335,7 @@ def contact_sheet(path, suspects, data, top=12, thumb=72, faces=None):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = tool_parser(__doc__)
     parser.add_argument("inputs", nargs="+", help="<name>_cv.json, run folders or val_probs.csv files")
     parser.add_argument("--data_dir", default=None, help="the train folder (default: the runs' own)")
     parser.add_argument("--min_score", nargs="+", default=[str(MIN_SCORE), "swap=0.5"], metavar="[KIND=]SCORE",
@@ -339,13 +351,13 @@ def build_parser():
     parser.add_argument("--duplicate_min", type=float, default=DUPLICATE_MIN, metavar="CORRELATION",
                         help="report two people as one photo where their normal images correlate at least this")
     parser.add_argument("--top", type=int, default=12, help="suspects of each kind on the contact sheet")
-    parser.add_argument("--output_dir", default="audit")
+    parser.add_argument("--output_dir", default="audit", help="where audit.csv, relabel_draft.csv and audit.png go")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with one_line_errors(KeyError):
+    with one_line_errors():
         thresholds = min_scores(args.min_score)
         if args.top < 1:
             raise ValueError(f"--top must be at least 1, got {args.top}")
@@ -382,4 +394,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -154,25 +154,26 @@ class DeviceAugment:
         self.flip, self.crop_scale, self.brightness, self.contrast = flip, crop_scale, brightness, contrast
         self.generator = generator
 
-    def _rand(self, n, device):
-        return torch.rand(n, generator=self.generator).to(device)
-
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         n, device = len(images), images.device
+        draws = torch.rand(6, n, generator=self.generator)  # every draw of the batch, moved in one copy
+        if device.type == "cuda":
+            draws = draws.pin_memory()
+        flip_draw, scale_draw, x_draw, y_draw, gain_draw, offset_draw = draws.to(device, non_blocking=True)
         if self.flip:
-            flipped = self._rand(n, device) < self.flip
+            flipped = flip_draw < self.flip
             images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
         if self.crop_scale and self.crop_scale != (1.0, 1.0):
-            scale = (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * self._rand(n, device)).sqrt()
-            shift_x = (1 - scale) * (2 * self._rand(n, device) - 1)
-            shift_y = (1 - scale) * (2 * self._rand(n, device) - 1)
+            scale = (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * scale_draw).sqrt()
+            shift_x = (1 - scale) * (2 * x_draw - 1)
+            shift_y = (1 - scale) * (2 * y_draw - 1)
             theta = torch.zeros(n, 2, 3, device=device, dtype=images.dtype)
             theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = scale, scale, shift_x, shift_y
             grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
             images = torch.nn.functional.grid_sample(images, grid, mode="bilinear", align_corners=False)
         if self.brightness or self.contrast:
-            gain = 1 + self.contrast * (2 * self._rand(n, device) - 1)
-            offset = self.brightness * (2 * self._rand(n, device) - 1)
+            gain = 1 + self.contrast * (2 * gain_draw - 1)
+            offset = self.brightness * (2 * offset_draw - 1)
             mean = images.mean((1, 2, 3), keepdim=True)
             images = ((images - mean) * gain[:, None, None, None] + mean + offset[:, None, None, None]).clamp(0, 1)
         return images
@@ -183,7 +184,7 @@ def mix_batch(images: torch.Tensor, mixup_alpha=0.0, cutmix_alpha=0.0):
     permutation, lam); the loss is lam * loss(targets) + (1 - lam) * loss(targets[permutation]),
     so that every head of any model kind gets its own mixed target."""
     n, height, width = len(images), images.shape[-2], images.shape[-1]
-    permutation = torch.randperm(n).to(images.device)
+    permutation = torch.randperm(n, device=images.device)  # no host copy (and sync) per batch
     cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(1).item() < 0.5)
     alpha = cutmix_alpha if cutmix else mixup_alpha
     lam = float(torch.distributions.Beta(alpha, alpha).sample())

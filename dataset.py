@@ -630,6 +630,7 @@ class PrefetchLoader:
                 yield self._prepare(images, targets)
             return
         pending = None
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the scale and bias it computed
         for images, targets in self.loader:
             with torch.cuda.stream(self.stream):
                 ready = self._prepare(images, targets)

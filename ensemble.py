@@ -21,6 +21,7 @@ from inference import (
     check_eval_images,
     check_face_flags,
     check_loader_flags,
+    chosen_device,
     eval_dir_for,
     eval_images,
     output_paths,
@@ -67,7 +68,7 @@ def expand_inputs(inputs) -> list:
 
 def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp, num_workers,
                       channels_last="auto", unreadable=(), shared_stages=None, face_detector=None,
-                      cache_dir=DEFAULT_CACHE_DIR, no_face_path=None) -> np.ndarray:
+                      cache_dir=DEFAULT_CACHE_DIR, no_face_path=None, device=None) -> np.ndarray:
     """A run folder's eval probabilities: read from `eval_probs.csv` when it was made for the same
     eval folder, TTA, checkpoint and unreadable images, else computed with inference.py's `predict_run`
     (which keeps `--cache_features` runs' frozen-stage outputs in `shared_stages` for the next run)
@@ -82,7 +83,7 @@ def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp,
             run_faces(read_config(run_dir), [p for p in paths if str(p) not in skipped], face_detector, cache_dir,
                       num_workers, no_face_path)
         return aligned(read_probabilities(cache), image_ids, cache)
-    probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers, channels_last=channels_last,
+    probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers, device, channels_last=channels_last,
                         unreadable=unreadable, shared_stages=shared_stages, face_detector=face_detector,
                         cache_dir=cache_dir, no_face_path=no_face_path)
     write_csv(cache, probability_frame(image_ids, probs))
@@ -212,6 +213,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     with one_line_errors():
         check_loader_flags(args)
+        device = chosen_device(args.device)
         inputs = expand_inputs(args.inputs)
         weights = args.weights or [1.0] * len(inputs)
         if len(weights) != len(inputs):
@@ -249,7 +251,8 @@ def main(argv=None):
         probs = np.stack([files[path] if path in files else
                           run_probabilities(path, image_ids, paths, data_dir, args.tta, args.batch_size, args.amp,
                                             args.num_workers, args.channels_last, unreadable, shared_stages,
-                                            args.face_detector, args.cache_dir, submission.with_name("no_face.csv"))
+                                            args.face_detector, args.cache_dir, submission.with_name("no_face.csv"),
+                                            device)
                           for path in inputs])
         if offsets is not None:
             probs = np.stack([apply_offsets(p, offsets) for p in probs])

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from cache import cache_key, locked
 from dataset import PrefetchLoader, Subset, fast_collate
-from model import autocast, probs18
+from model import probs18
+from precision import autocast
 from runs import atomic_write, write_json
 
 FEATURES_VERSION = 2

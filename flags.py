@@ -12,11 +12,11 @@ from cache import DEFAULT_CACHE_DIR
 from dataset import DATASETS, SAMPLE_DIR
 from faces import DEFAULT_DETECTOR, DEFAULT_MARGIN, DEFAULT_SCORE, MARGIN_RANGE
 from loss import create_criterion
-from model import AMP_CHOICES, CHANNELS_LAST_CHOICES, HEADS, MODEL_KINDS, check_model_name
+from model import HEADS, MODEL_KINDS, check_model_name
+from precision import AMP_CHOICES, CHANNELS_LAST_CHOICES, DEVICE_CHOICES
 from runs import tool_parser
 
 RESUME_OVERRIDES = {"epochs", "num_workers", "log_interval", "early_stop", "device", "keep_last", "report"}
-DEVICE_CHOICES = ("auto", "cuda", "cpu")
 TRAIN_DOC = """Train a mask / gender / age classifier: a run folder with config.json, best.pth, last.pth, log.csv and
 report.html. Every flag can also be set in a --config YAML or JSON file.
 

@@ -20,16 +20,8 @@ from dataset import ImageFiles, PrefetchLoader, TestDataset, fast_collate, image
 from faces import no_face_words, run_face_crop, write_no_face
 from features import FromFeatures, frozen_outputs, predict_from_features, state_digest
 from metrics import apply_offsets, class_report, fit_offsets, score
-from model import (
-    AMP_CHOICES,
-    AMP_TIMINGS,
-    CHANNELS_LAST_CHOICES,
-    TTA_CHOICES,
-    freeze,
-    model_from_config,
-    predict,
-    resolve_precision,
-)
+from model import TTA_CHOICES, freeze, model_from_config, predict
+from precision import AMP_CHOICES, AMP_TIMINGS, CHANNELS_LAST_CHOICES, DEVICE_CHOICES, resolve_precision, select_device
 from runs import (
     PROB_COLUMNS,
     is_run_folder,
@@ -101,6 +93,13 @@ def fold_note(run_dir, config) -> str:
     summary = Path(run_dir).parent / f"{config['name']}_cv.json"
     return (f"; this is fold {config['fold']} of {config['n_folds']}: python ensemble.py {summary} votes them all"
             if summary.is_file() else f"; this is fold {config['fold']} of {config['n_folds']}")
+
+
+def chosen_device(asked) -> torch.device:
+    """--device resolved (a DeviceError, one line, for a GPU this torch cannot use), cuDNN's kernel timing on."""
+    device = select_device(asked)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    return device
 
 
 def check_loader_flags(args) -> None:
@@ -236,7 +235,10 @@ def report(labels, probs) -> dict:
 
 
 def add_precision_flags(parser):
-    """--amp and --channels_last, as in train.py (auto: the fastest right choice for this machine)."""
+    """--device, --amp and --channels_last, as in train.py (auto: the fastest right choice for this machine)."""
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                        help="auto: the GPU where this torch can use it, else the CPU; cuda: the GPU or a one-line "
+                             "error saying why not")
     parser.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                         help="auto: bf16 on GPUs (8.0+), fp16 on older GPUs; on a CPU with native bf16 the "
                              "faster of bf16 and fp32 as timed on the model (bf16 only if 10%% faster); else off")
@@ -333,6 +335,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     with one_line_errors():
         check_loader_flags(args)
+        device = chosen_device(args.device)
         run_dir = newest_run(args.model_dir, args.checkpoint)
         config = read_config(run_dir, args.checkpoint)
         check_face_flags(args, [config])
@@ -346,8 +349,9 @@ def main(argv=None):
         print(f"predicting {len(paths)} images of {data_dir} ({why}) with {run_dir} ({args.checkpoint}.pth, "
               f"tta {args.tta})" + fold_note(run_dir, config))
         probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
-                            channels_last=args.channels_last, unreadable=unreadable, face_detector=args.face_detector,
-                            cache_dir=args.cache_dir, no_face_path=submission.with_name("no_face.csv"))
+                            device=device, channels_last=args.channels_last, unreadable=unreadable,
+                            face_detector=args.face_detector, cache_dir=args.cache_dir,
+                            no_face_path=submission.with_name("no_face.csv"))
         if offsets is not None:
             probs = apply_offsets(probs, offsets)
         write_submission(submission, probs_path, image_ids, probs, info)

@@ -24,15 +24,21 @@ from dataset import decode_multi_class, images_dir, load_image, open_upright
 from faces import no_face_words, run_face_crop
 from metrics import pyplot, save_confusion_png
 from model import HEADS, model_from_config
-from runs import PROB_COLUMNS, atomic_write, load_checkpoint, read_json, read_probabilities
+from runs import PROB_COLUMNS, atomic_write, load_checkpoint, read_json, read_probabilities, upgraded_config
 
 HEAD_NAMES = {"mask": ("wear", "incorrect", "not wear"), "gender": ("male", "female"), "age": ("<30", "30-59", ">=60")}
-SECTIONS = {"settings": "Settings", "curves": "Learning curves", "confusion": "Confusion matrices",
+# the page's order: what the run learned first, then how it was set up, then the details
+SECTIONS = {"curves": "Learning curves", "confusion": "Confusion matrices", "settings": "Settings",
             "classes": "Per-class scores", "errors": "Validation errors", "cams": "Where the heads look"}
 OPTIONAL_SECTIONS = {"faces": "Face crops"}  # runs trained with --face_crop only
+HIDDEN_SETTINGS = ("preprocessing", "model_args", "versions", "heads", "changed_flags")  # nested records, not flags
 CSS = """body{font-family:sans-serif;margin:24px;max-width:1400px}table{border-collapse:collapse;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
-.changed td{font-weight:bold}.tile{display:inline-block;margin:4px;font-size:11px;width:150px;vertical-align:top}
+.changed td{font-weight:bold}.settings td{text-align:left;overflow-wrap:anywhere;max-width:560px}
+.settings table{display:inline-table;vertical-align:top;margin:0 24px 12px 0}
+.summary{font-size:15px}details{margin:8px 0}summary{cursor:pointer;color:#245}
+figure.tile{display:inline-block;vertical-align:top;width:150px;margin:4px 6px 10px 0}
+figure.tile img{display:block}figcaption{font-size:11px;line-height:1.3;overflow-wrap:anywhere}
 .note{color:#777}img{max-width:100%}"""
 
 
@@ -62,14 +68,15 @@ def thumbnail(path, size=140) -> str:
     return img_tag(buffer.getvalue(), "image/jpeg", str(path))
 
 
-def table_html(frame: pd.DataFrame, bold_rows=()) -> str:
+def table_html(frame: pd.DataFrame, bold_rows=(), css_class="") -> str:
     rows = []
-    for index, row in frame.iterrows():
+    for index, row in frame.astype(object).iterrows():  # object: a row of ints and floats keeps its ints
         cells = "".join(f"<td>{html.escape(f'{v:.4f}' if isinstance(v, float) else str(v))}</td>" for v in row)
         marker = " class=changed" if index in bold_rows else ""
         rows.append(f"<tr{marker}><td>{html.escape(str(index))}</td>{cells}</tr>")
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [frame.index.name or "", *frame.columns])
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    marker = f' class="{css_class}"' if css_class else ""
+    return f"<table{marker}><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 # ---------------------------------------------------------------- what a run holds
@@ -80,38 +87,126 @@ def load_run(run_dir) -> dict:
     """config, log, validation probabilities (None for older runs without them) of a run folder."""
     run_dir = Path(run_dir)
     config_path, log_path = run_dir / "config.json", run_dir / "log.csv"
-    if not config_path.is_file() or not log_path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.json and log.csv: is it a train.py run folder?")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.json: is it a train.py run folder?")
+    upgraded_config(read_json(config_path), run_dir)  # a baseline's folder: one line that says so
+    if not log_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no log.csv: a run stopped before its first epoch?")
     probs = run_dir / "val_probs.csv"
     log = pd.read_csv(log_path)
     for column in VALIDATION_COLUMNS:  # a run trained without validation (--val_ratio 0) has none
         if column not in log:
             log[column] = np.nan
-    return dict(name=run_dir.name, dir=run_dir, config=read_json(config_path),
+    return dict(name=run_dir.name, dir=run_dir, config=upgraded_config(read_json(config_path), run_dir),
                 log=log, probs=read_probabilities(probs) if probs.is_file() else None)
 
 
-def settings_section(run) -> str:
+def setting_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def settings_frame(config, keys, name="setting") -> pd.DataFrame:
+    return pd.DataFrame({"value": [setting_text(config[k]) for k in keys]}, index=pd.Index(keys, name=name))
+
+
+def model_words(config) -> str:
+    """"resnet18 (three_head)", with a multi_backbone run's backbones."""
+    backbones = config.get("backbones") or []
+    backbones = backbones if isinstance(backbones, list) else [f"{k}={v}" for k, v in backbones.items()]
+    return f"{', '.join([str(config.get('model', '?')), *backbones])} ({config.get('kind', 'three_head')})"
+
+
+def weights_words(config):
+    """Where the backbones' starting weights came from: the run's record of them where it has one
+    (`starting_weights`: {backbone: where}), else what --pretrained asked for; None if neither is recorded.
+    What `auto` gave a timm name changed between versions, so it is shown as asked."""
+    recorded = config.get("starting_weights")
+    if isinstance(recorded, dict) and recorded:
+        return "; ".join(f"{name}: {line}" if len(recorded) > 1 else str(line) for name, line in recorded.items())
+    if recorded:
+        return str(recorded)
+    pretrained, model = config.get("pretrained"), str(config.get("model", ""))
+    if pretrained is None:
+        return None
+    if pretrained == "none":
+        return "random init (--pretrained none)"
+    if pretrained == "timm":
+        return "timm's pretrained weights (--pretrained timm)"
+    if pretrained == "auto":
+        source = model.partition(":")[0].lower() in ("local-dir", "hf-hub")
+        return f"the source's own weights ({model})" if source else "--pretrained auto"
+    return f"file {pretrained}"
+
+
+def key_values(run) -> pd.DataFrame:
+    """The few resolved settings a reader looks for first."""
     config, log = run["config"], run["log"]
-    changed = config.get("changed_flags", [])
-    keys = [k for k in config if k not in ("preprocessing", "model_args", "versions", "heads", "changed_flags")]
-    keys = [k for k in keys if k in changed] + [k for k in keys if k not in changed]
-    frame = pd.DataFrame({"value": [config[k] if isinstance(config[k], str) else json.dumps(config[k]) for k in keys]},
-                         index=pd.Index(keys, name="setting"))
+    rows = {"model": model_words(config)}
+    if "resize" in config:
+        size = " × ".join(str(v) for v in config["resize"])
+        if config.get("crop"):
+            size += f" (centre crop {' × '.join(str(v) for v in config['crop'])} of the image first)"
+        if config.get("face_crop"):
+            size += " (face crops)"
+        rows["input size (H × W)"] = size
+    if "epochs" in config:
+        rows["epochs"] = (str(config["epochs"]) if len(log) == config["epochs"]
+                          else f"{len(log)} of {config['epochs']} (stopped early)")
+    if "batch_size" in config:
+        accum = config.get("grad_accum") or 1
+        rows["batch size"] = str(config["batch_size"]) + (f" × {accum} accumulated" if accum > 1 else "")
+    if "lr" in config:
+        rows["learning rate"] = f"{config['lr']:g}" + (f" ({config['optimizer']}, {config.get('scheduler', '?')} "
+                                                        "schedule)" if "optimizer" in config else "")
+    if (weights := weights_words(config)) is not None:
+        rows["starting weights"] = weights
+    if "device_type" in config:
+        rows["device"] = f"{config['device_type']}, mixed precision {config.get('amp_resolved', '?')}"
+    return pd.DataFrame({"value": list(rows.values())}, index=pd.Index(list(rows), name="key setting"))
+
+
+def summary_line(run) -> str:
+    """Best F1, its epoch, the model and the training time: the line under the page's title."""
+    config, log = run["config"], run["log"]
     if log["val_f1"].notna().any():
         best = log.loc[log["val_f1"].idxmax()]
-        result = f"best epoch {int(best['epoch'])} of {len(log)}: validation macro F1 {best['val_f1']:.4f}"
+        result = (f"best validation macro F1 <b>{best['val_f1']:.4f}</b> at epoch {int(best['epoch'])} "
+                  f"of {len(log)}")
     else:
         result = f"{len(log)} epochs on every image, no validation (--val_ratio 0): best.pth is the last epoch"
-    summary = (f"{result}; training time {log['epoch_seconds'].sum() / 60:.1f} minutes"
-               + (" (flags that differ from train.py's defaults first, in bold)" if changed else ""))
-    return f"<p>{summary}</p>" + table_html(frame, bold_rows=set(changed))
+    minutes = log["epoch_seconds"].sum() / 60 if "epoch_seconds" in log else float("nan")
+    return (f"{result} · model {html.escape(model_words(config))}"
+            + (f" · training time {minutes:.1f} minutes" if minutes == minutes else ""))
+
+
+def settings_section(run) -> str:
+    """The key resolved settings and the flags that differ from train.py's defaults; every setting folded
+    below them. A config.json from before `changed_flags` was recorded shows every setting, folded."""
+    config = run["config"]
+    keys = [k for k in config if k not in HIDDEN_SETTINGS]
+    changed = config.get("changed_flags")
+    if changed is None:
+        shown = missing("this run's config.json does not record which flags differ from the defaults (an older "
+                        "run): every setting is under All settings")
+    elif not changed:
+        shown = missing("every flag at train.py's default")
+    else:
+        shown = table_html(settings_frame(config, [k for k in keys if k in changed], "flag changed from its default"),
+                           css_class="changed-flags")
+    changed = changed or []
+    everything = table_html(settings_frame(config, [k for k in keys if k in changed]
+                                           + [k for k in keys if k not in changed]),
+                            bold_rows=set(changed), css_class="all-settings")
+    return (f'<div class="settings">{table_html(key_values(run), css_class="key-settings")}{shown}'
+            f"<details><summary>All settings ({len(keys)}"
+            + (", the changed flags first, in bold" if changed else "")
+            + f")</summary>{everything}</details></div>")
 
 
 def curves_figure(runs) -> str:
     """Train loss per head, validation loss, validation F1 and per-head accuracy, learning rate; one
     line per run (k-fold entries: the mean over folds)."""
-    figure, axes = pyplot().subplots(1, 4, figsize=(18, 3.6))
+    figure, axes = pyplot().subplots(1, 4, figsize=(18, 3.6), layout="constrained")  # no tick labels overlapping
     for run in runs:
         log = run["log"]
         label = run["name"]
@@ -169,9 +264,10 @@ def errors_section(run, per_head=12) -> str:
         rows = np.flatnonzero(wrong[:, h])
         rows = rows[np.argsort(-confidence[rows], kind="stable")][:per_head]
         tiles = "".join(
-            f'<div class="tile">{thumbnail(root / probs["ImageID"].iloc[i])}<br>{html.escape(probs["ImageID"].iloc[i])}'
-            f"<br>true: {class_name(targets[i])}<br><b>predicted: {class_name(preds[i])}</b> ({confidence[i]:.2f})"
-            "</div>" for i in rows if (root / probs["ImageID"].iloc[i]).is_file())
+            f'<figure class="tile">{thumbnail(root / probs["ImageID"].iloc[i])}<figcaption>'
+            f'{html.escape(probs["ImageID"].iloc[i])}<br>true: {class_name(targets[i])}<br>'
+            f"<b>predicted: {class_name(preds[i])}</b> ({confidence[i]:.2f})</figcaption></figure>"
+            for i in rows if (root / probs["ImageID"].iloc[i]).is_file())
         parts.append(f"<h3>{head} wrong: {int(wrong[:, h].sum())} of {len(probs)} images</h3>"
                      + (tiles or '<p class="note">none</p>'))
     return "".join(parts)
@@ -267,11 +363,13 @@ def cams_section(run, n_errors=4, n_correct=2) -> str:
 
 
 # ---------------------------------------------------------------- one run, or several side by side
-def page(title, sections) -> str:
+def page(title, sections, summary="") -> str:
+    """The page: its title, a one-line `summary` (HTML) under it, then the sections in their given order."""
     titles = {**SECTIONS, **OPTIONAL_SECTIONS}
     body = "".join(f'<h2 id="{key}">{titles.get(key, key)}</h2>{content}' for key, content in sections)
+    summary = f'<p class="summary">{summary}</p>' if summary else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{summary}{body}</body></html>")
 
 
 def missing(what) -> str:
@@ -282,19 +380,21 @@ def run_report(run_dir, cams=True) -> str:
     """The HTML report of one run folder; parts the run cannot give (an older run without
     val_probs.csv, a ViT without convolutions) say so instead."""
     run = load_run(run_dir)
-    sections = [("settings", settings_section(run)), ("curves", curves_figure([run]))]
+    sections = [("curves", curves_figure([run]))]
     if run["probs"] is None:
         note = missing("this run has no val_probs.csv (an older run): no confusion matrices, scores or errors")
-        sections += [(key, note) for key in ("confusion", "classes", "errors", "cams")]
+        sections += [("confusion", note), ("settings", settings_section(run))]
+        sections += [(key, note) for key in ("classes", "errors", "cams")]
     else:
         sections += [("confusion", confusion_section(run["probs"])),
+                     ("settings", settings_section(run)),
                      ("classes", table_html(class_scores(run["probs"]))),
                      ("errors", errors_section(run))]
         has_model = cams and (run["dir"] / "best.pth").is_file()
         sections.append(("cams", cams_section(run) if has_model else missing("no class activation maps asked for")))
     if run["config"].get("face_crop") and "faces" in run["config"]:
         sections.append(("faces", faces_section(run)))
-    return page(f"Run {run['name']}", sections)
+    return page(f"Run {run['name']}", sections, summary_line(run))
 
 
 def write_report(run_dir, cams=True) -> Path:

@@ -120,8 +120,10 @@ def suggest(trial, space) -> dict:
     return values
 
 
-def open_study(args, space):
-    """Load or create the study; the process that creates a grid study queues every grid point once."""
+def open_study(args, space, fixed):
+    """Load or create the study; the process that creates it records its settings (see `settings`) and
+    queues every grid point of a grid study once. A study made with other settings, or by a search.py that
+    kept no record of them, is refused rather than resumed."""
     sqlite = args.storage.startswith("sqlite")  # several processes on one SQLite file wait for its lock
     for attempt in range(5):  # processes starting together race to create the tables: the loser retries
         try:
@@ -135,6 +137,7 @@ def open_study(args, space):
                 raise SearchError(f"--storage: cannot open {args.storage}: {one_line(error)}") from None
             time.sleep(0.2 * (attempt + 1))
     is_grid = all(isinstance(v, list) for v in space.values())
+    wanted = settings(args, space, fixed)
     try:
         study = optuna.create_study(study_name=args.study, storage=storage, direction="maximize",
                                     pruner=pruner(args))
@@ -142,6 +145,10 @@ def open_study(args, space):
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=args.study, storage=storage, pruner=pruner(args))
         created = False
+    if created:
+        record_settings(study, wanted)
+    else:
+        check_settings(study, wanted, args)
     if is_grid:
         points = grid_points(space)
         if created:
@@ -157,6 +164,88 @@ def open_study(args, space):
                     study.enqueue_trial(point, user_attrs={"grid_point": True}, skip_if_exists=True)
                 study.set_user_attr("grid_size", len(points))
     return study, is_grid
+
+
+# train.py flags that say where a run's files and logs go or how many loader processes it uses, not what a trial
+# trains: they may differ between the machines (or runs) of one study
+LOCAL_FLAGS = {"config", "name", "resume", "model_dir", "num_workers", "cache_dir", "log_interval", "report",
+               "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_mode", "wandb_group"}
+
+
+def as_json(value):
+    """`value` as it reads back from the study's storage (user attrs are stored as JSON)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def settings(args, space, fixed) -> dict:
+    """What a trial of this command means, as recorded in the study's user attrs: every train.py setting
+    of the fixed flags (after --config and defaults; LOCAL_FLAGS left out), the search space, and the pruner."""
+    flags = {k: v for k, v in vars(train.parse_args(fixed)).items() if k not in LOCAL_FLAGS}
+    return as_json({"fixed_flags": flags, "space": space,
+                    "pruner": {"prune": args.prune, "prune_startup": args.prune_startup if args.prune else None}})
+
+
+def record_settings(study, wanted):
+    for key in ("fixed_flags", "pruner", "space"):  # space last: a loader waits for it (check_settings)
+        study.set_user_attr(key, wanted[key])
+
+
+def shown(value) -> str:
+    """A flag's value as a command line gives it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def differences(wanted, stored) -> list:
+    """The settings of this command that differ from the ones the study recorded, e.g. `--epochs 5 (study: 3)`."""
+    found = []
+    defaults = {a.dest: a.default for a in train.build_parser()._actions}
+    for name, value in wanted["fixed_flags"].items():
+        if name not in stored["fixed_flags"]:  # a flag newer than the study: fine at its default
+            if value != as_json(defaults.get(name)):
+                found.append(f"--{name} {shown(value)} (study: made before the flag existed)")
+        elif value != stored["fixed_flags"][name]:
+            found.append(f"--{name} {shown(value)} (study: {shown(stored['fixed_flags'][name])})")
+    old, new = stored["space"], wanted["space"]
+    for name in [*new, *(n for n in old if n not in new)]:
+        if name not in old:
+            found.append(f"space: {name} added")
+        elif name not in new:
+            found.append(f"space: {name} removed")
+        elif new[name] != old[name]:
+            kind = "range" if isinstance(new[name], dict) and isinstance(old[name], dict) else "values"
+            found.append(f"space: {name} {kind} {json.dumps(new[name])} (study: {json.dumps(old[name])})")
+    both_prune = wanted["pruner"]["prune"] and stored["pruner"].get("prune")
+    for name, value in wanted["pruner"].items():
+        if value != stored["pruner"].get(name) and (name == "prune" or both_prune):
+            found.append(f"--{name} {shown(value)} (study: {shown(stored['pruner'].get(name))})")
+    return found
+
+
+def check_settings(study, wanted, args):
+    """Refuse a study whose recorded settings differ from this command's. Its creator records them right
+    after creating it: a study without them and without trials is waited for (30 s), then taken over
+    (its creator died); one with trials but no record was made by an older search.py."""
+    deadline = time.time() + 30
+    while "space" not in study.user_attrs and not study.get_trials(deepcopy=False) and time.time() < deadline:
+        time.sleep(0.5)
+    stored = study.user_attrs
+    if "space" not in stored:
+        if study.get_trials(deepcopy=False) or "grid_size" in stored:
+            raise SearchError(f"study {args.study!r} has no record of the settings it was made with (an older "
+                              f"search.py made it): pass --study NAME to start a new study")
+        record_settings(study, wanted)
+        return
+    found = differences(wanted, stored)
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise SearchError(f"study {args.study!r} was made with other settings: {'; '.join(found[:3])}{more}; "
+                          f"pass --study NAME to start a new study, or the study's settings to resume it")
 
 
 def pruner(args):
@@ -210,7 +299,7 @@ class TrialCrashed(Exception):
 
 
 def search(args, space, fixed):
-    study, is_grid = open_study(args, space)
+    study, is_grid = open_study(args, space, fixed)
     n_trials = study.user_attrs["grid_size"] if is_grid and args.trials is None else args.trials or 20
     run_trial = objective(args, space, fixed, is_grid)
     while True:
@@ -300,13 +389,23 @@ def print_top(study, args):
         print(f"ensemble the {min(args.top, len(complete))} best: python ensemble.py {runs} --method soft")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default once: a help text that explains it already gets no `(default: None)`."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     usage="python search.py SPACE.yaml [options] -- [fixed train.py flags]")
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                     usage="python search.py SPACE.yaml [options] -- [fixed train.py flags]",
+                                     formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("space", help="YAML search space over train.py flags")
     parser.add_argument("--trials", type=int, default=None,
                         help="trials in the study, all processes together (default: the whole grid, or 20)")
-    parser.add_argument("--study", default=None, help="study name (default: the space file's name)")
+    parser.add_argument("--study", default=None,
+                        help="study name; a study remembers its space, fixed flags and pruner, and refuses other "
+                             "ones (default: the space file's name)")
     parser.add_argument("--storage", default=None, help="SQLAlchemy URL (default: sqlite in model_dir)")
     parser.add_argument("--prune", action="store_true", help="stop trials behind the median after an epoch")
     parser.add_argument("--prune_startup", type=int, default=2, help="finished trials before pruning starts")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import timm.scheduler
 import torch
 import torch.distributed as dist
 from timm.data.random_erasing import RandomErasing
-from timm.utils import ModelEmaV3, dispatch_clip_grad
+from timm.utils import ModelEmaV3, dispatch_clip_grad, distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -57,20 +58,9 @@ from flags import (
 )
 from loss import create_multi_head_loss
 from metrics import save_confusion_png, score
-from model import (
-    AMP_TIMINGS,
-    autocast,
-    build_model,
-    checked_compile,
-    fetch_pretrained,
-    freeze,
-    is_source,
-    model_sources,
-    predict,
-    preprocessing,
-    weights_line,
-)
-from model import resolve_precision as model_precision
+from model import build_model, fetch_pretrained, freeze, is_source, model_sources, predict, preprocessing, weights_line
+from precision import AMP_TIMINGS, DeviceError, autocast, checked_compile, resolve_amp, select_device
+from precision import resolve_precision as model_precision
 from run_page import write_report
 from runs import (
     atomic_write,
@@ -127,18 +117,21 @@ def check_data(args, table, extra_table, faces=None):
 
 
 # ---------------------------------------------------------------- distributed
-def setup_distributed():
-    """(rank, world size, device): torchrun sets WORLD_SIZE; CUDA uses NCCL, CPU uses gloo."""
+def setup_distributed(asked="auto"):
+    """(rank, world size, device) for --device `asked` (a GPU this torch cannot use is a one-line error
+    before any work): torchrun sets WORLD_SIZE; CUDA uses NCCL, CPU uses gloo. With one process no group
+    is started."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        return dist.get_rank(), world, torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
-    return dist.get_rank(), world, torch.device("cpu")
+    device = select_device(asked, local_rank)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world, device
 
 
 def report_data_once(rank):
@@ -171,11 +164,12 @@ def seed_worker(worker_id):
 def set_deterministic(asked, device) -> bool:
     """--deterministic: auto is on for CPUs and off for GPUs (cuDNN's fastest kernels are not deterministic;
     `on` there also sets CUBLAS_WORKSPACE_CONFIG). An op with no deterministic kernel warns instead of
-    stopping the run. Returns whether it is on."""
+    stopping the run. Off on a GPU, cuDNN picks the fastest kernels for each input shape (benchmark mode,
+    as timm's train.py does). Returns whether it is on."""
     on = asked == "on" or (asked == "auto" and device.type != "cuda")
     if on and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not on  # cuDNN times its kernels once per shape
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid that costs time; no result uses it
     return on
@@ -197,7 +191,7 @@ def run_config(args, model, run_dir, fold) -> dict:
     defaults = vars(build_parser().parse_args([]))
     config.update(changed_flags=[key for key, value in config.items() if key in defaults and value != defaults[key]])
     config.update(fold=fold, run_dir=str(run_dir), preprocessing=preprocessing(model), heads=heads_of(args.kind),
-                  model_args=model_args(args),
+                  model_args=model_args(args), starting_weights=starting_weight_lines(args),
                   git_commit=commit or None, versions=dict(python=platform.python_version(), torch=torch.__version__,
                                                            timm=timm.__version__, numpy=np.__version__))
     return config
@@ -247,17 +241,22 @@ def make_loaders(args, dataset, model, rank, world, device, faces=None):
                                       device, args.channels_last in (True, "on", "auto"),
                                       flip=args.augmentation == "CustomAugmentation")
     common = dict(num_workers=args.num_workers, collate_fn=fast_collate, pin_memory=device.type == "cuda",
-                  worker_init_fn=seed_worker)
-    remainder = len(train_set) // world % args.batch_size  # a last batch of 1 breaks batch norm; of another
-    drop_last = remainder == 1 or (args.compile and remainder > 0)  # size, a recompile under --compile
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
-                              generator=generator, drop_last=drop_last, **common)
+                  worker_init_fn=seed_worker, persistent_workers=args.num_workers > 0)  # no restart each epoch
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
+                              drop_last=drop_last_batch(len(train_set), world, args.batch_size, args.compile), **common)
     val_loader = DataLoader(val_shard, args.valid_batch_size, shuffle=False, **common)
     augment = DeviceAugment(generator=generator) if args.device_aug else None
     erase = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device=device) if args.reprob else None
     normalise = (None, None) if args.cache_features else (config["mean"], config["std"])  # features: as they are
     return (PrefetchLoader(train_loader, *normalise, device, augment=augment, erase=erase), generator,
             PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard)
+
+
+def drop_last_batch(n_images, world, batch_size, compiled) -> bool:
+    """Whether to drop the last training batch: one of 1 image breaks batch norm, and under --compile one of
+    another size recompiles. Each rank gets ceil(n / world) images (DistributedSampler pads)."""
+    remainder = math.ceil(n_images / world) % batch_size
+    return remainder == 1 or (compiled and remainder > 0)
 
 
 def resolve_precision(args, model, device, world=1, resumed=None, features_shape=None):
@@ -269,8 +268,10 @@ def resolve_precision(args, model, device, world=1, resumed=None, features_shape
     trained in: auto's timing could otherwise pick the other one mid-run. The timing is kept in
     --cache_dir per machine and workload: the same command later repeats its choice."""
     if resumed and resumed.get("device_type") == device.type and "amp_resolved" in resumed:
-        amp, channels_last = resumed["amp_resolved"], resumed["channels_last_resolved"]
-        line = f"amp {amp}, channels_last {'on' if channels_last else 'off'}: as the resumed run was trained"
+        amp, reason = resolve_amp(resumed["amp_resolved"], device)  # bf16 on a GPU without it becomes fp16
+        channels_last = resumed["channels_last_resolved"]
+        line = (f"amp {amp}, channels_last {'on' if channels_last else 'off'}: as the resumed run was trained"
+                + ("" if reason == "asked for" else f" ({reason})"))
     else:
         timed, size = (FromFeatures(model), features_shape[2:]) if features_shape else (model, args.resize)
         amp, channels_last, line = model_precision(timed, args.amp, args.channels_last, device, size,
@@ -289,7 +290,8 @@ def evaluate(model, loader, val_shard, args, world):
     order = np.argsort(indices)
     probs = np.concatenate([p[1] for p in parts])[order]
     targets = np.concatenate([p[2] for p in parts])[order]
-    years = None if years is None else np.concatenate([p[3] for p in parts])[order]
+    ages = [p[3] for p in parts if p[3] is not None]  # a rank with no validation images has none
+    years = np.concatenate(ages)[order] if ages else None
     return indices[order], probs, targets, years
 
 
@@ -352,7 +354,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        restore_scaler(scaler, state.get("scaler"))
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         start_epoch, best_f1, since_best, log = state["epoch"], state["best_f1"], state["since_best"], state["log"]
@@ -363,13 +365,14 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             remove_stale_temporaries(run_dir)
             print(f"resumed at epoch {start_epoch + 1} (best F1 so far {best_f1:.4f})")
     train_model = FromFeatures(model) if args.cache_features else model  # the same modules, fed features
+    if world > 1:  # DDP first, then compile, as timm does: the graph is split at DDP's buckets to overlap
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        train_model, fallback = checked_compile(model, (args.batch_size, 3, *args.resize), device, args.amp,
-                                                args.channels_last)
+        compiled, fallback = checked_compile(model, (args.batch_size, 3, *args.resize), device, args.amp,
+                                             args.channels_last)
         if fallback and is_main:
             print(f"warning: --compile: {fallback}", file=sys.stderr)
-    if world > 1:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = train_model if fallback else compiled if world == 1 else torch.compile(train_model)
 
     def checkpoint(epoch):
         return dict(model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
@@ -395,14 +398,18 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, args.epochs):
-            seed_everything(args.seed + epoch)
-            generator.manual_seed(args.seed + epoch)
+            seed_everything(args.seed + epoch * world + rank)  # each rank its own augmentation, as timm seeds
+            generator.manual_seed(args.seed + epoch * world + rank)
             if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
             row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, device, is_main,
                               ema=ema, ema_source=model, scheduler=scheduler)
             if scheduler is not None:
                 scheduler.step(epoch + 1)
+            if world > 1:  # validate with batch-norm statistics averaged over the ranks (timm's distribute_bn)
+                distribute_bn(model, world, reduce=True)
+                if ema is not None:
+                    distribute_bn(ema.module, world, reduce=True)
             if n_val:
                 indices, probs, targets, years = evaluate(scored, val_loader, val_shard, args, world)
                 row.update(val_loss=val_loss(probs, targets),
@@ -459,6 +466,13 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     return best_f1
 
 
+def restore_scaler(scaler, saved) -> None:
+    """A resumed run's grad scaler state, where both sides are fp16's: a run trained on a CPU (its disabled
+    scaler saved {}) resumed on a V100 (fp16: an enabled scaler) starts a fresh scale instead of failing."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+
+
 def keep_history(run_dir, weights, f1, epoch, keep, config) -> None:
     """--checkpoint_hist K: this epoch's weights (the scored ones: the moving average with --ema) as
     epochN.pth, only the K best kept (by validation F1; without validation the K last), and their average
@@ -510,15 +524,18 @@ def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device
         mixing = (args.mixup > 0 or args.cutmix > 0) and random.random() < args.mix_prob
         if mixing:
             images, permutation, lam = mix_batch(images, args.mixup, args.cutmix)
-        with autocast(device, args.amp):
-            outputs = model(images)
-            total, parts = criterion(outputs, targets)
-            if mixing:
-                total_b, parts_b = criterion(outputs, targets[permutation])
-                total = lam * total + (1 - lam) * total_b
-                parts = {head: lam * parts[head] + (1 - lam) * parts_b[head] for head in parts}
-        scaler.scale(total / args.grad_accum).backward()
-        if (step + 1) % args.grad_accum == 0 or step + 1 == len(loader):
+        updating = (step + 1) % args.grad_accum == 0 or step + 1 == len(loader)
+        syncing = nullcontext() if updating or not hasattr(model, "no_sync") else model.no_sync()
+        with syncing:  # DDP all-reduces only in the update's micro-batch (forward and backward inside no_sync)
+            with autocast(device, args.amp):
+                outputs = model(images)
+                total, parts = criterion(outputs, targets)
+                if mixing:
+                    total_b, parts_b = criterion(outputs, targets[permutation])
+                    total = lam * total + (1 - lam) * total_b
+                    parts = {head: lam * parts[head] + (1 - lam) * parts_b[head] for head in parts}
+            scaler.scale(total / args.grad_accum).backward()
+        if updating:
             if args.clip_grad is not None:
                 clip_gradients(model, optimizer, scaler, args.clip_grad, args.clip_mode)
             scaler.step(optimizer)
@@ -613,7 +630,10 @@ def main(argv=None, on_epoch=None) -> list:
         validate(args)
     except FlagError as error:
         raise SystemExit(f"error: {error}") from None
-    rank, world, device = setup_distributed()
+    try:
+        rank, world, device = setup_distributed(args.device)
+    except DeviceError as error:
+        raise SystemExit(f"error: {error}") from None
     report_data_once(rank)
     run_dirs, base = [], args.name
     try:
@@ -657,18 +677,20 @@ def main(argv=None, on_epoch=None) -> list:
     return scores
 
 
-def starting_weights(args) -> dict:
-    """{backbone name: where its starting weights come from}, with timm's pretrained weights fetched into
-    timm's cache now, before any work (--pretrained auto or timm on a timm name); a one-line error where
-    they cannot be had."""
+def starting_weight_lines(args) -> dict:
+    """{backbone name: where its starting weights come from} (config.json and the report; nothing fetched)."""
     names = dict.fromkeys([args.model, *key_values(args.backbones).values()])
-    choice = pretrained_choice(args)
-    weights = {}
-    for name in names:
-        if choice is True and not is_source(name):
+    return {name: weights_line(name, pretrained_choice(args)) for name in names}
+
+
+def starting_weights(args) -> dict:
+    """starting_weight_lines, with timm's pretrained weights fetched into timm's cache now, before any work
+    (--pretrained auto or timm on a timm name); a one-line error where they cannot be had."""
+    lines = starting_weight_lines(args)
+    for name in lines:
+        if pretrained_choice(args) is True and not is_source(name):
             fetch_pretrained(name)
-        weights[name] = weights_line(name, choice)
-    return weights
+    return lines
 
 
 def check_wandb_login():

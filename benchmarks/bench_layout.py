@@ -15,7 +15,8 @@ import torch
 
 from common import ROOT, machine, model_specs, report
 
-from model import PROBE_MAX_BATCH, autocast, build_model, cpu_has_native_bf16, faster_cpu_precision, freeze  # noqa: E402
+from model import build_model, freeze  # noqa: E402
+from precision import PROBE_MAX_BATCH, autocast, cpu_has_native_bf16, faster_cpu_precision
 
 
 def step_speed(name, size, amp, channels_last, batch_size, steps, frozen="none") -> float:

@@ -21,7 +21,8 @@ from common import ROOT, bench_data_dir, machine, report
 from augment import create_transforms  # noqa: E402
 from dataset import MaskBaseDataset, PrefetchLoader, Subset, fast_collate  # noqa: E402
 from loss import create_multi_head_loss  # noqa: E402
-from model import autocast, build_model, cuda_capability, resolve_amp  # noqa: E402
+from model import build_model, resolve_amp  # noqa: E402
+from precision import autocast, cuda_capability
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

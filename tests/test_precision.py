@@ -6,23 +6,24 @@ import pytest
 import torch
 
 import inference
-import model
+import precision
 import train
-from model import build_model, resolve_amp, resolve_channels_last
+from model import build_model
+from precision import resolve_amp, resolve_channels_last
 
 
 @pytest.fixture
 def cpu_bf16(monkeypatch):
     """Fake the CPU: native bf16 or not."""
     def fake(native):
-        monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     return fake
 
 
 @pytest.mark.parametrize("capability,expected",
                          [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp16"), ((7, 5), "fp16")])
 def test_auto_on_cuda_is_bf16_from_ampere_else_fp16(monkeypatch, capability, expected):
-    monkeypatch.setattr(model, "cuda_capability", lambda device: capability)
+    monkeypatch.setattr(precision, "cuda_capability", lambda device: capability)
     amp, reason = resolve_amp("auto", torch.device("cuda", 0))
     assert amp == expected and f"{capability[0]}.{capability[1]}" in reason
     assert ("grad scaler" in reason) == (expected == "fp16")
@@ -53,15 +54,15 @@ def test_forced_avx2_kernels_are_not_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert not model.cpu_has_native_bf16()
+    assert not precision.cpu_has_native_bf16()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert not model.cpu_has_native_bf16()
+    assert not precision.cpu_has_native_bf16()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-    assert model.cpu_has_native_bf16()
+    assert precision.cpu_has_native_bf16()
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert not model.cpu_has_native_bf16()
+    assert not precision.cpu_has_native_bf16()
 
 
 @pytest.mark.parametrize("name,expected", [("test_resnet", True), ("test_efficientnet", True),
@@ -87,10 +88,10 @@ def test_auto_on_a_native_bf16_cpu_takes_what_the_probe_measured_faster(cpu_bf16
 
 def test_bf16_is_picked_only_where_clearly_faster():
     """A near tie goes to fp32 (exact, and the tie is the probe's noise); a clear bf16 gain wins."""
-    assert model.faster_of({"bf16": 35.0, "off": 34.0}) == "off"
-    assert model.faster_of({"bf16": 30.0, "off": 59.0}) == "off"
-    assert model.faster_of({"bf16": 76.0, "off": 38.0}) == "bf16"
-    assert model.faster_of({"bf16": 1.1, "off": 1.0}) == "bf16"
+    assert precision.faster_of({"bf16": 35.0, "off": 34.0}) == "off"
+    assert precision.faster_of({"bf16": 30.0, "off": 59.0}) == "off"
+    assert precision.faster_of({"bf16": 76.0, "off": 38.0}) == "bf16"
+    assert precision.faster_of({"bf16": 1.1, "off": 1.0}) == "bf16"
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
@@ -100,10 +101,10 @@ def test_the_precision_probe_leaves_the_model_and_the_random_state_alone(train_m
     torch.manual_seed(7)
     expected_draw = torch.rand(1)
     torch.manual_seed(7)
-    choice, speeds = model.faster_cpu_precision(net, (32, 24), batch_size=4, train=train_mode, channels_last=True)
+    choice, speeds = precision.faster_cpu_precision(net, (32, 24), batch_size=4, train=train_mode, channels_last=True)
     assert torch.equal(torch.rand(1), expected_draw)
     assert choice in ("bf16", "off") and set(speeds) == {"bf16", "off"} and min(speeds.values()) > 0
-    assert choice == model.faster_of(speeds)
+    assert choice == precision.faster_of(speeds)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # weights and BatchNorm statistics
     assert not net.training and all(p.grad is None for p in net.parameters())
 
@@ -112,7 +113,7 @@ def test_the_precision_probe_leaves_the_model_and_the_random_state_alone(train_m
 def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf16, capsys, monkeypatch, native,
                                                      probed, expected):
     cpu_bf16(native)
-    monkeypatch.setattr(model, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
+    monkeypatch.setattr(precision, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
                 "--pretrained", "none",
                 "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--cache_dir", str(tmp_path / "cache")])
@@ -122,7 +123,7 @@ def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf
     config = json.loads((tmp_path / "exp" / "config.json").read_text())
     assert (config["amp"], config["amp_resolved"]) == ("auto", expected)
     assert (config["channels_last"], config["channels_last_resolved"]) == ("auto", True)
-    monkeypatch.setattr(model, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
+    monkeypatch.setattr(precision, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
     paths = sorted((tiny_data / "eval" / "images").iterdir())[:2]
     probs = inference.predict_run(tmp_path / "exp", paths, batch_size=2, num_workers=0, cache_dir=tmp_path / "cache")
     assert probs.shape == (2, 18)
@@ -152,18 +153,18 @@ def test_compile_falls_back_to_eager_where_the_compiled_output_is_wrong(monkeypa
     net = build_model("three_head", "test_resnet").eval()
     before = {name: buffer.clone() for name, buffer in net.named_buffers()}
     rng = torch.get_rng_state()
-    monkeypatch.setattr(model.torch, "compile", lambda module: module)  # "compiles" to itself: a match
-    compiled, reason = model.checked_compile(net, (4, 3, 32, 32), torch.device("cpu"))
+    monkeypatch.setattr(precision.torch, "compile", lambda module: module)  # "compiles" to itself: a match
+    compiled, reason = precision.checked_compile(net, (4, 3, 32, 32), torch.device("cpu"))
     assert compiled is net and reason is None and not net.training
-    monkeypatch.setattr(model.torch, "compile", _Miscompiled)
-    compiled, reason = model.checked_compile(net, (4, 3, 32, 32), torch.device("cpu"), channels_last=True)
+    monkeypatch.setattr(precision.torch, "compile", _Miscompiled)
+    compiled, reason = precision.checked_compile(net, (4, 3, 32, 32), torch.device("cpu"), channels_last=True)
     assert compiled is net and "differs from the eager model's" in reason and "(4, 3, 32, 32)" in reason
     assert all(torch.equal(buffer, before[name]) for name, buffer in net.named_buffers())
     assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_train_compile_with_a_wrong_compiled_model_trains_eager_and_says_so(monkeypatch, tiny_data, tmp_path, capsys):
-    monkeypatch.setattr(model.torch, "compile", _Miscompiled)
+    monkeypatch.setattr(precision.torch, "compile", _Miscompiled)
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
                 "--pretrained", "none",
                 "--resize", "32", "24", "--epochs", "1", "--num_workers", "0", "--report", "off", "--compile"])

@@ -113,10 +113,9 @@ def bash_blocks(text) -> list:
 
 
 def in_a_sample_folder(folder, monkeypatch):
-    """`folder` as the project's working folder: the bundled sample_data and the shared face detector's
-    weights/ linked in, the current directory."""
+    """`folder` as the project's working folder: the bundled sample_data linked in, the current directory
+    (the face detector is found in the project's weights/ from any folder)."""
     (folder / "sample_data").symlink_to(ROOT / "sample_data")
-    (folder / "weights").symlink_to(ROOT.parent / "shared" / "weights")
     monkeypatch.chdir(folder)
 
 
@@ -219,5 +218,5 @@ def test_the_readme_gpu_block_passes_every_check_short_of_downloading(tmp_path, 
     in_a_sample_folder(tmp_path, monkeypatch)
     args = flags.parse_args(shlex.split(train_line)[2:])
     flags.validate(args)
-    assert (args.model, args.pretrained, args.amp, args.face_crop) == ("convnext_tiny", "timm", "auto", True)
+    assert (args.model, args.pretrained, args.amp, args.face_crop) == ("convnext_tiny", "auto", "auto", True)
     assert inference.build_parser().parse_args(shlex.split(infer_line)[2:]).tta == "hflip"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model
+import precision
 import train
 
 
@@ -40,14 +41,14 @@ def test_auto_times_once_per_machine_and_workload(tmp_path, monkeypatch):
     """--amp auto on a CPU with native bf16 times the model once; later runs with the same key repeat the
     choice (and say when it was timed); another input size times again."""
     calls = []
-    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(model, "faster_cpu_precision",
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "faster_cpu_precision",
                         lambda *a, **k: calls.append(1) or ("off", {"off": 10.0, "bf16": 10.5}))
     net = model.build_model("three_head", "test_resnet")
-    record = tmp_path / model.AMP_TIMINGS
+    record = tmp_path / precision.AMP_TIMINGS
     cpu = torch.device("cpu")
-    first = model.resolve_precision(net, "auto", "auto", cpu, (32, 32), 16, remember=record)
-    again = model.resolve_precision(net, "auto", "auto", cpu, (32, 32), 16, remember=record)
+    first = precision.resolve_precision(net, "auto", "auto", cpu, (32, 32), 16, remember=record)
+    again = precision.resolve_precision(net, "auto", "auto", cpu, (32, 32), 16, remember=record)
     assert len(calls) == 1 and first[0] == again[0] == "off" and "as timed on" in again[2]
-    model.resolve_precision(net, "auto", "auto", cpu, (48, 48), 16, remember=record)
+    precision.resolve_precision(net, "auto", "auto", cpu, (48, 48), 16, remember=record)
     assert len(calls) == 2

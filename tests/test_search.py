@@ -167,3 +167,80 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(tmp_path, tiny_data
     results = pd.read_csv(tmp_path / "model" / "space_results.csv").set_index("lr")
     assert results.loc[0.003, "state"] == "complete"
     assert results.loc[0.001, "state"] == "fail" and "simulated crash" in results.loc[0.001, "error"]
+
+
+def fake_training(monkeypatch) -> list:
+    """train.main replaced by a stub that trains nothing and scores 0.5: the argv of each trial, in order."""
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv, on_epoch=None: calls.append(argv) or [0.5])
+    return calls
+
+
+def refusal(tmp_path, data, *own, fixed=()) -> str:
+    """The one line search.py stops with (nothing trained, nothing printed to stderr)."""
+    with pytest.raises(SystemExit) as stop:
+        search.main(search_args(tmp_path, data, *own, fixed=fixed))
+    line = str(stop.value.code)
+    assert "\n" not in line and line.startswith("error: ") and "pass --study NAME" in line
+    return line
+
+
+def test_a_study_refuses_other_fixed_flags(tmp_path, tiny_data, capsys, monkeypatch):
+    calls = fake_training(monkeypatch)
+    (tmp_path / "space.yaml").write_text("lr: [0.003, 0.001]\n")
+    run_search(tmp_path, tiny_data, capsys)
+    assert len(calls) == 2
+    line = refusal(tmp_path, tiny_data, fixed=["--epochs", "5", "--model", "resnet18"])
+    assert "--epochs 5 (study: 1)" in line and "--model resnet18 (study: test_resnet)" in line
+    assert "study 'space'" in line and len(calls) == 2 and capsys.readouterr().err == ""
+    assert "--prune on (study: off)" in refusal(tmp_path, tiny_data, "--prune")
+    run_search(tmp_path, tiny_data, capsys, "--study", "longer", fixed=["--epochs", "5"])  # what the line says
+    assert len(calls) == 4 and calls[-1][calls[-1].index("--name") + 1] == "longer_t1"
+
+
+@pytest.mark.parametrize("space,message", [
+    ("lr: [0.003, 0.002]\n", "space: lr values [0.003, 0.002] (study: [0.003, 0.001])"),
+    ("lr: [0.003, 0.001]\nbatch_size: [16]\n", "space: batch_size added"),
+    ("batch_size: [16, 32]\n", "space: batch_size added; space: lr removed"),
+])
+def test_a_study_refuses_another_space(tmp_path, tiny_data, capsys, monkeypatch, space, message):
+    calls = fake_training(monkeypatch)
+    (tmp_path / "space.yaml").write_text("lr: [0.003, 0.001]\n")
+    run_search(tmp_path, tiny_data, capsys)
+    (tmp_path / "space.yaml").write_text(space)
+    assert message in refusal(tmp_path, tiny_data) and len(calls) == 2
+
+
+def test_the_same_settings_resume_the_study(tmp_path, tiny_data, capsys, monkeypatch):
+    calls = fake_training(monkeypatch)
+    (tmp_path / "space.yaml").write_text("lr: {low: 0.0001, high: 0.01, log: true}\n")
+    run_search(tmp_path, tiny_data, capsys, "--trials", "1")
+    study = search.optuna.load_study(study_name="space", storage=f"sqlite:///{tmp_path / 'model' / 'space.db'}")
+    assert study.user_attrs["fixed_flags"]["epochs"] == 1 and "model_dir" not in study.user_attrs["fixed_flags"]
+    assert study.user_attrs["space"] == {"lr": {"low": 0.0001, "high": 0.01, "log": True}}
+    # the same settings written differently, and flags that only say where logs go, resume the study
+    (tmp_path / "space.yaml").write_text("lr:\n  log: true\n  low: 1.0e-4\n  high: 0.01\n")
+    printed = run_search(tmp_path, tiny_data, capsys, "--trials", "3", fixed=["--lr", "1e-3", "--report", "on"])
+    assert len(calls) == 3 and [line.split(":")[0] for line in printed.splitlines()[:2]] == ["trial 1", "trial 2"]
+    assert [c[c.index("--name") + 1] for c in calls] == ["space_t0", "space_t1", "space_t2"]
+
+
+def test_a_study_without_a_record_of_its_settings_is_refused(tmp_path, tiny_data, monkeypatch):
+    calls = fake_training(monkeypatch)
+    (tmp_path / "space.yaml").write_text("lr: [0.003, 0.001]\n")
+    (tmp_path / "model").mkdir()
+    old = search.optuna.create_study(study_name="space", storage=f"sqlite:///{tmp_path / 'model' / 'space.db'}")
+    old.enqueue_trial({"lr": "0.003"}, user_attrs={"grid_point": True})  # as an older search.py left it
+    old.set_user_attr("grid_size", 2)
+    assert "has no record of the settings it was made with" in refusal(tmp_path, tiny_data) and not calls
+
+
+def test_help_is_complete_and_flags_are_never_abbreviated(tmp_path, tiny_data):
+    text = " ".join(search.build_parser().format_help().split())
+    assert "a shared PostgreSQL URL lets several machines work on one study)." in text
+    assert "(default: None)" not in text and "(default: 60)" in text
+    assert "(default: the whole grid, or 20)" in text and text.count("(default:") == 7
+    (tmp_path / "space.yaml").write_text("lr: [0.1]\n")
+    with pytest.raises(SystemExit) as stop:
+        search.main(search_args(tmp_path, tiny_data, "--tri", "3"))
+    assert stop.value.code == 2 and not (tmp_path / "model").exists()
