@@ -54,8 +54,8 @@ def newest_run(model_dir, checkpoint="best") -> Path:
         return model_dir
     runs = [p.parent for p in model_dir.glob("*/config.json") if is_run_folder(p.parent, checkpoint)]
     if not runs:
-        raise FileNotFoundError(f"no finished train.py run folder (config.json and {checkpoint}.pth) in {model_dir}: "
-                                "train one with train.py first")
+        raise FileNotFoundError(f"no finished run folder of train.py (config.json and {checkpoint}.pth) in "
+                                f"{model_dir}: train one with train.py first")
     return max(runs, key=lambda p: (p / f"{checkpoint}.pth").stat().st_mtime)
 
 

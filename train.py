@@ -119,19 +119,23 @@ def check_data(args, table, extra_table, faces=None):
 # ---------------------------------------------------------------- distributed
 def setup_distributed(asked="auto"):
     """(rank, world size, device) for --device `asked` (a GPU this torch cannot use is a one-line error
-    before any work): torchrun sets WORLD_SIZE; CUDA uses NCCL, CPU uses gloo. With one process no group
-    is started."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    before any work). Started by torchrun (LOCAL_RANK is set), the process group is started even for one
+    process: NCCL on CUDA, gloo on a CPU; DDP then wraps the model."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = select_device(asked, local_rank)
-    if world == 1:
+    if "LOCAL_RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
-    return dist.get_rank(), world, device
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distributed() -> bool:
+    """Whether this process is one of a torchrun process group (of any size)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def report_data_once(rank):
@@ -142,7 +146,7 @@ def report_data_once(rank):
 
 def gather(obj, world):
     """All ranks' `obj` as a list (just [obj] in one process)."""
-    if world == 1:
+    if not distributed():
         return [obj]
     objects = [None] * world
     dist.all_gather_object(objects, obj)
@@ -226,16 +230,16 @@ def make_loaders(args, dataset, model, rank, world, device, faces=None):
     generator = torch.Generator()
     sampler = None
     if args.sampler != "none":
-        if world > 1:
+        if distributed():
             raise FlagError("--sampler does not work under torchrun yet: drop it or run one process")
         sampler = make_sampler(train_set.targets("class" if args.sampler == "class" else "age_label"), args.seed)
         generator = sampler.generator
-    elif world > 1:
+    elif distributed():
         sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     val_shard = Subset(val_set.dataset, val_set.indices[rank::world], val_tf)
     config = preprocessing(model)
     if args.cache_features:
-        if world > 1:
+        if distributed():
             raise FlagError("--cache_features does not work under torchrun yet: drop it or run one process")
         train_set = build_feature_set(model, train_set, val_tf, config["mean"], config["std"], args.cache_dir,
                                       device, args.channels_last in (True, "on", "auto"),
@@ -365,14 +369,14 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             remove_stale_temporaries(run_dir)
             print(f"resumed at epoch {start_epoch + 1} (best F1 so far {best_f1:.4f})")
     train_model = FromFeatures(model) if args.cache_features else model  # the same modules, fed features
-    if world > 1:  # DDP first, then compile, as timm does: the graph is split at DDP's buckets to overlap
+    if distributed():  # DDP first, then compile, as timm does: the graph is split at DDP's buckets to overlap
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         compiled, fallback = checked_compile(model, (args.batch_size, 3, *args.resize), device, args.amp,
                                              args.channels_last)
         if fallback and is_main:
             print(f"warning: --compile: {fallback}", file=sys.stderr)
-        train_model = train_model if fallback else compiled if world == 1 else torch.compile(train_model)
+        train_model = train_model if fallback else compiled if not distributed() else torch.compile(train_model)
 
     def checkpoint(epoch):
         return dict(model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
@@ -406,7 +410,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
                               ema=ema, ema_source=model, scheduler=scheduler)
             if scheduler is not None:
                 scheduler.step(epoch + 1)
-            if world > 1:  # validate with batch-norm statistics averaged over the ranks (timm's distribute_bn)
+            if distributed():  # validate with batch-norm statistics averaged over the ranks (timm's distribute_bn)
                 distribute_bn(model, world, reduce=True)
                 if ema is not None:
                     distribute_bn(ema.module, world, reduce=True)
@@ -665,7 +669,7 @@ def main(argv=None, on_epoch=None) -> list:
                     remove_unfinished(run_dirs)
                 raise
     finally:
-        if world > 1:
+        if distributed():
             dist.destroy_process_group()
     if len(scores) > 1 and rank == 0:
         summary = dict(folds=[str(d) for d in run_dirs], f1=scores, mean=float(np.mean(scores)),

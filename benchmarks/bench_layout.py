@@ -16,7 +16,7 @@ import torch
 from common import ROOT, machine, model_specs, report
 
 from model import build_model, freeze  # noqa: E402
-from precision import PROBE_MAX_BATCH, autocast, cpu_has_native_bf16, faster_cpu_precision
+from precision import PROBE_MAX_BATCH, autocast, cpu_has_native_bf16, faster_cpu_precision  # noqa: E402
 
 
 def step_speed(name, size, amp, channels_last, batch_size, steps, frozen="none") -> float:

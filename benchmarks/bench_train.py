@@ -25,8 +25,8 @@ from augment import create_transforms  # noqa: E402
 from cache import DecodedCache  # noqa: E402
 from dataset import MaskBaseDataset, PrefetchLoader, Subset, fast_collate  # noqa: E402
 from loss import create_multi_head_loss  # noqa: E402
-from model import build_model, predict, resolve_precision  # noqa: E402
-from precision import checked_compile
+from model import build_model, predict  # noqa: E402
+from precision import checked_compile, resolve_precision  # noqa: E402
 
 CONFIGS = {"reference": ("baseline loop + loader, fp32", None),
            "fp32": ("masktrain, --amp off --channels_last off", ["--amp", "off", "--channels_last", "off"]),

@@ -74,7 +74,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    from model import cpu_flags  # here, not at the top: the loader benchmark's child processes need no timm
+    from precision import cpu_flags  # here, not at the top: the loader benchmark's child processes need no timm
     return f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__}"
 
 

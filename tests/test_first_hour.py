@@ -181,3 +181,27 @@ def test_a_fresh_clone_without_shared_trains_with_face_crop_and_predicts(tmp_pat
     assert done.returncode == 0, done.stderr
     assert "faces: found in" in done.stdout and (clone / "output" / "submission.csv").is_file()
     assert str(clone / "sample_data" / "eval") in done.stdout
+
+
+def test_a_vit_source_made_for_another_size_trains_and_predicts_at_the_runs_resize(tmp_path, tiny_data):
+    """A timm-format face ViT from the hub (e.g. hf-hub:gaunernst/vit_small_patch8_gap_112.cosface_ms1mv3) is
+    built for one input size: a tiny random local-dir ViT made for 160 px trains at --resize 64 48 (timm's
+    img_size, its position embeddings resampled) and inference rebuilds it at that size."""
+    import timm
+    from safetensors.torch import save_file
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    folder = tmp_path / "vit"
+    folder.mkdir()
+    save_file({key: value.contiguous() for key, value in vit.state_dict().items()}, folder / "model.safetensors")
+    cfg = dict(input_size=[3, 160, 160], mean=[0.5] * 3, std=[0.5] * 3, interpolation="bicubic", num_classes=0)
+    (folder / "config.json").write_text(json.dumps(dict(architecture="test_vit", num_classes=0,
+                                                        model_args=dict(img_size=160), pretrained_cfg=cfg)))
+    args = [a for a in FAST if a not in ("test_resnet", "--pretrained", "none")]
+    args[args.index("--resize") + 1: args.index("--resize") + 3] = ["64", "48"]
+    args[args.index("--model") + 1: args.index("--model") + 1] = [f"local-dir:{folder}"]
+    train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path / "model"), *args])
+    config = json.loads((tmp_path / "model" / "exp" / "config.json").read_text())
+    assert config["model_args"]["img_size"] == [64, 48]
+    probs = inference.main(["--model_dir", str(tmp_path / "model"), "--data_dir", str(tiny_data / "eval"),
+                            "--output_dir", str(tmp_path / "out"), "--num_workers", "0", "--amp", "off"])
+    assert probs.shape == (len(list((tiny_data / "eval" / "images").iterdir())), 18)

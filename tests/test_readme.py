@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 FLAG = r"(?<![\w-])--[a-z][\w-]*"
-NOT_OURS = {"--help", "--nproc_per_node", "--dist", "--durations"}  # argparse's own, torchrun's, pytest's
+NOT_OURS = {"--help", "--nproc_per_node", "--dist", "--durations", "--index-url"}  # argparse, torchrun, pytest, pip
 
 
 def shown_commands(text):

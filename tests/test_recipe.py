@@ -88,7 +88,8 @@ def test_offsets_raise_macro_f1_of_under_predicted_classes():
 
 def test_calibrate_in_inference_and_ensemble(tmp_path, tiny_data):
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path / "runs"), "--model",
-                "test_resnet", "--resize", "32", "24", "--num_workers", "0", "--epochs", "2", "--report", "off"])
+                "test_resnet", "--pretrained", "none", "--resize", "32", "24", "--num_workers", "0", "--epochs",
+                    "2", "--report", "off"])
     run_dir = tmp_path / "runs" / "exp"
     common = ["--data_dir", str(tiny_data / "eval"), "--output_dir", str(tmp_path / "out"), "--num_workers", "0"]
     inference.main(["--model_dir", str(run_dir), *common, "--calibrate", "--name", "calibrated.csv"])

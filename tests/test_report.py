@@ -23,7 +23,8 @@ SECTION_IDS = list(run_page.SECTIONS)
 def train_run(model_dir, data, name, *flags):
     """A one-epoch run from random weights (the test models' timm weights need the network)."""
     train.main(["--data_dir", str(data / "train"), "--model_dir", str(model_dir), "--name", name, "--model",
-                "test_resnet", "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--lr", "3e-3",
+                "test_resnet", "--pretrained", "none", "--resize", "32", "24", "--num_workers", "0", "--epochs",
+                    "1", "--lr", "3e-3",
                 "--pretrained", "none", "--cache_dir", str(model_dir / "cache"), *flags])
     return model_dir / name
 
@@ -35,7 +36,8 @@ def runs(tiny_data, tmp_path_factory):
                 single_head=train_run(model_dir, tiny_data, "single", "--kind", "single_head"),
                 multi_backbone=train_run(model_dir, tiny_data, "multi", "--kind", "multi_backbone", "--backbones",
                                          "age=test_efficientnet"),
-                vit=train_run(model_dir, tiny_data, "vit", "--model", "test_vit", "--resize", "32", "32",
+                vit=train_run(model_dir, tiny_data, "vit", "--model", "test_vit", "--pretrained", "none",
+                              "--resize", "32", "32",
                               "--report", "off"),
                 kfold=(train_run(model_dir, tiny_data, "cv", "--n_folds", "2", "--report", "off"),
                        model_dir / "cv_cv.json")[1])

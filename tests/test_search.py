@@ -35,6 +35,7 @@ def test_each_option_changes_training_images_and_never_validation_ones(option, n
 
 def test_augmentation_flags_are_recorded_and_checked(tmp_path, tiny_data):
     flags = ["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--model", "test_resnet",
+             "--pretrained", "none",
              "--resize", "32", "24", "--num_workers", "0", "--epochs", "1"]
     train.main(flags + ["--color_jitter", "0.2", "--grayscale", "0.3", "--sharpness", "1", "--noise", "0.05",
                         "--randaugment", "2", "9"])
@@ -51,6 +52,7 @@ def search_args(tmp_path, data, *own, fixed=()):
     """search.py's arguments: the space, its own flags, then fixed train.py flags of a tiny fast run."""
     return [str(tmp_path / "space.yaml"), *own, "--",
             "--data_dir", str(data / "train"), "--model_dir", str(tmp_path / "model"), "--model", "test_resnet",
+                "--pretrained", "none",
             "--resize", "32", "24", "--num_workers", "0", "--epochs", "1", "--report", "off", *fixed]
 
 
