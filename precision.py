@@ -9,12 +9,23 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes, resolved once for its model and device and passed to every stage: the device,
+    the mixed precision (off / fp16 / bf16, never auto), the channels-last layout, and the line that says why."""
+    device: torch.device
+    amp: str
+    channels_last: bool
+    line: str
 
 
 class DeviceError(RuntimeError):

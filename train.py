@@ -59,7 +59,16 @@ from flags import (
 from loss import create_multi_head_loss
 from metrics import save_confusion_png, score
 from model import build_model, fetch_pretrained, freeze, is_source, model_sources, predict, preprocessing, weights_line
-from precision import AMP_TIMINGS, DeviceError, autocast, checked_compile, resolve_amp, select_device
+from precision import (
+    AMP_TIMINGS,
+    DeviceError,
+    Precision,
+    autocast,
+    checked_compile,
+    resolve_amp,
+    resolve_channels_last,
+    select_device,
+)
 from precision import resolve_precision as model_precision
 from run_page import write_report
 from runs import (
@@ -242,7 +251,7 @@ def make_loaders(args, dataset, model, rank, world, device, faces=None):
         if distributed():
             raise FlagError("--cache_features does not work under torchrun yet: drop it or run one process")
         train_set = build_feature_set(model, train_set, val_tf, config["mean"], config["std"], args.cache_dir,
-                                      device, args.channels_last in (True, "on", "auto"),
+                                      device, resolve_channels_last(args.channels_last, model)[0],
                                       flip=args.augmentation == "CustomAugmentation")
     common = dict(num_workers=args.num_workers, collate_fn=fast_collate, pin_memory=device.type == "cuda",
                   worker_init_fn=seed_worker, persistent_workers=args.num_workers > 0)  # no restart each epoch
@@ -263,14 +272,14 @@ def drop_last_batch(n_images, world, batch_size, compiled) -> bool:
     return remainder == 1 or (compiled and remainder > 0)
 
 
-def resolve_precision(args, model, device, world=1, resumed=None, features_shape=None):
-    """`args` with --amp and --channels_last resolved for this model and device (what the loop
-    uses), and the one-line explanation the run header prints. On a CPU with native bf16, auto times
-    training steps of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank);
-    with --cache_features, steps of the layers after the frozen ones on features, what the loop runs.
-    A run resumed (`resumed`: its saved config) on the same kind of device keeps the precision it was
-    trained in: auto's timing could otherwise pick the other one mid-run. The timing is kept in
-    --cache_dir per machine and workload: the same command later repeats its choice."""
+def resolve_precision(args, model, device, world=1, resumed=None, features_shape=None) -> Precision:
+    """The Precision the loop uses: --amp and --channels_last resolved for this model and device, with
+    the one-line explanation the run header prints. On a CPU with native bf16, auto times training steps
+    of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank); with
+    --cache_features, steps of the layers after the frozen ones on features, what the loop runs. A run
+    resumed (`resumed`: its saved config) on the same kind of device keeps the precision it was trained
+    in: auto's timing could otherwise pick the other one mid-run. The timing is kept in --cache_dir per
+    machine and workload: the same command later repeats its choice."""
     if resumed and resumed.get("device_type") == device.type and "amp_resolved" in resumed:
         amp, reason = resolve_amp(resumed["amp_resolved"], device)  # bf16 on a GPU without it becomes fp16
         channels_last = resumed["channels_last_resolved"]
@@ -281,13 +290,14 @@ def resolve_precision(args, model, device, world=1, resumed=None, features_shape
         amp, channels_last, line = model_precision(timed, args.amp, args.channels_last, device, size,
                                                    args.batch_size, agree=lambda choice: gather(choice, world)[0],
                                                    remember=Path(args.cache_dir) / AMP_TIMINGS)
-    return argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last}), line
+    return Precision(device, amp, channels_last, line)
 
 
-def evaluate(model, loader, val_shard, args, world):
+def evaluate(model, loader, val_shard, precision, world):
     """Predictions over the *whole* validation set, gathered from every rank, in image order:
     (indices, 18-class probabilities, class targets, the years head's ages or None)."""
-    probs, targets, years = predict(model, loader, args.amp, channels_last=args.channels_last, with_years=True)
+    probs, targets, years = predict(model, loader, precision.amp, channels_last=precision.channels_last,
+                                    with_years=True)
     years = None if years is None else years.numpy()
     parts = gather((val_shard.indices.tolist(), probs.numpy(), to_class_targets(targets).numpy(), years), world)
     indices = np.concatenate([p[0] for p in parts]).astype(int)
@@ -320,10 +330,10 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     if args.resume:
         state = load_checkpoint(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
                                 device)
-    args, precision = resolve_precision(args, model, device, world,  # ... and as this device runs them
+    precision = resolve_precision(args, model, device, world,  # ... and as this device runs them
                                         resumed=state and state.get("config"),
                                         features_shape=train_loader.dataset.shape if args.cache_features else None)
-    config.update(amp_resolved=args.amp, channels_last_resolved=args.channels_last, device_type=device.type,
+    config.update(amp_resolved=precision.amp, channels_last_resolved=precision.channels_last, device_type=device.type,
                   skipped_images=len(skipped), deterministic_resolved=deterministic)
     if faces is not None:
         faces = faces.subset(pd.concat([t["path"] for t in (table, extra_table) if t is not None]))
@@ -335,7 +345,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             write_no_face(run_dir / "no_face.csv", faces)
         if skipped:
             write_bad_images(skipped, run_dir / "skipped_images.csv")
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.preserve_format)
     optimizer = timm.optim.create_optimizer_v2(model, opt=args.optimizer, lr=args.lr,
                                                weight_decay=args.weight_decay, momentum=args.momentum,
                                                layer_decay=args.layer_decay)
@@ -348,7 +358,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     if scheduler is None:  # timm's schedulers apply --layer_decay's per-group lr_scale; without one, do it here
         for group in optimizer.param_groups:
             group["lr"] *= group.get("lr_scale", 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.amp == "fp16")
     ema = ModelEmaV3(model, decay=args.ema, use_warmup=True, warmup_power=3 / 4) if args.ema else None
     scored = ema.module if ema else model  # the weights validation, best.pth and inference use
     criterion = create_multi_head_loss(criterion_spec(args), heads_of(args.kind), key_values(args.head_weights, float),
@@ -372,18 +382,18 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
     if distributed():  # DDP first, then compile, as timm does: the graph is split at DDP's buckets to overlap
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        compiled, fallback = checked_compile(model, (args.batch_size, 3, *args.resize), device, args.amp,
-                                             args.channels_last)
+        compiled, fallback = checked_compile(model, (args.batch_size, 3, *args.resize), device, precision.amp,
+                                             precision.channels_last)
         if fallback and is_main:
             print(f"warning: --compile: {fallback}", file=sys.stderr)
         train_model = train_model if fallback else compiled if not distributed() else torch.compile(train_model)
 
     def checkpoint(epoch):
+        """What --resume restores, all of it: the schedule is a function of the epoch (and update), and every
+        epoch reseeds its random state from --seed, so neither is saved."""
         return dict(model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
-                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    scheduler=scheduler.state_dict() if scheduler else None, epoch=epoch, best_f1=best_f1,
-                    since_best=since_best, log=log, config=config,
-                    rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
+                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, best_f1=best_f1,
+                    since_best=since_best, log=log, config=config)
 
     if is_main:
         if not args.resume:  # from here on the run folder can always be resumed, even after a kill
@@ -392,7 +402,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             print(header)
         print(f"run {run_dir}: {len(train_loader.dataset)} train / {n_val} val "
               f"images, {trainable:,} of {total:,} parameters trainable, device {device}, {world} process(es)")
-        print(precision, flush=True)
+        print(precision.line, flush=True)
         if faces is not None:
             missing = config["faces"]["no_face"]
             listed = f", listed in {run_dir / 'no_face.csv'}" if missing else ""
@@ -406,7 +416,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
             generator.manual_seed(args.seed + epoch * world + rank)
             if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
-            row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, device, is_main,
+            row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, precision, is_main,
                               ema=ema, ema_source=model, scheduler=scheduler)
             if scheduler is not None:
                 scheduler.step(epoch + 1)
@@ -415,7 +425,7 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
                 if ema is not None:
                     distribute_bn(ema.module, world, reduce=True)
             if n_val:
-                indices, probs, targets, years = evaluate(scored, val_loader, val_shard, args, world)
+                indices, probs, targets, years = evaluate(scored, val_loader, val_shard, precision, world)
                 row.update(val_loss=val_loss(probs, targets),
                            **{f"val_{k}": v for k, v in score(targets, probs).items()})
                 if years is not None:
@@ -447,12 +457,10 @@ def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skip
                 if is_main:
                     print(f"early stop: no better F1 for {since_best} epochs")
                 break
-    except KeyboardInterrupt:
-        if is_main:
-            save_checkpoint(run_dir / "last.pth", checkpoint(epoch))
-            raise RunInterrupted(f"interrupted: saved {run_dir / 'last.pth'}; continue with --resume {run_dir}") \
-                from None
-        raise RunInterrupted("interrupted") from None
+    except KeyboardInterrupt:  # last.pth keeps the last finished epoch: a part of an epoch cannot be resumed
+        finished = f"the end of epoch {epoch}" if epoch else "the run before its first epoch"
+        raise RunInterrupted(f"interrupted in epoch {epoch + 1}: {run_dir / 'last.pth'} holds {finished}; continue "
+                             f"with --resume {run_dir}") from None
     finally:
         if wandb_run is not None:
             wandb_run.finish()
@@ -512,7 +520,7 @@ def clip_gradients(model, optimizer, scaler, value, mode="norm"):
     dispatch_clip_grad([p for p in model.parameters() if p.grad is not None], value, mode=mode)
 
 
-def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device, is_main, ema=None,
+def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, precision, is_main, ema=None,
                 ema_source=None, scheduler=None) -> dict:
     """One pass over the training data; returns the epoch's log row (train losses, lr, speed). `ema`
     (a ModelEmaV3) follows `ema_source` (the unwrapped model) after every optimizer step; a timm
@@ -523,7 +531,7 @@ def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main, leave=False, dynamic_ncols=True)
     for step, (images, targets) in enumerate(bar):
-        if args.channels_last:
+        if precision.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         mixing = (args.mixup > 0 or args.cutmix > 0) and random.random() < args.mix_prob
         if mixing:
@@ -531,7 +539,7 @@ def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, device
         updating = (step + 1) % args.grad_accum == 0 or step + 1 == len(loader)
         syncing = nullcontext() if updating or not hasattr(model, "no_sync") else model.no_sync()
         with syncing:  # DDP all-reduces only in the update's micro-batch (forward and backward inside no_sync)
-            with autocast(device, args.amp):
+            with autocast(precision.device, precision.amp):
                 outputs = model(images)
                 total, parts = criterion(outputs, targets)
                 if mixing:

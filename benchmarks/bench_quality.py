@@ -11,6 +11,7 @@ Every recipe shares the backbone, input size, epochs and batch size (COMMON); re
 to benchmarks/results/bench_quality.csv and the table of all results so far is rewritten."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -74,7 +75,7 @@ def run_recipe(name, seed, work_dir) -> list:
         rows.append(dict(recipe=name, seed=seed, tta=tta, f1=scores["f1"], mask_acc=scores["mask_acc"],
                          gender_acc=scores["gender_acc"], age_acc=scores["age_acc"], age_f1=scores["age_f1"],
                          minutes=train_minutes + (time.time() - started) / 60, train_minutes=train_minutes,
-                         run=str(run_dir)))
+                         run=os.path.relpath(run_dir, ROOT)))  # no path of one machine
     return rows
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine  # noqa: E402
+from common import ROOT, commit, machine  # noqa: E402
 
 from inference import read_labels  # noqa: E402
 from metrics import score  # noqa: E402
@@ -152,7 +152,8 @@ def main(argv=None):
             scores = score_submission(out, args.data)
             row = dict(recipe=recipe, seed=seed, f1=scores["f1"], mask_acc=scores["mask_acc"],
                        gender_acc=scores["gender_acc"], age_f1=scores["age_f1"], minutes=minutes,
-                       machine=machine(), amp=precision_of(out), out=str(out))
+                       machine=machine(), amp=precision_of(out), commit=commit(),
+                       out=os.path.relpath(out, ROOT))  # no path of one machine
             print(json.dumps(row), flush=True)
             rows.append(row)
             write_csv(results_path, pd.concat([previous, pd.DataFrame(with_reference_ratio(rows))],

@@ -75,21 +75,23 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
     else:
         model = build_model("single_head", name)
         flags = ["--epochs", "1", "--log_interval", "50", "--resize", *map(str, resize), *CONFIGS[config][1]]
-        args, _ = train.resolve_precision(train.parse_args(flags), model, torch.device("cpu"))
+        args = train.parse_args(flags)
+        resolved = train.resolve_precision(args, model, torch.device("cpu"))
         train.set_deterministic(args.deterministic, torch.device("cpu"))
-        model = model.to(memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        model = model.to(memory_format=torch.channels_last if resolved.channels_last else torch.preserve_format)
         optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.0)
         criterion = create_multi_head_loss("cross_entropy", {"class": 18})
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         dataset = MaskBaseDataset(table=table)
         train_tf, val_tf = create_transforms("CustomAugmentation", resize)
-        precision = ("fp32" if args.amp == "off" else args.amp) + (", channels_last" if args.channels_last else "") \
+        precision = ("fp32" if resolved.amp == "off" else resolved.amp) \
+            + (", channels_last" if resolved.channels_last else "") \
             + ("" if torch.are_deterministic_algorithms_enabled() else ", not deterministic")
         if args.cache:
             dataset.cache = DecodedCache.build(table["path"], val_tf, cache_dir, workers)
         compiling = time.perf_counter()
-        step_model, fallback = checked_compile(model, (batch_size, 3, *resize), torch.device("cpu"), args.amp,
-                                               args.channels_last) if args.compile else (model, None)
+        step_model, fallback = checked_compile(model, (batch_size, 3, *resize), torch.device("cpu"), resolved.amp,
+                                               resolved.channels_last) if args.compile else (model, None)
         compile_seconds = time.perf_counter() - compiling  # the compile and its check against eager
         if fallback:
             print(f"{name}: {fallback}", flush=True)
@@ -99,7 +101,7 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
             loader = DataLoader(Subset(dataset, indices, train_tf), batch_size, shuffle=True, num_workers=workers,
                                 collate_fn=fast_collate)
             train.train_epoch(step_model, PrefetchLoader(loader, MEAN, STD, "cpu"), criterion, optimizer, scaler, args,
-                              0, torch.device("cpu"), is_main=False)
+                              0, resolved, is_main=False)
     started = time.perf_counter()
     epoch(list(range(batch_size)))
     warm_up = time.perf_counter() - started + compile_seconds

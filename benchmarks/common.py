@@ -3,6 +3,7 @@ baseline's way of loading (PIL decode, centre crop, resize, float ToTensor + Nor
 the CPU, float default collate), the reference every ratio is taken against."""
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,7 +76,16 @@ def machine() -> str:
     except OSError:
         pass
     from precision import cpu_flags  # here, not at the top: the loader benchmark's child processes need no timm
-    return f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__}, commit {commit() or '?'}"
+
+
+def commit() -> str:
+    """The project's git commit (short), for a result row: which code measured it ("" outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def report(lines, out):

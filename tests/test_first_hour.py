@@ -159,7 +159,7 @@ def test_ctrl_c_ends_training_with_status_130_and_one_line(tmp_path, tiny_data):
     process.join(120)
     errors = stderr.read_text()
     assert process.exitcode == 130, errors
-    assert "Traceback" not in errors and "interrupted: saved" in errors and "--resume" in errors
+    assert "Traceback" not in errors and "holds the end of epoch" in errors and "--resume" in errors
 
 
 def test_a_fresh_clone_without_shared_trains_with_face_crop_and_predicts(tmp_path):
@@ -205,3 +205,18 @@ def test_a_vit_source_made_for_another_size_trains_and_predicts_at_the_runs_resi
     probs = inference.main(["--model_dir", str(tmp_path / "model"), "--data_dir", str(tiny_data / "eval"),
                             "--output_dir", str(tmp_path / "out"), "--num_workers", "0", "--amp", "off"])
     assert probs.shape == (len(list((tiny_data / "eval" / "images").iterdir())), 18)
+
+
+def test_wandb_without_a_login_is_one_line_before_any_work(tmp_path, tiny_data, monkeypatch):
+    import wandb
+    monkeypatch.setattr(wandb, "login", lambda **kwargs: False)
+    message = error_of(lambda: train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path),
+                                           *FAST, "--wandb"]))
+    assert "wandb login" in message and "--wandb_mode offline" in message and not any(tmp_path.iterdir())
+
+
+def test_backbones_without_multi_backbone_is_an_error(tiny_data):
+    import flags
+    args = flags.parse_args(["--data_dir", str(tiny_data / "train"), "--backbones", "age=test_resnet"])
+    with pytest.raises(flags.FlagError, match="--backbones needs --kind multi_backbone"):
+        flags.validate(args)

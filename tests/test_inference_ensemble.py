@@ -235,10 +235,11 @@ def test_an_info_csv_without_usable_rows_fails_clearly(trained, tiny_data, tmp_p
 
 def test_inference_points_a_k_fold_run_to_ensemble(tiny_data, tmp_path, capsys):
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), "--name", "cv", "--model",
-                "test_resnet", "--pretrained", "none", "--resize", "32", "24", "--num_workers", "0", "--epochs",
-                    "1", "--n_folds", "2",
-                "--report", "off"])
+                "test_resnet", "--pretrained", "none", "--resize", "32", "24", "--num_workers", "0", "--epochs", "1",
+                "--n_folds", "2", "--report", "off"])
     summary = tmp_path / "cv_cv.json"
+    assert (f"the folds are listed in {summary}; vote them with: python ensemble.py {summary} --data_dir EVAL_DIR"
+            in capsys.readouterr().out.splitlines()[-1])
     with pytest.raises(SystemExit, match=f"cv_cv.json is a k-fold run's summary: vote its folds with python "
                                          f"ensemble.py {summary}"):
         predict(summary, tiny_data, tmp_path / "out")
