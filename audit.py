@@ -17,18 +17,9 @@ from cleanlab.filter import find_label_issues
 from PIL import Image, ImageDraw
 from scipy.special import ndtr
 
-from dataset import (
-    DEFAULT_AGE_BINS,
-    DUPLICATE_MIN,
-    MASK_FILES,
-    decode_image,
-    decode_multi_class,
-    duplicate_pairs,
-    images_dir,
-    open_upright,
-    scan_people,
-)
+from dataset import DUPLICATE_MIN, decode_image, duplicate_pairs, images_dir, open_upright, scan_people
 from faces import run_face_crop
+from labels import DEFAULT_AGE_BINS, MASK_FILES, decode_multi_class
 from runs import (
     HEAD_COLUMNS,
     atomic_write,
@@ -38,7 +29,6 @@ from runs import (
     read_probabilities,
     run_command,
     tool_parser,
-    upgraded_config,
     write_csv,
 )
 
@@ -65,12 +55,11 @@ def probability_files(inputs) -> tuple:
         else:
             raise FileNotFoundError(f"input not found: {item}")
         for folder in folders:
-            config = upgraded_config(read_json(folder / "config.json"), folder)  # a baseline's folder: one line
             if not (folder / "val_probs.csv").is_file():
                 raise FileNotFoundError(f"{folder} has no val_probs.csv: audit needs finished runs with validation "
                                         "(--n_folds), not --val_ratio 0")
             files.append(folder / "val_probs.csv")
-            configs.append(config)
+            configs.append(read_json(folder / "config.json"))  # audit reads its data_dir and age_bins alone
     roots = {str(images_dir(c["data_dir"]).resolve()) for c in configs}
     if len(roots) > 1:
         raise ValueError(f"the runs come from different train folders: {', '.join(sorted(roots))}")

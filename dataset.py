@@ -3,7 +3,6 @@ uint8 collate and the device prefetcher (augmentations: augment.py; generated sa
 import os
 import re
 import warnings
-from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -14,57 +13,21 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, WeightedRandomSampler
 
+from labels import (
+    DEFAULT_AGE_BINS,
+    MASK_FILES,
+    AgeLabels,
+    GenderLabels,
+    MaskLabels,
+    decode_multi_class,
+    encode_multi_class,
+)
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
-MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 IMAGES_PER_PERSON = len(MASK_FILES)
 PERSON_FOLDER = re.compile(r"^(\d+)_(male|female)_(.+?)_(\d+)$", re.IGNORECASE)  # a race may hold "_"
-DEFAULT_AGE_BINS = (30, 60)
 MAX_AGE = 120  # UTKFace's oldest is 116
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
-
-
-# ---------------------------------------------------------------- labels
-class MaskLabels(IntEnum):
-    MASK = 0
-    INCORRECT = 1
-    NORMAL = 2
-
-    @classmethod
-    def from_file_stem(cls, stem: str) -> "MaskLabels":
-        return cls(MASK_FILES[stem.lower()])
-
-
-class GenderLabels(IntEnum):
-    MALE = 0
-    FEMALE = 1
-
-    @classmethod
-    def from_str(cls, value: str) -> "GenderLabels":
-        value = value.strip().lower()
-        if value not in ("male", "female"):
-            raise ValueError(f"gender must be 'male' or 'female', got {value!r}")
-        return cls.MALE if value == "male" else cls.FEMALE
-
-
-class AgeLabels(IntEnum):
-    YOUNG = 0
-    MIDDLE = 1
-    OLD = 2
-
-    @classmethod
-    def from_number(cls, age, bins=DEFAULT_AGE_BINS) -> "AgeLabels":
-        age = int(age)
-        return cls.YOUNG if age < bins[0] else cls.MIDDLE if age < bins[1] else cls.OLD
-
-
-def encode_multi_class(mask, gender, age):
-    """(mask, gender, age) -> class id 0..17; works on ints and on arrays/tensors."""
-    return mask * 6 + gender * 3 + age
-
-
-def decode_multi_class(class_id):
-    """class id -> (mask, gender, age); works on ints and on arrays/tensors."""
-    return class_id // 6, (class_id // 3) % 2, class_id % 3
 
 
 def to_class_targets(targets: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from cache import DEFAULT_CACHE_DIR
-from dataset import encode_multi_class
 from inference import (
     add_bad_images_flag,
     add_face_flags,
@@ -32,8 +31,9 @@ from inference import (
     validation_offsets,
     write_submission,
 )
+from labels import HEADS, combine_heads, encode_multi_class, head_probs
 from metrics import apply_offsets, score
-from model import HEADS, TTA_CHOICES, combine_heads, head_probs
+from model import TTA_CHOICES
 from runs import (
     PROB_COLUMNS,
     one_line_errors,

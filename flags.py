@@ -11,8 +11,9 @@ from augment import AUGMENTATIONS, AUTO_AUGMENTS, check_augment_options
 from cache import DEFAULT_CACHE_DIR
 from dataset import DATASETS, SAMPLE_DIR
 from faces import DEFAULT_DETECTOR, DEFAULT_MARGIN, DEFAULT_SCORE, MARGIN_RANGE
+from labels import HEADS
 from loss import create_criterion
-from model import HEADS, MODEL_KINDS, check_model_name
+from model import MODEL_KINDS, check_model_name
 from precision import AMP_CHOICES, CHANNELS_LAST_CHOICES, DEVICE_CHOICES
 from runs import tool_parser
 

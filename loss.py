@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dataset import to_class_targets, to_head_targets
-from model import HEADS
+from labels import HEADS
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):

@@ -3,8 +3,7 @@ and F1, a per-class report, and the confusion matrix picture."""
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
-from dataset import decode_multi_class
-from model import HEADS
+from labels import HEADS, decode_multi_class
 
 
 def macro_f1(targets, preds) -> float:

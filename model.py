@@ -12,9 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from labels import HEADS, combine_heads
 from precision import autocast
 
-HEADS = {"mask": 3, "gender": 2, "age": 3}
 YEARS_CENTRE, YEARS_SCALE = 40.0, 20.0  # the years head outputs (age - centre) / scale, so it starts near 40
 MODEL_KINDS = ("three_head", "single_head", "multi_backbone")
 
@@ -355,20 +355,6 @@ def probs18(outputs: dict) -> torch.Tensor:
     if "class" in outputs:
         return F.softmax(outputs["class"].float(), dim=1)
     return combine_heads(*(F.softmax(outputs[head].float(), dim=1) for head in HEADS))
-
-
-def combine_heads(mask, gender, age):
-    """18-class probabilities as the product of per-head ones (class = mask*6 + gender*3 + age);
-    tensors or numpy arrays, any leading dimensions."""
-    product = mask[..., :, None, None] * gender[..., None, :, None] * age[..., None, None, :]
-    return product.reshape(*product.shape[:-3], 18)
-
-
-def head_probs(probs) -> dict:
-    """Per-head probabilities (mask 3, gender 2, age 3) as marginals of 18-class probabilities;
-    tensors or numpy arrays, any leading dimensions."""
-    grid = probs.reshape(*probs.shape[:-1], 3, 2, 3)
-    return {"mask": grid.sum((-2, -1)), "gender": grid.sum((-3, -1)), "age": grid.sum((-3, -2))}
 
 
 TTA_CHOICES = ("none", "hflip")

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from run_page import class_name, class_scores, curves_figure, load_run, missing, page, table_html, write_report
+from labels import class_name
+from run_page import class_scores, curves_figure, load_run, missing, page, table_html, write_report
 from runs import atomic_write, one_line_errors, read_folds, run_command, tool_parser
 
 

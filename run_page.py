@@ -20,13 +20,13 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from augment import create_transforms
-from dataset import decode_multi_class, images_dir, load_image, open_upright
+from dataset import images_dir, load_image, open_upright
 from faces import no_face_words, run_face_crop
+from labels import HEAD_NAMES, HEADS, class_name, decode_multi_class
 from metrics import pyplot, save_confusion_png
-from model import HEADS, model_from_config
+from model import model_from_config
 from runs import PROB_COLUMNS, atomic_write, load_checkpoint, read_json, read_probabilities, upgraded_config
 
-HEAD_NAMES = {"mask": ("wear", "incorrect", "not wear"), "gender": ("male", "female"), "age": ("<30", "30-59", ">=60")}
 # the page's order: what the run learned first, then how it was set up, then the details
 SECTIONS = {"curves": "Learning curves", "confusion": "Confusion matrices", "settings": "Settings",
             "classes": "Per-class scores", "errors": "Validation errors", "cams": "Where the heads look"}
@@ -40,12 +40,6 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3
 figure.tile{display:inline-block;vertical-align:top;width:150px;margin:4px 6px 10px 0}
 figure.tile img{display:block}figcaption{font-size:11px;line-height:1.3;overflow-wrap:anywhere}
 .note{color:#777}img{max-width:100%}"""
-
-
-def class_name(class_id) -> str:
-    """18-class id -> "wear / female / 30-59"."""
-    mask, gender, age = decode_multi_class(int(class_id))
-    return f"{HEAD_NAMES['mask'][mask]} / {HEAD_NAMES['gender'][gender]} / {HEAD_NAMES['age'][age]}"
 
 
 def png(figure) -> str:

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from dataset import DataWarning, read_csv_file, without_source_locations
-from model import HEADS, head_probs
+from labels import HEADS, head_probs
 
 UMASK = os.umask(0)
 os.umask(UMASK)

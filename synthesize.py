@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dataset import DEFAULT_AGE_BINS, open_upright, scan_people
+from dataset import open_upright, scan_people
+from labels import DEFAULT_AGE_BINS
 from runs import one_line_errors
 
 

@@ -21,7 +21,8 @@ import pandas as pd
 from common import ROOT, machine, report
 
 import audit  # noqa: E402
-from dataset import PERSON_FOLDER, AgeLabels  # noqa: E402
+from dataset import PERSON_FOLDER  # noqa: E402
+from labels import AgeLabels
 
 SHARED = ROOT.parent / "shared"
 UTKMASK = SHARED / "data" / "utkmask"
@@ -302,7 +303,7 @@ def main(argv=None):
 def not_injected_sheet(inputs, data_dir, not_injected, out):
     """The contact sheet of the top suspects that were not injected (UTKFace's own label errors?)."""
     from audit import audit_table, contact_sheet, join, out_of_fold, probability_files
-    from dataset import decode_multi_class
+    from labels import decode_multi_class
     files, _ = probability_files(inputs)
     data = join(audit_table(data_dir), out_of_fold(files))
     data["mask"], data["gender_label"], data["age_label"] = decode_multi_class(data["ans"].to_numpy())

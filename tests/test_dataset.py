@@ -13,7 +13,6 @@ import dataset as dataset_module
 import runs
 from augment import CustomAugmentation, create_transforms
 from dataset import (
-    AgeLabels,
     DataWarning,
     MaskBaseDataset,
     MaskSplitByProfileDataset,
@@ -21,9 +20,7 @@ from dataset import (
     PrefetchLoader,
     TestDataset,
     decode_image,
-    decode_multi_class,
     duplicate_pairs,
-    encode_multi_class,
     fast_collate,
     fold_people,
     make_sampler,
@@ -34,6 +31,7 @@ from dataset import (
     to_class_targets,
     to_head_targets,
 )
+from labels import AgeLabels, decode_multi_class, encode_multi_class
 from sample import make_sample
 
 

@@ -4,8 +4,9 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
+from labels import HEADS, head_probs
 from loss import F1Loss, create_criterion, create_multi_head_loss
-from model import HEADS, build_model, freeze, head_probs, preprocessing, probs18
+from model import build_model, freeze, preprocessing, probs18
 
 torch.manual_seed(0)
 
