@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -309,173 +310,303 @@ def evaluate(model, loader, val_shard, precision, world):
     return indices[order], probs, targets, years
 
 
-def train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped=(), on_epoch=None,
-              faces=None, header="") -> float:
-    """Train one model into `run_dir`; return its best validation macro F1. `skipped`: the
-    unreadable images left out, recorded in the run; `faces`: the face boxes with --face_crop;
-    `header`: the run header's first line (model, weights, sizes)."""
+@dataclass(frozen=True)
+class RunData:
+    """The checked images of a run: the train table, the --extra_data table (or None), the unreadable images
+    left out, and the face boxes with --face_crop (or None)."""
+    table: pd.DataFrame
+    extra_table: pd.DataFrame | None
+    skipped: tuple
+    faces: object
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a process trains: its rank among `world` processes and its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+
+@dataclass
+class Run:
+    """Everything one training run is made of, built once (`build_run`) before its first epoch."""
+    dataset: object
+    model: torch.nn.Module
+    ema: ModelEmaV3 | None
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    train_loader: PrefetchLoader
+    generator: torch.Generator
+    val_loader: PrefetchLoader
+    val_shard: Subset
+    precision: Precision
+    config: dict
+    n_val: int
+
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The weights validation, best.pth and inference use: the moving average with --ema."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+@dataclass
+class Progress:
+    """How far a run is: epochs done, the best validation F1, epochs since it, the log rows."""
+    epoch: int = 0
+    best_f1: float = -1.0
+    since_best: int = 0
+    log: list = field(default_factory=list)
+
+
+def build_run(args, data, place, fold, run_dir) -> tuple:
+    """(Run, Progress, lines for the header) of one model: dataset and split, model and loaders, precision,
+    config.json, optimizer, schedule, scaler, EMA, criterion, and a resumed run's saved state."""
     seed_everything(args.seed)
-    deterministic = set_deterministic(args.deterministic, device)
-    is_main = rank == 0
-    dataset = DATASETS[args.dataset](table=table, val_ratio=args.val_ratio, seed=args.seed, n_folds=args.n_folds,
-                                     fold=fold or 0, drop_ages=args.drop_ages, extra_table=extra_table,
+    deterministic = set_deterministic(args.deterministic, place.device)
+    dataset = DATASETS[args.dataset](table=data.table, val_ratio=args.val_ratio, seed=args.seed, n_folds=args.n_folds,
+                                     fold=fold or 0, drop_ages=args.drop_ages, extra_table=data.extra_table,
                                      exact_age=args.age_soft > 0 or args.age_years > 0)
     model = build_model(pretrained=False if args.resume else pretrained_choice(args), **model_args(args))
     trainable, total = freeze(model, args.freeze)
     if args.cache_features and (unsupported := check_supported(model)):
         raise FlagError(unsupported)
-    train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, rank, world, device, faces)
-    config = run_config(args, model, run_dir, fold)  # the flags as asked ...
-    state = None
-    if args.resume:
-        state = load_checkpoint(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
-                                device)
-    precision = resolve_precision(args, model, device, world,  # ... and as this device runs them
-                                        resumed=state and state.get("config"),
-                                        features_shape=train_loader.dataset.shape if args.cache_features else None)
-    config.update(amp_resolved=precision.amp, channels_last_resolved=precision.channels_last, device_type=device.type,
-                  skipped_images=len(skipped), deterministic_resolved=deterministic)
+    train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, place.rank, place.world,
+                                                                  place.device, data.faces)
+    state = load_checkpoint(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
+                            place.device) if args.resume else None
+    precision = resolve_precision(args, model, place.device, place.world, resumed=state and state.get("config"),
+                                  features_shape=train_loader.dataset.shape if args.cache_features else None)
+    config = run_config(args, model, run_dir, fold)
+    config.update(amp_resolved=precision.amp, channels_last_resolved=precision.channels_last,
+                  device_type=place.device.type, skipped_images=len(data.skipped),
+                  deterministic_resolved=deterministic)
+    faces = data.faces
     if faces is not None:
-        faces = faces.subset(pd.concat([t["path"] for t in (table, extra_table) if t is not None]))
+        faces = faces.subset(pd.concat([t["path"] for t in (data.table, data.extra_table) if t is not None]))
         config.update(faces=face_record(faces))
-    n_val = sum(gather(len(val_shard), world))
-    if is_main:
+    if place.rank == 0:
         write_json(run_dir / "config.json", config)
         if faces is not None:
             write_no_face(run_dir / "no_face.csv", faces)
-        if skipped:
-            write_bad_images(skipped, run_dir / "skipped_images.csv")
-    model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.preserve_format)
-    optimizer = timm.optim.create_optimizer_v2(model, opt=args.optimizer, lr=args.lr,
-                                               weight_decay=args.weight_decay, momentum=args.momentum,
-                                               layer_decay=args.layer_decay)
-    scheduler = None
-    if args.scheduler != "none":
-        scheduler, _ = timm.scheduler.create_scheduler_v2(
-            optimizer, sched=args.scheduler, num_epochs=args.epochs, decay_epochs=args.lr_decay_step,
-            decay_rate=args.lr_gamma, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01, min_lr=args.lr * 0.01,
-            step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch(train_loader, args))
-    if scheduler is None:  # timm's schedulers apply --layer_decay's per-group lr_scale; without one, do it here
-        for group in optimizer.param_groups:
-            group["lr"] *= group.get("lr_scale", 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.amp == "fp16")
+        if data.skipped:
+            write_bad_images(data.skipped, run_dir / "skipped_images.csv")
+    model.to(place.device, memory_format=torch.channels_last if precision.channels_last else torch.preserve_format)
+    optimizer, scheduler = build_optimization(args, model, updates_per_epoch(train_loader, args))
+    scaler = torch.amp.GradScaler(place.device.type, enabled=precision.amp == "fp16")
     ema = ModelEmaV3(model, decay=args.ema, use_warmup=True, warmup_power=3 / 4) if args.ema else None
-    scored = ema.module if ema else model  # the weights validation, best.pth and inference use
     criterion = create_multi_head_loss(criterion_spec(args), heads_of(args.kind), key_values(args.head_weights, float),
                                        gamma=args.focal_gamma, smoothing=args.smoothing, age_soft=args.age_soft,
-                                       age_bins=args.age_bins, age_years=args.age_years).to(device)
-    start_epoch, best_f1, since_best, log = 0, -1.0, 0, []
+                                       age_bins=args.age_bins, age_years=args.age_years).to(place.device)
+    progress = Progress()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         restore_scaler(scaler, state.get("scaler"))
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
-        start_epoch, best_f1, since_best, log = state["epoch"], state["best_f1"], state["since_best"], state["log"]
+        progress = Progress(state["epoch"], state["best_f1"], state["since_best"], state["log"])
         if scheduler is not None:  # a function of the epoch or update: this also allows more --epochs (the first
-            scheduler.step(start_epoch)  # update then takes the longer schedule's lr, not the saved one)
-            scheduler.step_update(start_epoch * updates_per_epoch(train_loader, args))
-        if is_main:
-            remove_stale_temporaries(run_dir)
-            print(f"resumed at epoch {start_epoch + 1} (best F1 so far {best_f1:.4f})")
+            scheduler.step(progress.epoch)  # update then takes the longer schedule's lr, not the saved one)
+            scheduler.step_update(progress.epoch * updates_per_epoch(train_loader, args))
+    train_model = wrapped_for_training(args, model, precision, place)
+    n_val = sum(gather(len(val_shard), place.world))
+    lines = [f"run {run_dir}: {len(train_loader.dataset)} train / {n_val} val images, {trainable:,} of {total:,} "
+             f"parameters trainable, device {place.device}, {place.world} process(es)", precision.line]
+    if faces is not None:
+        missing = config["faces"]["no_face"]
+        listed = f", listed in {run_dir / 'no_face.csv'}" if missing else ""
+        lines.append(f"faces: found in {len(faces.boxes) - missing:,} of {len(faces.boxes):,} images (margin "
+                     f"{faces.margin}); {missing:,} {no_face_words(faces.fallback)}{listed}")
+    run = Run(dataset, model, ema, train_model, optimizer, scheduler, scaler, criterion, train_loader, generator,
+              val_loader, val_shard, precision, config, n_val)
+    return run, progress, lines
+
+
+def build_optimization(args, model, updates) -> tuple:
+    """(optimizer, scheduler or None) from timm's factories; `updates`: optimizer steps per epoch."""
+    optimizer = timm.optim.create_optimizer_v2(model, opt=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                                               momentum=args.momentum, layer_decay=args.layer_decay)
+    if args.scheduler == "none":  # timm's schedulers apply --layer_decay's per-group lr_scale; without one, here
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
+        return optimizer, None
+    scheduler, _ = timm.scheduler.create_scheduler_v2(
+        optimizer, sched=args.scheduler, num_epochs=args.epochs, decay_epochs=args.lr_decay_step,
+        decay_rate=args.lr_gamma, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01, min_lr=args.lr * 0.01,
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates)
+    return optimizer, scheduler
+
+
+def wrapped_for_training(args, model, precision, place) -> torch.nn.Module:
+    """The module the loop steps: fed features with --cache_features, in DDP under torchrun, compiled with
+    --compile (after DDP, as timm does: the graph is split at DDP's buckets so communication overlaps)."""
     train_model = FromFeatures(model) if args.cache_features else model  # the same modules, fed features
-    if distributed():  # DDP first, then compile, as timm does: the graph is split at DDP's buckets to overlap
+    if distributed():
+        device = place.device
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        compiled, fallback = checked_compile(model, (args.batch_size, 3, *args.resize), device, precision.amp,
+        compiled, fallback = checked_compile(model, (args.batch_size, 3, *args.resize), place.device, precision.amp,
                                              precision.channels_last)
-        if fallback and is_main:
+        if fallback and place.rank == 0:
             print(f"warning: --compile: {fallback}", file=sys.stderr)
         train_model = train_model if fallback else compiled if not distributed() else torch.compile(train_model)
+    return train_model
 
-    def checkpoint(epoch):
-        """What --resume restores, all of it: the schedule is a function of the epoch (and update), and every
-        epoch reseeds its random state from --seed, so neither is saved."""
-        return dict(model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
-                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, best_f1=best_f1,
-                    since_best=since_best, log=log, config=config)
 
+class Checkpoints:
+    """The run folder's checkpoint files, as timm's CheckpointSaver keeps them: last.pth (what --resume
+    restores, all of it) every epoch; best.pth, its confusion matrix and val_probs.csv when validation F1
+    improves (without validation, every epoch: the last is the best); with --checkpoint_hist K the K best
+    epochs' scored weights (epochN.pth) and their average (avg.pth), kept in memory with their F1."""
+
+    def __init__(self, run_dir, run, keep=0):
+        self.run_dir, self.run, self.keep = Path(run_dir), run, keep
+        self.history = []  # (sort key, epoch, scored weights on the CPU) of the kept epochs, best first
+        for path in self.run_dir.glob("epoch*.pth") if keep else ():  # a resumed run's, read once
+            saved = load_checkpoint(path)
+            self.history.append((self.rank_of(saved["f1"], saved["epoch"]), saved["epoch"], saved["model"]))
+        self.history.sort(key=lambda item: item[0], reverse=True)
+
+    @staticmethod
+    def rank_of(f1, epoch) -> tuple:
+        """Better first: by validation F1; without validation (F1 nan) the later epoch."""
+        return (epoch if math.isnan(f1) else f1, epoch)
+
+    def epoch_end(self, args, progress, row, improved, evaluation):
+        """What rank 0 writes when an epoch ends: its line, log.csv, best.pth and its files where it improved,
+        the history, last.pth."""
+        scores = (f"val loss {row['val_loss']:.4f}  val F1 {row['val_f1']:.4f}  mask/gender/age acc "
+                  f"{row['val_mask_acc']:.3f}/{row['val_gender_acc']:.3f}/{row['val_age_acc']:.3f}"
+                  if self.run.n_val else "no validation (--val_ratio 0)")
+        print(f"epoch {progress.epoch}/{args.epochs}: loss {row['train_loss']:.4f}  {scores}  "
+              f"{row['images_per_second']:.0f} img/s" + ("  *best*" if improved and self.run.n_val else ""))
+        write_csv(self.run_dir / "log.csv", pd.DataFrame(progress.log))
+        if improved:
+            self.save_best(progress, evaluation)
+        if self.keep:
+            self.save_history(row.get("val_f1", float("nan")), progress.epoch)
+        self.save_last(progress)
+
+    def save_last(self, progress):
+        """last.pth. The schedule is a function of the epoch (and update) and every epoch reseeds its random
+        state from --seed, so neither is saved: resume restores everything last.pth holds."""
+        run = self.run
+        save_checkpoint(self.run_dir / "last.pth", dict(
+            model=run.model.state_dict(), ema=run.ema.module.state_dict() if run.ema else None,
+            optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), epoch=progress.epoch,
+            best_f1=progress.best_f1, since_best=progress.since_best, log=progress.log, config=run.config))
+
+    def save_best(self, progress, evaluation):
+        save_checkpoint(self.run_dir / "best.pth", dict(model=self.run.scored.state_dict(), epoch=progress.epoch,
+                                                        f1=progress.best_f1, config=self.run.config))
+        if evaluation is not None:
+            indices, probs, targets, years = evaluation
+            save_best_epoch_files(self.run_dir, self.run.dataset, indices, probs, targets, progress.epoch - 1, years)
+
+    def save_history(self, f1, epoch):
+        """epochN.pth of this epoch, the K best kept, and avg.pth their average (`inference.py --checkpoint
+        avg`); batch-norm statistics are averaged with the weights, not recomputed."""
+        weights = {key: value.detach().cpu().clone() for key, value in self.run.scored.state_dict().items()}
+        config = self.run.config
+        save_checkpoint(self.run_dir / f"epoch{epoch}.pth", dict(model=weights, epoch=epoch, f1=f1, config=config))
+        self.history.append((self.rank_of(f1, epoch), epoch, weights))
+        self.history.sort(key=lambda item: item[0], reverse=True)
+        for _, dropped, _ in self.history[self.keep:]:
+            (self.run_dir / f"epoch{dropped}.pth").unlink(missing_ok=True)
+        self.history = self.history[:self.keep]
+        states = [state for _, _, state in self.history]
+        average = {key: torch.stack([s[key].float() for s in states]).mean(0).to(value.dtype)
+                   if value.is_floating_point() else value for key, value in states[0].items()}
+        save_checkpoint(self.run_dir / "avg.pth", dict(model=average, epoch=epoch, f1=f1, config=config,
+                                                       averaged_epochs=sorted(e for _, e, _ in self.history)))
+
+
+def train_run(args, data, place, fold, run_dir, on_epoch=None, header="") -> float:
+    """Train one model into `run_dir`; return its best validation macro F1. `data`: the checked images
+    (RunData); `place`: rank, world and device; `header`: the run header's first line; `on_epoch(epoch,
+    row, fold)`: a tool's hook after every saved epoch."""
+    run, progress, lines = build_run(args, data, place, fold, run_dir)
+    is_main = place.rank == 0
+    checkpoints = Checkpoints(run_dir, run, args.checkpoint_hist)
     if is_main:
-        if not args.resume:  # from here on the run folder can always be resumed, even after a kill
-            save_checkpoint(run_dir / "last.pth", checkpoint(0))
-        if header:
-            print(header)
-        print(f"run {run_dir}: {len(train_loader.dataset)} train / {n_val} val "
-              f"images, {trainable:,} of {total:,} parameters trainable, device {device}, {world} process(es)")
-        print(precision.line, flush=True)
-        if faces is not None:
-            missing = config["faces"]["no_face"]
-            listed = f", listed in {run_dir / 'no_face.csv'}" if missing else ""
-            print(f"faces: found in {len(faces.boxes) - missing:,} of {len(faces.boxes):,} images (margin "
-                  f"{faces.margin}); {missing:,} {no_face_words(faces.fallback)}{listed}", flush=True)
-    wandb_run = start_wandb(args, config, run_dir) if args.wandb and is_main else None
-    epoch = start_epoch
+        if args.resume:
+            remove_stale_temporaries(run_dir)
+        else:  # from here on the run folder can always be resumed, even after a kill
+            checkpoints.save_last(progress)
+        print("\n".join(([header] if header else []) + lines), flush=True)
+        if args.resume:
+            print(f"resumed at epoch {progress.epoch + 1} (best F1 so far {progress.best_f1:.4f})")
+    wandb_run = start_wandb(args, run.config, run_dir) if args.wandb and is_main else None
     try:
-        for epoch in range(start_epoch, args.epochs):
-            seed_everything(args.seed + epoch * world + rank)  # each rank its own augmentation, as timm seeds
-            generator.manual_seed(args.seed + epoch * world + rank)
-            if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
-                train_loader.sampler.set_epoch(epoch)
-            row = train_epoch(train_model, train_loader, criterion, optimizer, scaler, args, epoch, precision, is_main,
-                              ema=ema, ema_source=model, scheduler=scheduler)
-            if scheduler is not None:
-                scheduler.step(epoch + 1)
-            if distributed():  # validate with batch-norm statistics averaged over the ranks (timm's distribute_bn)
-                distribute_bn(model, world, reduce=True)
-                if ema is not None:
-                    distribute_bn(ema.module, world, reduce=True)
-            if n_val:
-                indices, probs, targets, years = evaluate(scored, val_loader, val_shard, precision, world)
-                row.update(val_loss=val_loss(probs, targets),
-                           **{f"val_{k}": v for k, v in score(targets, probs).items()})
-                if years is not None:
-                    row["val_years_mae"] = float(np.abs(years - dataset.table["age"].to_numpy()[indices]).mean())
-            log.append(row)
-            improved = not n_val or row["val_f1"] > best_f1  # without validation the last epoch is the best
-            best_f1, since_best = (row.get("val_f1", float("nan")), 0) if improved else (best_f1, since_best + 1)
+        while progress.epoch < args.epochs:
+            row, evaluation = train_and_validate(args, run, place, progress.epoch)
+            progress.epoch += 1
+            progress.log.append(row)
+            improved = not run.n_val or row["val_f1"] > progress.best_f1  # without validation: the last is best
+            progress.best_f1, progress.since_best = ((row.get("val_f1", float("nan")), 0) if improved
+                                                     else (progress.best_f1, progress.since_best + 1))
             if is_main:
-                scores = (f"val loss {row['val_loss']:.4f}  val F1 {row['val_f1']:.4f}  mask/gender/age acc "
-                          f"{row['val_mask_acc']:.3f}/{row['val_gender_acc']:.3f}/{row['val_age_acc']:.3f}"
-                          if n_val else "no validation (--val_ratio 0)")
-                print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}  {scores}  "
-                      f"{row['images_per_second']:.0f} img/s" + ("  *best*" if improved and n_val else ""))
-                write_csv(run_dir / "log.csv", pd.DataFrame(log))
-                if improved:
-                    save_checkpoint(run_dir / "best.pth", dict(model=scored.state_dict(), epoch=epoch + 1, f1=best_f1,
-                                                               config=config))
-                    if n_val:
-                        save_best_epoch_files(run_dir, dataset, indices, probs, targets, epoch, years)
-                if args.checkpoint_hist:
-                    keep_history(run_dir, scored.state_dict(), row.get("val_f1", float("nan")), epoch + 1,
-                                 args.checkpoint_hist, config)
-                save_checkpoint(run_dir / "last.pth", checkpoint(epoch + 1))
+                checkpoints.epoch_end(args, progress, row, improved, evaluation)
                 if wandb_run is not None:
-                    wandb_run.log(row, step=epoch + 1)
+                    wandb_run.log(row, step=progress.epoch)
                 if on_epoch is not None:
-                    on_epoch(epoch + 1, row, fold)
-            if args.early_stop and since_best >= args.early_stop:
+                    on_epoch(progress.epoch, row, fold)
+            if args.early_stop and progress.since_best >= args.early_stop:
                 if is_main:
-                    print(f"early stop: no better F1 for {since_best} epochs")
+                    print(f"early stop: no better F1 for {progress.since_best} epochs")
                 break
     except KeyboardInterrupt:  # last.pth keeps the last finished epoch: a part of an epoch cannot be resumed
-        finished = f"the end of epoch {epoch}" if epoch else "the run before its first epoch"
-        raise RunInterrupted(f"interrupted in epoch {epoch + 1}: {run_dir / 'last.pth'} holds {finished}; continue "
+        done = progress.epoch
+        finished = f"the end of epoch {done}" if done else "the run before its first epoch"
+        raise RunInterrupted(f"interrupted in epoch {done + 1}: {run_dir / 'last.pth'} holds {finished}; continue "
                              f"with --resume {run_dir}") from None
     finally:
         if wandb_run is not None:
             wandb_run.finish()
     if is_main:
-        if args.keep_last == "off":
-            (run_dir / "last.pth").unlink(missing_ok=True)
-        print(f"best validation macro F1 {best_f1:.4f}; run folder {run_dir}" if n_val else
-              f"trained on every image for {args.epochs} epochs (best.pth is the last epoch); run folder {run_dir}")
-        if args.report == "on":
-            try:
-                print(f"report: {write_report(run_dir, cams=False)} (python report.py {run_dir} adds where the "
-                      "heads look)")
-            except Exception as error:  # a report must never cost the run
-                print(f"warning: no report.html ({one_line(error)})", file=sys.stderr)
-    return best_f1
+        finish_run(args, run_dir, progress.best_f1, run.n_val)
+    return progress.best_f1
+
+
+def train_and_validate(args, run, place, epoch) -> tuple:
+    """One epoch of training and, with validation, its scores: (the log row, (indices, probabilities, targets,
+    years) or None). Every rank seeds its own augmentation from --seed, the epoch and its rank (as timm)."""
+    seed_everything(args.seed + epoch * place.world + place.rank)
+    run.generator.manual_seed(args.seed + epoch * place.world + place.rank)
+    if isinstance(run.train_loader.sampler, torch.utils.data.DistributedSampler):
+        run.train_loader.sampler.set_epoch(epoch)
+    row = train_epoch(run, args, epoch, place.rank == 0)
+    if run.scheduler is not None:
+        run.scheduler.step(epoch + 1)
+    if distributed():  # validate with batch-norm statistics averaged over the ranks (timm's distribute_bn)
+        distribute_bn(run.model, place.world, reduce=True)
+        if run.ema is not None:
+            distribute_bn(run.ema.module, place.world, reduce=True)
+    if not run.n_val:
+        return row, None
+    indices, probs, targets, years = evaluate(run.scored, run.val_loader, run.val_shard, run.precision, place.world)
+    row.update(val_loss=val_loss(probs, targets), **{f"val_{k}": v for k, v in score(targets, probs).items()})
+    if years is not None:
+        row["val_years_mae"] = float(np.abs(years - run.dataset.table["age"].to_numpy()[indices]).mean())
+    return row, (indices, probs, targets, years)
+
+
+def finish_run(args, run_dir, best_f1, n_val):
+    """The run's last line, last.pth dropped with --keep_last off, and report.html (never costing the run)."""
+    if args.keep_last == "off":
+        (run_dir / "last.pth").unlink(missing_ok=True)
+    print(f"best validation macro F1 {best_f1:.4f}; run folder {run_dir}" if n_val else
+          f"trained on every image for {args.epochs} epochs (best.pth is the last epoch); run folder {run_dir}")
+    if args.report == "on":
+        try:
+            print(f"report: {write_report(run_dir, cams=False)} (python report.py {run_dir} adds where the heads "
+                  "look)")
+        except Exception as error:  # a report must never cost the run
+            print(f"warning: no report.html ({one_line(error)})", file=sys.stderr)
 
 
 def restore_scaler(scaler, saved) -> None:
@@ -483,24 +614,6 @@ def restore_scaler(scaler, saved) -> None:
     scaler saved {}) resumed on a V100 (fp16: an enabled scaler) starts a fresh scale instead of failing."""
     if scaler.is_enabled() and saved:
         scaler.load_state_dict(saved)
-
-
-def keep_history(run_dir, weights, f1, epoch, keep, config) -> None:
-    """--checkpoint_hist K: this epoch's weights (the scored ones: the moving average with --ema) as
-    epochN.pth, only the K best kept (by validation F1; without validation the K last), and their average
-    written as avg.pth (`inference.py --checkpoint avg`). Batch-norm statistics are averaged with the
-    weights, not recomputed."""
-    save_checkpoint(run_dir / f"epoch{epoch}.pth", dict(model=weights, epoch=epoch, f1=f1, config=config))
-    kept = [(load_checkpoint(path), path) for path in run_dir.glob("epoch*.pth")]
-    kept.sort(key=lambda item: (item[0]["epoch"] if math.isnan(item[0]["f1"]) else item[0]["f1"], item[0]["epoch"]),
-              reverse=True)
-    for _, path in kept[keep:]:
-        path.unlink()
-    states = [state["model"] for state, _ in kept[:keep]]
-    average = {key: torch.stack([s[key].float() for s in states]).mean(0).to(value.dtype)
-               if value.is_floating_point() else value for key, value in states[0].items()}
-    save_checkpoint(run_dir / "avg.pth", dict(model=average, epoch=epoch, f1=f1, config=config,
-                                              averaged_epochs=sorted(state["epoch"] for state, _ in kept[:keep])))
 
 
 def head_lr(optimizer) -> float:
@@ -520,44 +633,22 @@ def clip_gradients(model, optimizer, scaler, value, mode="norm"):
     dispatch_clip_grad([p for p in model.parameters() if p.grad is not None], value, mode=mode)
 
 
-def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, precision, is_main, ema=None,
-                ema_source=None, scheduler=None) -> dict:
-    """One pass over the training data; returns the epoch's log row (train losses, lr, speed). `ema`
-    (a ModelEmaV3) follows `ema_source` (the unwrapped model) after every optimizer step; a timm
-    `scheduler` made with step_on_epochs=False moves the learning rate then too."""
+def train_epoch(run, args, epoch, is_main) -> dict:
+    """One pass over the training data of `run` (a Run: its train_model, loader, criterion, optimizer,
+    scaler, precision, EMA and scheduler); returns the epoch's log row (train losses, lr, speed). The EMA
+    follows the unwrapped model after every optimizer step; a timm scheduler made with
+    step_on_epochs=False moves the learning rate then too."""
+    loader, optimizer = run.train_loader, run.optimizer
     updates_before = epoch * updates_per_epoch(loader, args)
-    model.train()
+    run.train_model.train()
     sums, seen, started = {}, 0, time.time()
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main, leave=False, dynamic_ncols=True)
     for step, (images, targets) in enumerate(bar):
-        if precision.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        mixing = (args.mixup > 0 or args.cutmix > 0) and random.random() < args.mix_prob
-        if mixing:
-            images, permutation, lam = mix_batch(images, args.mixup, args.cutmix)
         updating = (step + 1) % args.grad_accum == 0 or step + 1 == len(loader)
-        syncing = nullcontext() if updating or not hasattr(model, "no_sync") else model.no_sync()
-        with syncing:  # DDP all-reduces only in the update's micro-batch (forward and backward inside no_sync)
-            with autocast(precision.device, precision.amp):
-                outputs = model(images)
-                total, parts = criterion(outputs, targets)
-                if mixing:
-                    total_b, parts_b = criterion(outputs, targets[permutation])
-                    total = lam * total + (1 - lam) * total_b
-                    parts = {head: lam * parts[head] + (1 - lam) * parts_b[head] for head in parts}
-            scaler.scale(total / args.grad_accum).backward()
+        total, parts = forward_backward(run, args, images, targets, updating)
         if updating:
-            if args.clip_grad is not None:
-                clip_gradients(model, optimizer, scaler, args.clip_grad, args.clip_mode)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            updates = updates_before + step // args.grad_accum + 1
-            if ema is not None:
-                ema.update(ema_source, step=updates)
-            if scheduler is not None:
-                scheduler.step_update(updates)  # a no-op for a schedule that moves per epoch
+            optimizer_update(run, args, updates_before + step // args.grad_accum + 1)
         for key, value in [("train_loss", total)] + [(f"train_loss_{h}", v) for h, v in parts.items()]:
             sums[key] = sums.get(key, 0.0) + value.detach() * len(images)
         seen += len(images)
@@ -569,10 +660,45 @@ def train_epoch(model, loader, criterion, optimizer, scaler, args, epoch, precis
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{head_lr(optimizer):.2e}",
                             img_s=f"{seen / (time.time() - started):.0f}")
     seconds = time.time() - started
-    row = {"epoch": epoch + 1, **{k: v.item() / max(seen, 1) for k, v in sums.items()},
-           "lr": head_lr(optimizer), "epoch_seconds": seconds,
-           "images_per_second": seen / max(seconds, 1e-9)}
-    return row
+    return {"epoch": epoch + 1, **{k: v.item() / max(seen, 1) for k, v in sums.items()}, "lr": head_lr(optimizer),
+            "epoch_seconds": seconds, "images_per_second": seen / max(seconds, 1e-9)}
+
+
+def forward_backward(run, args, images, targets, updating) -> tuple:
+    """The loss of one batch (MixUp / CutMix on some, as --mix_prob draws) and its backward pass: (total,
+    per-head losses). Under DDP a micro-batch that ends no update runs inside no_sync: one all-reduce per
+    optimizer step, not per batch."""
+    model, precision = run.train_model, run.precision
+    if precision.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    mixing = (args.mixup > 0 or args.cutmix > 0) and random.random() < args.mix_prob
+    if mixing:
+        images, permutation, lam = mix_batch(images, args.mixup, args.cutmix)
+    syncing = nullcontext() if updating or not hasattr(model, "no_sync") else model.no_sync()
+    with syncing:  # forward and backward both inside no_sync, as DDP needs
+        with autocast(precision.device, precision.amp):
+            outputs = model(images)
+            total, parts = run.criterion(outputs, targets)
+            if mixing:
+                total_b, parts_b = run.criterion(outputs, targets[permutation])
+                total = lam * total + (1 - lam) * total_b
+                parts = {head: lam * parts[head] + (1 - lam) * parts_b[head] for head in parts}
+        run.scaler.scale(total / args.grad_accum).backward()
+    return total, parts
+
+
+def optimizer_update(run, args, updates):
+    """The optimizer step after the accumulated batches (gradients clipped first), then the EMA and a
+    per-update schedule; `updates`: optimizer steps since the run began."""
+    if args.clip_grad is not None:
+        clip_gradients(run.train_model, run.optimizer, run.scaler, args.clip_grad, args.clip_mode)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.model, step=updates)
+    if run.scheduler is not None:
+        run.scheduler.step_update(updates)  # a no-op for a schedule that moves per epoch
 
 
 def val_loss(probs, targets) -> float:
@@ -669,8 +795,9 @@ def main(argv=None, on_epoch=None) -> list:
                     base = gather(base, world)[0]
                     run_dirs = [Path(args.model_dir) / f"{base}{s}" for s in suffixes]
                 header = run_header(args, weights, resumed_note)
-                scores = [train_run(args, table, extra_table, fold, run_dir, rank, world, device, skipped, on_epoch,
-                                    faces, header)
+                data = RunData(table, extra_table, tuple(skipped), faces)
+                place = Placement(rank, world, device)
+                scores = [train_run(args, data, place, fold, run_dir, on_epoch, header)
                           for fold, run_dir in zip(folds, run_dirs, strict=True)]
             except (Exception, KeyboardInterrupt) as error:
                 if rank == 0 and not args.resume and not isinstance(error, RunInterrupted):

@@ -13,6 +13,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import timm
 import torch
@@ -100,8 +101,10 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
         def epoch(indices):
             loader = DataLoader(Subset(dataset, indices, train_tf), batch_size, shuffle=True, num_workers=workers,
                                 collate_fn=fast_collate)
-            train.train_epoch(step_model, PrefetchLoader(loader, MEAN, STD, "cpu"), criterion, optimizer, scaler, args,
-                              0, resolved, is_main=False)
+            run = SimpleNamespace(train_model=step_model, train_loader=PrefetchLoader(loader, MEAN, STD, "cpu"),
+                                  criterion=criterion, optimizer=optimizer, scaler=scaler, precision=resolved, ema=None,
+                                  model=model, scheduler=None)  # the parts of a train.Run the epoch uses
+            train.train_epoch(run, args, 0, is_main=False)
     started = time.perf_counter()
     epoch(list(range(batch_size)))
     warm_up = time.perf_counter() - started + compile_seconds

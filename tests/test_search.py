@@ -159,10 +159,10 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(tmp_path, tiny_data
     (tmp_path / "space.yaml").write_text("lr: [0.003, 0.001]\n")
     original = train.train_epoch
 
-    def crash_for_small_lr(model, loader, criterion, optimizer, *args, **kwargs):
-        if optimizer.param_groups[0]["lr"] < 0.002:
+    def crash_for_small_lr(run, *args, **kwargs):
+        if run.optimizer.param_groups[0]["lr"] < 0.002:
             raise RuntimeError("simulated crash")
-        return original(model, loader, criterion, optimizer, *args, **kwargs)
+        return original(run, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_epoch", crash_for_small_lr)
     search.main(search_args(tmp_path, tiny_data, fixed=["--scheduler", "none"]))
