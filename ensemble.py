@@ -8,14 +8,18 @@ examples:
 import glob
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cache import DEFAULT_CACHE_DIR
 from inference import (
+    FrozenStages,
+    PredictOptions,
+    Predictor,
     add_bad_images_flag,
     add_face_flags,
+    add_output_flags,
     add_precision_flags,
     check_eval_images,
     check_face_flags,
@@ -24,7 +28,6 @@ from inference import (
     eval_dir_for,
     eval_images,
     output_paths,
-    predict_run,
     read_labels,
     report,
     run_faces,
@@ -66,29 +69,33 @@ def expand_inputs(inputs) -> list:
     return expanded
 
 
-def run_probabilities(run_dir, image_ids, paths, data_dir, tta, batch_size, amp, num_workers,
-                      channels_last="auto", unreadable=(), shared_stages=None, face_detector=None,
-                      cache_dir=DEFAULT_CACHE_DIR, no_face_path=None, device=None) -> np.ndarray:
-    """A run folder's eval probabilities: read from `eval_probs.csv` when it was made for the same
-    eval folder, TTA, checkpoint and unreadable images, else computed with inference.py's `predict_run`
-    (which keeps `--cache_features` runs' frozen-stage outputs in `shared_stages` for the next run)
-    and stored there."""
+def run_probabilities(run_dir, images, options, frozen_stages=None, no_face_path=None) -> np.ndarray:
+    """A run folder's eval probabilities for `images` (EvalImages): read from `eval_probs.csv` when it was
+    made for the same eval folder, TTA, checkpoint and unreadable images, else predicted (a Predictor with
+    `options`; --cache_features members share their frozen stages' outputs in `frozen_stages`) and stored there."""
     cache, source = run_dir / "eval_probs.csv", run_dir / "eval_probs.json"
-    key = dict(data_dir=str(Path(data_dir).resolve()), tta=tta, n_images=len(image_ids),
+    key = dict(data_dir=str(Path(images.folder).resolve()), tta=options.tta, n_images=len(images.ids),
                checkpoint_mtime_ns=(run_dir / "best.pth").stat().st_mtime_ns,
-               unreadable=sorted(map(str, unreadable)))
+               unreadable=sorted(map(str, images.unreadable)))
     if cache.is_file() and source.is_file() and json.loads(source.read_text()) == key:
         if no_face_path:  # a --face_crop member still lists its images without a face (boxes cached: no detection)
-            skipped = set(map(str, unreadable))
-            run_faces(read_config(run_dir), [p for p in paths if str(p) not in skipped], face_detector, cache_dir,
-                      num_workers, no_face_path)
-        return aligned(read_probabilities(cache), image_ids, cache)
-    probs = predict_run(run_dir, paths, "best", batch_size, amp, tta, num_workers, device, channels_last=channels_last,
-                        unreadable=unreadable, shared_stages=shared_stages, face_detector=face_detector,
-                        cache_dir=cache_dir, no_face_path=no_face_path)
-    write_csv(cache, probability_frame(image_ids, probs))
+            skipped = set(map(str, images.unreadable))
+            run_faces(read_config(run_dir), [p for p in images.paths if str(p) not in skipped], options.face_detector,
+                      options.cache_dir, options.num_workers, no_face_path)
+        return aligned(read_probabilities(cache), images.ids, cache)
+    probs = Predictor(run_dir, options, frozen_stages).predict(images.paths, images.unreadable, no_face_path)
+    write_csv(cache, probability_frame(images.ids, probs))
     write_json(source, key)
     return probs
+
+
+@dataclass(frozen=True)
+class EvalImages:
+    """An eval folder's images, in info.csv's order, and the unreadable ones among them."""
+    folder: Path
+    ids: list
+    paths: list
+    unreadable: tuple = ()
 
 
 def mixed_age_bins(run_dirs) -> str | None:
@@ -191,11 +198,8 @@ def build_parser():
     parser.add_argument("--data_dir", default=None,
                         help="eval folder: its info.csv gives the rows and their order (default: the eval/ beside "
                              "the runs' training folder)")
-    parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"),
-                        help="where the submission and its probability file are written")
-    parser.add_argument("--name", default="ensemble.csv", help="submission file name")
+    add_output_flags(parser, "ensemble.csv")
     parser.add_argument("--tta", default="hflip", choices=TTA_CHOICES, help="for run folders")
-    parser.add_argument("--batch_size", type=int, default=256, help="images per batch (run folders)")
     add_precision_flags(parser)
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="data loader processes (0: load in this process)")
@@ -247,12 +251,10 @@ def main(argv=None):
         unreadable = []
         if len(files) < len(inputs):
             unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images, args.cache_dir)
-        shared_stages = {}  # --cache_features members' frozen-stage outputs, computed once for all of them
+        images = EvalImages(data_dir, image_ids, paths, tuple(unreadable))
+        options, frozen_stages = PredictOptions.from_args(args, device), FrozenStages()  # stages shared by members
         probs = np.stack([files[path] if path in files else
-                          run_probabilities(path, image_ids, paths, data_dir, args.tta, args.batch_size, args.amp,
-                                            args.num_workers, args.channels_last, unreadable, shared_stages,
-                                            args.face_detector, args.cache_dir, submission.with_name("no_face.csv"),
-                                            device)
+                          run_probabilities(path, images, options, frozen_stages, submission.with_name("no_face.csv"))
                           for path in inputs])
         if offsets is not None:
             probs = np.stack([apply_offsets(p, offsets) for p in probs])

@@ -7,6 +7,7 @@ examples:
 """
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,7 @@ def check_eval_images(paths, output_dir, num_workers, bad_images="stop", cache_d
     """Decode every eval image once before predicting (remembered for unchanged files) and return the
     unreadable ones' paths, listed in `output_dir/bad_images.csv`. `bad_images` "stop": any unreadable
     image stops the command (no image is dropped); "fill": they are warned about and returned, for
-    `predict_run` to fill their rows."""
+    `Predictor.predict` to fill their rows."""
     bad = check_images(paths, cache_dir, num_workers)
     if not bad:
         return []
@@ -146,57 +147,99 @@ def eval_images(data_dir):
     return ids, list(table["path"]), table["class"].to_numpy(), None
 
 
-def predict_run(run_dir, paths, checkpoint="best", batch_size=256, amp="auto", tta="none", num_workers=2,
-                device=None, channels_last="auto", unreadable=(), shared_stages=None, face_detector=None,
-                cache_dir=DEFAULT_CACHE_DIR, no_face_path=None) -> np.ndarray:
-    """18-class probabilities (N, 18) of the images at `paths` by a run folder's model; the model,
-    input size, crop and mean/std all come from the run's config.json. `amp` and `channels_last`
-    take train.py's choices (auto: what this device and model run fastest with). The `unreadable`
-    paths are not decoded: their rows get the mean of the other images' probabilities.
-    `shared_stages` (a dict kept by the caller across runs): the output of a `--cache_features`
-    run's frozen stages is kept there and reused by the next run with the same frozen stages
-    (an ensemble's members), which then only runs the layers after them. A run trained with `--face_crop`
-    crops the faces as it did (its detector file, or `face_detector` where that moved; the boxes found
-    once in `cache_dir`) and, with `no_face_path`, lists the images without a face there."""
+@dataclass(frozen=True)
+class PredictOptions:
+    """How run folders predict: the same for every member of an ensemble (the flags of inference.py and
+    ensemble.py). `amp` and `channels_last` take train.py's choices (auto: what this device and model run
+    fastest with); `face_detector`: where a --face_crop run's detector file moved; `cache_dir`: the image
+    check, the face boxes and the precision timings."""
+    checkpoint: str = "best"
+    batch_size: int = 256
+    amp: str = "auto"
+    channels_last: str = "auto"
+    tta: str = "none"
+    num_workers: int = 2
+    device: torch.device | None = None
+    face_detector: str | None = None
+    cache_dir: str = DEFAULT_CACHE_DIR
+
+    @classmethod
+    def from_args(cls, args, device, checkpoint="best"):
+        return cls(checkpoint, args.batch_size, args.amp, args.channels_last, args.tta, args.num_workers, device,
+                   args.face_detector, args.cache_dir)
+
+
+class FrozenStages:
+    """The frozen stages' outputs of --cache_features runs, computed once for every run that shares those
+    stages (an ensemble's members), which then only run the layers after them. Keyed by the frozen weights,
+    the images, how they are prepared, and the TTA."""
+
+    def __init__(self):
+        self.outputs = {}
+
+    def outputs_for(self, rest, loader, paths, config, faces, predictor):
+        key = (state_digest(rest.frozen), tuple(map(str, paths)), str(config["resize"]), str(config.get("crop")),
+               predictor.options.tta, str(faces.settings if faces else None))
+        if key not in self.outputs:  # in the first member's precision (auto may time another for the next)
+            self.outputs[key] = frozen_outputs(rest.frozen, loader, predictor.amp, predictor.options.tta,
+                                               predictor.channels_last)
+        return self.outputs[key]
+
+
+class Predictor:
+    """A run folder's model, ready to predict images as it was trained to see them: the model, input size,
+    crop, face crop and mean/std all come from the run's config.json, the precision from `options`."""
+
+    def __init__(self, run_dir, options=PredictOptions(), frozen_stages=None):
+        self.run_dir, self.options, self.frozen_stages = Path(run_dir), options, frozen_stages
+        self.config, state = read_run(run_dir, options.checkpoint)
+        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model_from_config(self.config)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ValueError(f"{run_dir}/{options.checkpoint}.pth does not fit the model its config.json describes "
+                             f"({str(error).splitlines()[0]}): a run folder of another version?") from None
+        self.amp, self.channels_last, line = resolve_precision(
+            self.model, options.amp, options.channels_last, self.device, self.config["resize"], options.batch_size,
+            train=False, remember=Path(options.cache_dir) / AMP_TIMINGS)
+        print(f"{self.run_dir.name}: {line}")
+        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+
+    def predict(self, paths, unreadable=(), no_face_path=None) -> np.ndarray:
+        """18-class probabilities (N, 18) of the images at `paths`. The `unreadable` paths are not decoded:
+        their rows get the mean of the others'. A --face_crop run lists its images without a face in
+        `no_face_path`."""
+        return filled_unreadable(lambda readable: self.predict_readable(readable, no_face_path), paths, unreadable)
+
+    def predict_readable(self, paths, no_face_path=None) -> np.ndarray:
+        config, options = self.config, self.options
+        faces = run_faces(config, paths, options.face_detector, options.cache_dir, options.num_workers, no_face_path)
+        transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"),
+                                      face_crop=faces)[1]
+        loader = DataLoader(ImageFiles(paths, transform), options.batch_size, num_workers=options.num_workers,
+                            collate_fn=fast_collate, pin_memory=self.device.type == "cuda")
+        loader = PrefetchLoader(loader, config["preprocessing"]["mean"], config["preprocessing"]["std"], self.device)
+        if self.frozen_stages is not None and config.get("cache_features"):
+            freeze(self.model, config["freeze"])
+            rest = FromFeatures(self.model)
+            features = self.frozen_stages.outputs_for(rest, loader, paths, config, faces, self)
+            return predict_from_features(rest, features, self.amp, options.batch_size, self.channels_last).numpy()
+        probs, _ = predict(self.model, loader, self.amp, options.tta, progress=True, channels_last=self.channels_last)
+        return probs.numpy()
+
+
+def filled_unreadable(predict_paths, paths, unreadable) -> np.ndarray:
+    """`predict_paths(readable paths)` for the readable ones among `paths`, the `unreadable` ones' rows filled
+    with the mean of the others' probabilities (inference.py --bad_images fill)."""
     unreadable = set(map(str, unreadable))
-    readable = np.array([str(p) not in unreadable for p in paths])
-    if not readable.all():
-        probs = np.empty((len(paths), 18), dtype=np.float32)
-        probs[readable] = predict_run(run_dir, [p for p, ok in zip(paths, readable, strict=True) if ok], checkpoint,
-                                      batch_size, amp, tta, num_workers, device, channels_last,
-                                      shared_stages=shared_stages, face_detector=face_detector, cache_dir=cache_dir,
-                                      no_face_path=no_face_path)
-        probs[~readable] = probs[readable].mean(0)
-        return probs
-    config, state = read_run(run_dir, checkpoint)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model_from_config(config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise ValueError(f"{run_dir}/{checkpoint}.pth does not fit the model its config.json describes "
-                         f"({str(error).splitlines()[0]}): a run folder of another version?") from None
-    amp_used, layout, line = resolve_precision(model, amp, channels_last, device, config["resize"], batch_size,
-                                               train=False, remember=Path(cache_dir) / AMP_TIMINGS)
-    print(f"{Path(run_dir).name}: {line}")
-    model.to(device, memory_format=torch.channels_last if layout else torch.preserve_format)
-    faces = run_faces(config, paths, face_detector, cache_dir, num_workers, no_face_path)
-    transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"),
-                                  face_crop=faces)[1]
-    loader = DataLoader(ImageFiles(paths, transform), batch_size, num_workers=num_workers, collate_fn=fast_collate,
-                        pin_memory=device.type == "cuda")
-    prep = config["preprocessing"]
-    loader = PrefetchLoader(loader, prep["mean"], prep["std"], device)
-    if shared_stages is not None and config.get("cache_features"):
-        freeze(model, config["freeze"])
-        rest = FromFeatures(model)
-        key = (state_digest(rest.frozen), tuple(map(str, paths)), str(config["resize"]), str(config.get("crop")), tta,
-               str(faces.settings if faces else None))
-        if key not in shared_stages:  # in the first member's precision (auto may time another for the next)
-            shared_stages[key] = frozen_outputs(rest.frozen, loader, amp_used, tta, layout)
-        return predict_from_features(rest, shared_stages[key], amp_used, batch_size, layout).numpy()
-    probs, _ = predict(model, loader, amp_used, tta, progress=True, channels_last=layout)
-    return probs.numpy()
+    readable = np.array([str(p) not in unreadable for p in paths], dtype=bool)
+    if readable.all():
+        return predict_paths(list(paths))
+    probs = np.empty((len(paths), 18), dtype=np.float32)
+    probs[readable] = predict_paths([p for p, ok in zip(paths, readable, strict=True) if ok])
+    probs[~readable] = probs[readable].mean(0)
+    return probs
 
 
 def run_faces(config, paths, face_detector=None, cache_dir=DEFAULT_CACHE_DIR, num_workers=0, no_face_path=None):
@@ -234,6 +277,14 @@ def report(labels, probs) -> dict:
     return scores
 
 
+def add_output_flags(parser, name):
+    """--output_dir, --name (default `name`) and --batch_size, as inference.py and ensemble.py take them."""
+    parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"),
+                        help="where the submission and its probability file are written")
+    parser.add_argument("--name", default=name, help="submission file name")
+    parser.add_argument("--batch_size", type=int, default=256, help="images per batch (run folders)")
+
+
 def add_precision_flags(parser):
     """--device, --amp and --channels_last, as in train.py (auto: the fastest right choice for this machine)."""
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
@@ -261,10 +312,7 @@ def build_parser():
     parser.add_argument("--data_dir", default=None,
                         help="eval folder (info.csv + images/), or a labelled train-layout folder to score "
                              "(default: the eval/ beside the run's training folder)")
-    parser.add_argument("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"),
-                        help="where the submission and its probability file are written")
-    parser.add_argument("--name", default="submission.csv", help="submission file name")
-    parser.add_argument("--batch_size", type=int, default=256, help="images per batch")
+    add_output_flags(parser, "submission.csv")
     add_precision_flags(parser)
     parser.add_argument("--tta", default="hflip", choices=TTA_CHOICES,
                         help="hflip averages plain and flipped predictions (+0.01 to +0.03 macro F1 on utkmask)")
@@ -348,10 +396,8 @@ def main(argv=None):
         unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images, args.cache_dir)
         print(f"predicting {len(paths)} images of {data_dir} ({why}) with {run_dir} ({args.checkpoint}.pth, "
               f"tta {args.tta})" + fold_note(run_dir, config))
-        probs = predict_run(run_dir, paths, args.checkpoint, args.batch_size, args.amp, args.tta, args.num_workers,
-                            device=device, channels_last=args.channels_last, unreadable=unreadable,
-                            face_detector=args.face_detector, cache_dir=args.cache_dir,
-                            no_face_path=submission.with_name("no_face.csv"))
+        options = PredictOptions.from_args(args, device, args.checkpoint)
+        probs = Predictor(run_dir, options).predict(paths, unreadable, submission.with_name("no_face.csv"))
         if offsets is not None:
             probs = apply_offsets(probs, offsets)
         write_submission(submission, probs_path, image_ids, probs, info)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import timm
@@ -107,14 +109,14 @@ def test_an_ensemble_runs_the_shared_frozen_stages_once(tmp_path, tiny_data, wei
     for seed in (1, 2):
         train.main([*common, "--name", f"m{seed}", "--seed", str(seed)])
     paths = sorted(str(p) for p in (tiny_data / "eval" / "images").iterdir())
-    shared = {}
+    options = inference.PredictOptions(tta="hflip", num_workers=0, amp="off")
+    shared = inference.FrozenStages()
     for run in ("m1", "m2"):
-        full = inference.predict_run(tmp_path / run, paths, tta="hflip", num_workers=0, amp="off")
-        fast = inference.predict_run(tmp_path / run, paths, tta="hflip", num_workers=0, amp="off",
-                                     shared_stages=shared)
+        full = inference.Predictor(tmp_path / run, options).predict(paths)
+        fast = inference.Predictor(tmp_path / run, options, shared).predict(paths)
         np.testing.assert_allclose(fast, full, atol=1e-5)
-    assert len(shared) == 1 and next(iter(shared.values())).shape[:2] == (len(paths), 2)
-    mixed = {}  # --amp auto may time bf16 for one member and fp32 for the next
-    inference.predict_run(tmp_path / "m1", paths, tta="hflip", num_workers=0, amp="bf16", shared_stages=mixed)
-    fast = inference.predict_run(tmp_path / "m2", paths, tta="hflip", num_workers=0, amp="off", shared_stages=mixed)
+    assert len(shared.outputs) == 1 and next(iter(shared.outputs.values())).shape[:2] == (len(paths), 2)
+    mixed = inference.FrozenStages()  # --amp auto may time bf16 for one member and fp32 for the next
+    inference.Predictor(tmp_path / "m1", replace(options, amp="bf16"), mixed).predict(paths)
+    fast = inference.Predictor(tmp_path / "m2", options, mixed).predict(paths)
     np.testing.assert_allclose(fast, full, atol=0.05)

@@ -125,7 +125,8 @@ def test_a_run_prints_and_records_asked_and_resolved(tmp_path, tiny_data, cpu_bf
     assert (config["channels_last"], config["channels_last_resolved"]) == ("auto", True)
     monkeypatch.setattr(precision, "faster_cpu_precision", lambda *a, **k: (probed, {"bf16": 2.0, "off": 1.0}))
     paths = sorted((tiny_data / "eval" / "images").iterdir())[:2]
-    probs = inference.predict_run(tmp_path / "exp", paths, batch_size=2, num_workers=0, cache_dir=tmp_path / "cache")
+    options = inference.PredictOptions(batch_size=2, num_workers=0, cache_dir=tmp_path / "cache")
+    probs = inference.Predictor(tmp_path / "exp", options).predict(paths)
     assert probs.shape == (2, 18)
     assert f"exp: amp auto -> {expected}: CPU with{'' if native else 'out'} native bf16" in capsys.readouterr().out
 
