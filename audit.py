@@ -31,6 +31,7 @@ from runs import (
     tool_parser,
     write_csv,
 )
+from spec import RunSpec
 
 GENDERS, AGE_GROUPS, MASKS = ("male", "female"), ("<30", "30-59", ">=60"), ("wear", "incorrect", "normal")
 RELABEL_COLUMNS = ["id", "gender", "age", "path", "mask"]
@@ -370,7 +371,8 @@ def main(argv=None):
         write_csv(out / "audit.csv", suspects.drop(columns="relabel"))
         draft = relabel_draft(suspects, thresholds, args.draft_kinds, args.drop)
         write_csv(out / "relabel_draft.csv", draft)
-        faces = run_face_crop(configs[0], table["path"].tolist()) if configs else None
+        spec = RunSpec.of(configs[0]) if configs and "preprocessing" in configs[0] else None  # a run's own record
+        faces = run_face_crop(spec, table["path"].tolist()) if spec else None
         contact_sheet(out / "audit.png", suspects, data, args.top, faces=faces)
     counts = suspects["kind"].value_counts().to_dict()
     rules = [f"{k} >= {thresholds[k]}" for k in args.draft_kinds if k not in args.drop]

@@ -138,6 +138,13 @@ class AlbumentationsAugmentation(CustomAugmentation):
 AUGMENTATIONS = {cls.__name__: cls for cls in (BaseAugmentation, CustomAugmentation, AlbumentationsAugmentation)}
 
 
+def preprocess_transform(preprocess, faces=None):
+    """The validation and inference transform a run's spec.Preprocess describes (`faces`: the FaceCrop of the
+    images where the run crops faces)."""
+    return create_transforms(preprocess.augmentation, preprocess.resize, crop_fraction=preprocess.crop,
+                             face_crop=faces)[1]
+
+
 def create_transforms(name, resize, **options):
     """(train, val) transforms of augmentation `name`; validation never gets random augmentation."""
     if name not in AUGMENTATIONS:

@@ -49,6 +49,7 @@ from runs import (
     write_csv,
     write_json,
 )
+from spec import RunSpec
 
 
 def expand_inputs(inputs) -> list:
@@ -80,8 +81,9 @@ def run_probabilities(run_dir, images, options, frozen_stages=None, no_face_path
     if cache.is_file() and source.is_file() and json.loads(source.read_text()) == key:
         if no_face_path:  # a --face_crop member still lists its images without a face (boxes cached: no detection)
             skipped = set(map(str, images.unreadable))
-            run_faces(read_config(run_dir), [p for p in images.paths if str(p) not in skipped], options.face_detector,
-                      options.cache_dir, options.num_workers, no_face_path)
+            readable = [p for p in images.paths if str(p) not in skipped]
+            run_faces(RunSpec.of(read_config(run_dir)), readable, options.face_detector, options.cache_dir,
+                      options.num_workers, no_face_path)
         return aligned(read_probabilities(cache), images.ids, cache)
     probs = Predictor(run_dir, options, frozen_stages).predict(images.paths, images.unreadable, no_face_path)
     write_csv(cache, probability_frame(images.ids, probs))
@@ -103,7 +105,7 @@ def mixed_age_bins(run_dirs) -> str | None:
     their age groups are voted as the same three classes, which may be meant; None where they agree."""
     bins = {}
     for run_dir in run_dirs:
-        bins.setdefault(tuple(read_config(run_dir).get("age_bins", ())), []).append(run_dir.name)
+        bins.setdefault(RunSpec.of(read_config(run_dir)).age_bins, []).append(run_dir.name)
     if len(bins) < 2:
         return None
     groups = "; ".join(f"{' '.join(map(str, edges)) or 'unknown'}: {', '.join(names[:3])}"

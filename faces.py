@@ -275,20 +275,21 @@ def write_boxes(path, boxes: dict) -> None:
     write_csv(path, pd.DataFrame(rows, columns=["path", "stamp", *BOX_COLUMNS, "height", "width"]))
 
 
-def run_face_crop(config, paths, face_detector=None, cache_dir=None, num_workers=0):
-    """The face crop of a run trained with --face_crop (its config.json) for `paths`, as it was trained:
-    the same detector, score and margin (None for other runs). `face_detector`: where the file moved."""
-    if not config.get("face_crop"):
+def run_face_crop(spec, paths, face_detector=None, cache_dir=None, num_workers=0):
+    """The face crop of a run (its spec.RunSpec) trained with --face_crop for `paths`, as it was trained: the
+    same detector, score, margin and fallback (None for other runs). `face_detector`: where the file moved;
+    `cache_dir`: where the boxes are kept (default: the run's own)."""
+    face = spec.preprocess.face
+    if face is None:
         return None
-    detector = face_detector or config["face_detector"]
+    detector = face_detector or face.detector
     if not face_detector and not Path(detector).is_file() and Path(detector).name == Path(DEFAULT_DETECTOR).name:
         detector = DEFAULT_DETECTOR  # the file this project ships, where the run recorded another copy of it
     if not Path(detector).is_file():
-        raise FaceDetectorError(f"{config.get('run_dir', 'the run')} was trained with --face_crop: its detector "
-                                f"file {detector} is not here; pass --face_detector FILE")
-    return find_faces(paths, detector, config["face_score"], config["face_margin"],
-                      cache_dir or config.get("cache_dir") or DEFAULT_CACHE_DIR, num_workers,
-                      fallback=config.get("faces", {}).get("fallback"))
+        raise FaceDetectorError(f"{spec.run_dir or 'the run'} was trained with --face_crop: its detector file "
+                                f"{detector} is not here; pass --face_detector FILE")
+    return find_faces(paths, detector, face.score, face.margin, cache_dir or spec.cache_dir or DEFAULT_CACHE_DIR,
+                      num_workers, fallback=face.fallback)
 
 
 def no_face_words(fallback) -> str:

@@ -15,13 +15,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from augment import create_transforms
+from augment import preprocess_transform
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
 from dataset import ImageFiles, PrefetchLoader, TestDataset, fast_collate, images_dir, scan_people
 from faces import no_face_words, run_face_crop, write_no_face
 from features import FromFeatures, frozen_outputs, predict_from_features, state_digest
 from metrics import apply_offsets, class_report, fit_offsets, score
-from model import TTA_CHOICES, freeze, model_from_config, predict
+from model import TTA_CHOICES, build_model, freeze, predict
 from precision import AMP_CHOICES, AMP_TIMINGS, CHANNELS_LAST_CHOICES, DEVICE_CHOICES, resolve_precision, select_device
 from runs import (
     PROB_COLUMNS,
@@ -36,6 +36,7 @@ from runs import (
     write_csv,
     write_json,
 )
+from spec import RunSpec
 
 DEFAULT_MODEL_DIR = os.environ.get("SM_MODEL_DIR", "./model")
 
@@ -69,10 +70,10 @@ def eval_dir_for(data_dir, configs) -> tuple:
     if os.environ.get("SM_CHANNEL_EVAL"):
         return Path(os.environ["SM_CHANNEL_EVAL"]), "SM_CHANNEL_EVAL"
     beside = {}
-    for config in configs:
-        train_dir = Path(config.get("data_dir", ""))
+    for spec in map(RunSpec.of, configs):
+        train_dir = Path(spec.data_dir)
         root = train_dir.parent.parent if train_dir.name == "images" else train_dir.parent
-        beside.setdefault(root / "eval", []).append(config.get("run_dir", "a run"))
+        beside.setdefault(root / "eval", []).append(spec.run_dir or "a run")
     if not beside:
         raise ValueError("--data_dir: give the eval folder (info.csv + images/); probability files do not say "
                          "which folder they predicted")
@@ -89,11 +90,12 @@ def eval_dir_for(data_dir, configs) -> tuple:
 def fold_note(run_dir, config) -> str:
     """"; this is fold ..." where `run_dir` (its `config`) is one fold of a k-fold run (the others are not
     used), else ""."""
-    if not config.get("n_folds") or config.get("fold") is None:
+    spec = RunSpec.of(config)
+    if not spec.n_folds or spec.fold is None:
         return ""
-    summary = Path(run_dir).parent / f"{config['name']}_cv.json"
-    return (f"; this is fold {config['fold']} of {config['n_folds']}: python ensemble.py {summary} votes them all"
-            if summary.is_file() else f"; this is fold {config['fold']} of {config['n_folds']}")
+    summary = Path(run_dir).parent / f"{spec.name}_cv.json"
+    return (f"; this is fold {spec.fold} of {spec.n_folds}: python ensemble.py {summary} votes them all"
+            if summary.is_file() else f"; this is fold {spec.fold} of {spec.n_folds}")
 
 
 def chosen_device(asked) -> torch.device:
@@ -177,8 +179,8 @@ class FrozenStages:
     def __init__(self):
         self.outputs = {}
 
-    def outputs_for(self, rest, loader, paths, config, faces, predictor):
-        key = (state_digest(rest.frozen), tuple(map(str, paths)), str(config["resize"]), str(config.get("crop")),
+    def outputs_for(self, rest, loader, paths, faces, predictor):
+        key = (state_digest(rest.frozen), tuple(map(str, paths)), predictor.spec.preprocess,
                predictor.options.tta, str(faces.settings if faces else None))
         if key not in self.outputs:  # in the first member's precision (auto may time another for the next)
             self.outputs[key] = frozen_outputs(rest.frozen, loader, predictor.amp, predictor.options.tta,
@@ -192,17 +194,18 @@ class Predictor:
 
     def __init__(self, run_dir, options=PredictOptions(), frozen_stages=None):
         self.run_dir, self.options, self.frozen_stages = Path(run_dir), options, frozen_stages
-        self.config, state = read_run(run_dir, options.checkpoint)
+        config, state = read_run(run_dir, options.checkpoint)
+        self.spec = RunSpec.of(config)
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model_from_config(self.config)
+        self.model = build_model(**self.spec.model_args)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as error:
             raise ValueError(f"{run_dir}/{options.checkpoint}.pth does not fit the model its config.json describes "
                              f"({str(error).splitlines()[0]}): a run folder of another version?") from None
         self.amp, self.channels_last, line = resolve_precision(
-            self.model, options.amp, options.channels_last, self.device, self.config["resize"], options.batch_size,
-            train=False, remember=Path(options.cache_dir) / AMP_TIMINGS)
+            self.model, options.amp, options.channels_last, self.device, self.spec.preprocess.resize,
+            options.batch_size, train=False, remember=Path(options.cache_dir) / AMP_TIMINGS)
         print(f"{self.run_dir.name}: {line}")
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
 
@@ -213,17 +216,16 @@ class Predictor:
         return filled_unreadable(lambda readable: self.predict_readable(readable, no_face_path), paths, unreadable)
 
     def predict_readable(self, paths, no_face_path=None) -> np.ndarray:
-        config, options = self.config, self.options
-        faces = run_faces(config, paths, options.face_detector, options.cache_dir, options.num_workers, no_face_path)
-        transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"),
-                                      face_crop=faces)[1]
-        loader = DataLoader(ImageFiles(paths, transform), options.batch_size, num_workers=options.num_workers,
-                            collate_fn=fast_collate, pin_memory=self.device.type == "cuda")
-        loader = PrefetchLoader(loader, config["preprocessing"]["mean"], config["preprocessing"]["std"], self.device)
-        if self.frozen_stages is not None and config.get("cache_features"):
-            freeze(self.model, config["freeze"])
+        spec, options = self.spec, self.options
+        faces = run_faces(spec, paths, options.face_detector, options.cache_dir, options.num_workers, no_face_path)
+        loader = DataLoader(ImageFiles(paths, preprocess_transform(spec.preprocess, faces)), options.batch_size,
+                            num_workers=options.num_workers, collate_fn=fast_collate,
+                            pin_memory=self.device.type == "cuda")
+        loader = PrefetchLoader(loader, spec.preprocess.mean, spec.preprocess.std, self.device)
+        if self.frozen_stages is not None and spec.cache_features:
+            freeze(self.model, spec.freeze)
             rest = FromFeatures(self.model)
-            features = self.frozen_stages.outputs_for(rest, loader, paths, config, faces, self)
+            features = self.frozen_stages.outputs_for(rest, loader, paths, faces, self)
             return predict_from_features(rest, features, self.amp, options.batch_size, self.channels_last).numpy()
         probs, _ = predict(self.model, loader, self.amp, options.tta, progress=True, channels_last=self.channels_last)
         return probs.numpy()
@@ -242,10 +244,10 @@ def filled_unreadable(predict_paths, paths, unreadable) -> np.ndarray:
     return probs
 
 
-def run_faces(config, paths, face_detector=None, cache_dir=DEFAULT_CACHE_DIR, num_workers=0, no_face_path=None):
-    """The face crop of a run trained with --face_crop for `paths` (None for other runs), as it was trained:
-    the same detector, score and margin."""
-    faces = run_face_crop(config, paths, face_detector, cache_dir, num_workers)
+def run_faces(spec, paths, face_detector=None, cache_dir=DEFAULT_CACHE_DIR, num_workers=0, no_face_path=None):
+    """The face crop of a run (its RunSpec) trained with --face_crop for `paths` (None for other runs), as
+    it was trained: the same detector, score and margin; with `no_face_path`, the images without a face listed."""
+    faces = run_face_crop(spec, paths, face_detector, cache_dir, num_workers)
     if faces is None:
         return None
     missing = len(faces.missing())
@@ -339,10 +341,10 @@ def add_face_flags(parser):
 def check_face_flags(args, configs) -> None:
     """--face_crop on a run trained without it is an error (the model never saw face crops)."""
     if args.face_crop:
-        for config in configs:
-            if not config.get("face_crop"):
-                raise ValueError(f"--face_crop: {config['run_dir']} was trained without --face_crop, so it predicts "
-                                 "on its own crop; retrain it with --face_crop or drop the flag")
+        for spec in map(RunSpec.of, configs):
+            if spec.preprocess.face is None:
+                raise ValueError(f"--face_crop: {spec.run_dir} was trained without --face_crop, so it predicts on its "
+                                 "own crop; retrain it with --face_crop or drop the flag")
 
 
 def output_paths(output_dir, name, overwrite):

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from labels import HEADS, combine_heads
 from precision import autocast
+from spec import RunSpec
 
 YEARS_CENTRE, YEARS_SCALE = 40.0, 20.0  # the years head outputs (age - centre) / scale, so it starts near 40
 MODEL_KINDS = ("three_head", "single_head", "multi_backbone")
@@ -308,8 +309,8 @@ def build_model(kind="three_head", model="resnet18", backbones=None, pretrained=
 
 
 def model_from_config(config: dict) -> MaskModel:
-    """Rebuild a run's model (without weights) from its config.json (model sources from their record)."""
-    return build_model(**config["model_args"])
+    """Rebuild a run's model (without weights) from its config.json's spec (model sources from their record)."""
+    return build_model(**RunSpec.of(config).model_args)
 
 
 def model_sources(names) -> dict:

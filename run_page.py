@@ -19,13 +19,14 @@ import torch
 from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from augment import create_transforms
+from augment import preprocess_transform
 from dataset import images_dir, load_image, open_upright
 from faces import no_face_words, run_face_crop
 from labels import HEAD_NAMES, HEADS, class_name, decode_multi_class
 from metrics import pyplot, save_confusion_png
 from model import model_from_config
 from runs import PROB_COLUMNS, atomic_write, load_checkpoint, read_json, read_probabilities, upgraded_config
+from spec import RunSpec
 
 # the page's order: what the run learned first, then how it was set up, then the details
 SECTIONS = {"curves": "Learning curves", "confusion": "Confusion matrices", "settings": "Settings",
@@ -103,11 +104,11 @@ def settings_frame(config, keys, name="setting") -> pd.DataFrame:
     return pd.DataFrame({"value": [setting_text(config[k]) for k in keys]}, index=pd.Index(keys, name=name))
 
 
-def model_words(config) -> str:
-    """"resnet18 (three_head)", with a multi_backbone run's backbones."""
-    backbones = config.get("backbones") or []
-    backbones = backbones if isinstance(backbones, list) else [f"{k}={v}" for k, v in backbones.items()]
-    return f"{', '.join([str(config.get('model', '?')), *backbones])} ({config.get('kind', 'three_head')})"
+def model_words(spec) -> str:
+    """"resnet18 (three_head)", with a multi_backbone run's backbones (from the run's spec)."""
+    args = spec.model_args
+    backbones = [f"{head}={name}" for head, name in (args.get("backbones") or {}).items()]
+    return f"{', '.join([str(args.get('model', '?')), *backbones])} ({args.get('kind', 'three_head')})"
 
 
 def weights_words(config):
@@ -135,14 +136,15 @@ def weights_words(config):
 def key_values(run) -> pd.DataFrame:
     """The few resolved settings a reader looks for first."""
     config, log = run["config"], run["log"]
-    rows = {"model": model_words(config)}
-    if "resize" in config:
-        size = " × ".join(str(v) for v in config["resize"])
-        if config.get("crop"):
-            size += f" (centre crop {' × '.join(str(v) for v in config['crop'])} of the image first)"
-        if config.get("face_crop"):
-            size += " (face crops)"
-        rows["input size (H × W)"] = size
+    spec = RunSpec.of(config)
+    preprocess = spec.preprocess
+    rows = {"model": model_words(spec)}
+    size = " × ".join(str(v) for v in preprocess.resize)
+    if preprocess.crop:
+        size += f" (centre crop {' × '.join(str(v) for v in preprocess.crop)} of the image first)"
+    if preprocess.face:
+        size += " (face crops)"
+    rows["input size (H × W)"] = size
     if "epochs" in config:
         rows["epochs"] = (str(config["epochs"]) if len(log) == config["epochs"]
                           else f"{len(log)} of {config['epochs']} (stopped early)")
@@ -169,7 +171,7 @@ def summary_line(run) -> str:
     else:
         result = f"{len(log)} epochs on every image, no validation (--val_ratio 0): best.pth is the last epoch"
     minutes = log["epoch_seconds"].sum() / 60 if "epoch_seconds" in log else float("nan")
-    return (f"{result} · model {html.escape(model_words(config))}"
+    return (f"{result} · model {html.escape(model_words(RunSpec.of(config)))}"
             + (f" · training time {minutes:.1f} minutes" if minutes == minutes else ""))
 
 
@@ -276,9 +278,8 @@ def faces_section(run, n=12) -> str:
     missing_paths = pd.read_csv(no_face)["path"].tolist() if no_face.is_file() else []
     shown = [root / image_id for image_id in probs["ImageID"].head(n)] if probs is not None else []
     paths = [p for p in shown + [Path(p) for p in missing_paths[:n]] if Path(p).is_file()]
-    faces = run_face_crop(config, paths)
-    transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"),
-                                  face_crop=faces)[1]
+    spec = RunSpec.of(config)
+    transform = preprocess_transform(spec.preprocess, run_face_crop(spec, paths))
 
     def strip(items):
         tags = []
@@ -317,11 +318,10 @@ def cams_section(run, n_errors=4, n_correct=2) -> str:
     chosen = [(i, "error") for i in wrong[np.argsort(-matrix[wrong].max(1))][:n_errors]] + \
              [(i, "correct") for i in right[np.argsort(-matrix[right].max(1))][:n_correct]]
     paths = [root / probs["ImageID"].iloc[i] for i, _ in chosen]
-    faces = run_face_crop(config, [p for p in paths if p.is_file()])
-    transform = create_transforms(config["augmentation"], config["resize"], crop_fraction=config.get("crop"),
-                                  face_crop=faces)[1]
-    mean = torch.tensor(config["preprocessing"]["mean"]).view(3, 1, 1)
-    std = torch.tensor(config["preprocessing"]["std"]).view(3, 1, 1)
+    spec = RunSpec.of(config)
+    transform = preprocess_transform(spec.preprocess, run_face_crop(spec, [p for p in paths if p.is_file()]))
+    mean = torch.tensor(spec.preprocess.mean).view(3, 1, 1)
+    std = torch.tensor(spec.preprocess.std).view(3, 1, 1)
     heads = list(config.get("heads", HEADS))
     backbones = model.backbones
     layers = {head: last_conv(backbones["shared"] if "shared" in backbones else backbones[head]) for head in heads}

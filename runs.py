@@ -176,22 +176,14 @@ class ForeignRunError(ValueError):
 
 
 def upgraded_config(config, run_dir) -> dict:
-    """`config` as today's reader expects it. Versions before 2026-11-26 saved no `model_args` (what
-    rebuilds the model): they are derived from the flags those versions saved. A config.json without
-    this toolkit's records (`heads`, `preprocessing`: the competition baseline's is `vars(args)` alone)
-    is a ForeignRunError."""
+    """`config` where it is a train.py run's, of any version (spec.RunSpec.of reads it, converting an older
+    one); a config.json without this toolkit's records (`heads`, `preprocessing`: the competition
+    baseline's is `vars(args)` alone) is a ForeignRunError."""
     if not isinstance(config, dict) or not {"heads", "preprocessing", "kind", "model"} <= set(config):
         raise ForeignRunError(f"{run_dir} is not a run of this toolkit (its config.json lacks the model record "
                               "train.py writes: the competition baseline's or another tool's run folder?); train "
                               "one with train.py")
-    if "model_args" in config:
-        return config
-    backbones = config.get("backbones") or []
-    backbones = dict(item.split("=", 1) for item in backbones) if isinstance(backbones, list) else backbones
-    model_args = dict(kind=config["kind"], model=config["model"], backbones=backbones,
-                      drop_rate=config.get("drop_rate", 0.0), drop_path_rate=config.get("drop_path_rate", 0.0),
-                      age_years=bool(config.get("age_years", 0)), sources={})
-    return {**config, "model_args": model_args}
+    return config
 
 
 def is_run_folder(run_dir, checkpoint="best") -> bool:

@@ -86,6 +86,7 @@ from runs import (
     write_csv,
     write_json,
 )
+from spec import RunSpec
 
 
 # ---------------------------------------------------------------- the images, checked once
@@ -388,6 +389,7 @@ def build_run(args, data, place, fold, run_dir) -> tuple:
     if faces is not None:
         faces = faces.subset(pd.concat([t["path"] for t in (data.table, data.extra_table) if t is not None]))
         config.update(faces=face_record(faces))
+    config.update(spec=RunSpec.from_flags(config).to_json())  # what every tool reads, in place of flag names
     if place.rank == 0:
         write_json(run_dir / "config.json", config)
         if faces is not None:

@@ -155,12 +155,13 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
                 "--cache_dir", str(cache), "--face_crop", "--face_detector", str(fake_yunet), "--face_margin", "1.2"])
     assert calls == []  # the second run detects nothing
     used = []
-    real_create = inference.create_transforms
-    monkeypatch.setattr(inference, "create_transforms", lambda *a, **k: used.append(k) or real_create(*a, **k))
+    real_transform = inference.preprocess_transform
+    monkeypatch.setattr(inference, "preprocess_transform",
+                        lambda preprocess, faces=None: used.append(faces) or real_transform(preprocess, faces))
     out = tmp_path / "out"
     inference.main(["--model_dir", str(runs / "exp"), "--data_dir", str(tiny_data / "eval"), "--output_dir",
                     str(out), "--num_workers", "0", "--cache_dir", str(cache), "--face_crop"])
-    crop = used[0]["face_crop"]
+    crop = used[0]
     assert crop.margin == 1.2 and crop.settings["score"] == config["face_score"] and len(calls) == 42
     assert crop.fallback == (0.5, 0.5, 0.5)  # the run's typical face, not the eval images'
     assert pd.read_csv(out / "no_face.csv").empty

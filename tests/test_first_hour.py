@@ -75,7 +75,7 @@ def test_inference_without_data_dir_predicts_the_eval_folder_beside_the_runs_tra
     assert f"images of {trained / 'data' / 'eval'} (beside the run's training folder" in capsys.readouterr().out
     shutil.copytree(trained / "model", tmp_path / "model")
     config = json.loads((tmp_path / "model" / "exp" / "config.json").read_text())
-    config["data_dir"] = str(tmp_path / "elsewhere" / "train")  # a run trained on a folder with no eval/ beside it
+    config["spec"]["data_dir"] = str(tmp_path / "elsewhere" / "train")  # trained where no eval/ is beside it
     (tmp_path / "model" / "exp" / "config.json").write_text(json.dumps(config))
     for call in (lambda: inference.main(["--model_dir", str(tmp_path / "model"), "--output_dir", str(tmp_path)]),
                  lambda: ensemble.main([str(tmp_path / "model" / "exp"), "--output_dir", str(tmp_path)])):
@@ -139,9 +139,9 @@ def test_baseline_and_old_run_folders_get_one_line_from_every_tool(trained, tmp_
     shutil.copytree(trained / "model" / "exp", tmp_path / "model" / "exp")
     os.utime(foreign / "best.pth")
     assert inference.newest_run(tmp_path / "model") == tmp_path / "model" / "exp"
-    # a run written before config.json kept model_args (2026-11-26) still predicts
+    # a run written before config.json kept model_args (2026-11-26) still predicts, its spec read from its flags
     config = json.loads((tmp_path / "model" / "exp" / "config.json").read_text())
-    del config["model_args"]
+    del config["model_args"], config["spec"]
     (tmp_path / "model" / "exp" / "config.json").write_text(json.dumps(config))
     probs = inference.main(["--model_dir", str(tmp_path / "model" / "exp"), "--output_dir", str(tmp_path / "old"),
                             "--data_dir", str(trained / "data" / "eval"), "--num_workers", "0", "--amp", "off"])
@@ -221,3 +221,22 @@ def test_backbones_without_multi_backbone_is_an_error(tiny_data):
     args = flags.parse_args(["--data_dir", str(tiny_data / "train"), "--backbones", "age=test_resnet"])
     with pytest.raises(flags.FlagError, match="--backbones needs --kind multi_backbone"):
         flags.validate(args)
+
+
+def test_a_run_folder_saved_before_the_spec_predicts_and_ensembles(tmp_path, tiny_data):
+    """tests/fixtures/run_9eee33f: config.json, best.pth and log.csv of a test_resnet run written by the code
+    of commit 9eee33f (2026-12-02, before config.json held a spec); its spec comes from that version's flags."""
+    from spec import RunSpec
+    fixture = ROOT / "tests" / "fixtures" / "run_9eee33f"
+    config = json.loads((fixture / "config.json").read_text())
+    assert "spec" not in config
+    spec = RunSpec.of(config)
+    assert (spec.preprocess.resize, spec.model_args["model"], spec.preprocess.face) == ((32, 24), "test_resnet", None)
+    run = tmp_path / "old"
+    shutil.copytree(fixture, run)
+    common = ["--data_dir", str(tiny_data / "eval"), "--num_workers", "0", "--amp", "off"]
+    probs = inference.main(["--model_dir", str(run), "--output_dir", str(tmp_path / "out"), *common])
+    assert probs.shape == (len(list((tiny_data / "eval" / "images").iterdir())), 18)
+    classes = ensemble.main([str(run), str(run), "--output_dir", str(tmp_path / "out"), *common])
+    assert list(classes) == list(probs.argmax(1))
+    assert "learning curves" in report.main([str(run), "--no_cams"]).read_text().lower()

@@ -251,7 +251,8 @@ def test_ensemble_notes_runs_trained_with_different_age_bins(trained, tiny_data,
     other = tmp_path / "bins58"
     shutil.copytree(trained, other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "age_bins": [30, 58]}))
+    spec = {**config["spec"], "age_bins": [30, 58]}  # the spec: what the tools read
+    (other / "config.json").write_text(json.dumps({**config, "age_bins": [30, 58], "spec": spec}))
     flags = ["--data_dir", str(tiny_data / "eval"), "--num_workers", "0"]
     ensemble.main([str(trained), str(trained), *flags, "--output_dir", str(tmp_path / "same")])
     assert "age_bins" not in capsys.readouterr().out
