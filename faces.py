@@ -197,6 +197,14 @@ class DetectFiles(Dataset):
         return index, choose_face(self.detector.detect(rgb), *rgb.shape[:2]), rgb.shape[:2]
 
 
+def check_face_settings(margin, score) -> None:
+    """The face crop's margin and the detector's score threshold, checked (one place: flags.py calls it too)."""
+    if not MARGIN_RANGE[0] <= margin <= MARGIN_RANGE[1]:
+        raise FaceDetectorError(f"--face_margin must be in [{MARGIN_RANGE[0]}, {MARGIN_RANGE[1]}], got {margin}")
+    if not 0 < score < 1:
+        raise FaceDetectorError(f"--face_score must be in (0, 1), got {score}")
+
+
 def detector_settings(detector_path, score) -> dict:
     """What the boxes depend on (recorded in config.json and keying the box cache)."""
     path = Path(detector_path)
@@ -211,10 +219,7 @@ def find_faces(paths, detector_path=DEFAULT_DETECTOR, score=DEFAULT_SCORE, margi
     `detector`: any object with `detect(rgb) -> (n, 5)` (tests inject one); by default YuNet.
     `fallback`: where images without a face are cropped: "typical" (the typical face of `paths`: a
     training set), a run's recorded typical face, or None (the centre crop)."""
-    if not MARGIN_RANGE[0] <= margin <= MARGIN_RANGE[1]:
-        raise FaceDetectorError(f"--face_margin must be in [{MARGIN_RANGE[0]}, {MARGIN_RANGE[1]}], got {margin}")
-    if not 0 < score < 1:
-        raise FaceDetectorError(f"--face_score must be in (0, 1), got {score}")
+    check_face_settings(margin, score)
     settings = detector_settings(detector_path, score)
     if detector is None:
         detector = YuNet(detector_path, score)

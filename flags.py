@@ -10,10 +10,10 @@ import timm.optim
 from augment import AUGMENTATIONS, AUTO_AUGMENTS, check_augment_options
 from cache import DEFAULT_CACHE_DIR
 from dataset import DATASETS, SAMPLE_DIR
-from faces import DEFAULT_DETECTOR, DEFAULT_MARGIN, DEFAULT_SCORE, MARGIN_RANGE
+from faces import DEFAULT_DETECTOR, DEFAULT_MARGIN, DEFAULT_SCORE, MARGIN_RANGE, check_face_settings
 from labels import HEADS
 from loss import create_criterion
-from model import MODEL_KINDS, check_model_name
+from model import MODEL_KINDS, check_freeze, check_model_name
 from precision import AMP_CHOICES, CHANNELS_LAST_CHOICES, DEVICE_CHOICES
 from runs import tool_parser
 
@@ -282,10 +282,6 @@ def validate(args):
                         f"{args.checkpoint_hist}")
     if args.clip_grad is not None and args.clip_grad <= 0:
         raise FlagError(f"--clip_grad must be positive, got {args.clip_grad}")
-    if not MARGIN_RANGE[0] <= args.face_margin <= MARGIN_RANGE[1]:
-        raise FlagError(f"--face_margin must be in [{MARGIN_RANGE[0]}, {MARGIN_RANGE[1]}], got {args.face_margin}")
-    if not 0 < args.face_score < 1:
-        raise FlagError(f"--face_score must be in (0, 1), got {args.face_score}")
     if args.face_crop and not Path(args.face_detector).is_file():
         raise FlagError(f"--face_detector: file not found: {args.face_detector} (YuNet's ONNX file from the OpenCV "
                         "model zoo, models/face_detection_yunet/)")
@@ -331,9 +327,8 @@ def validate(args):
         for head, n in heads_of(args.kind).items():
             name = criteria.get(head, "cross_entropy") if isinstance(criteria, dict) else criteria
             create_criterion(name, n)
-        freeze_spec = str(args.freeze)
-        if freeze_spec not in ("none", "all") and not freeze_spec.isdigit():
-            raise ValueError(f"--freeze must be none, all or a number of last stages, got {freeze_spec!r}")
+        check_freeze(args.freeze)
+        check_face_settings(args.face_margin, args.face_score)
         check_augment_options(**augment_options(args))
     except ValueError as error:
         raise FlagError(str(error)) from None

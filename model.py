@@ -325,13 +325,19 @@ def preprocessing(model: MaskModel) -> dict:
                 mean=list(config["mean"]), std=list(config["std"]))
 
 
+def check_freeze(spec) -> str:
+    """--freeze as "none", "all" or a number of last parameter groups to train (flags.py checks with it too)."""
+    spec = str(spec).lower()
+    if spec not in ("none", "all") and not spec.isdigit():
+        raise ValueError(f"--freeze must be none, all or a number of last stages to train, got {spec!r}")
+    return spec
+
+
 def freeze(model: MaskModel, spec="none") -> tuple:
     """Freeze backbone parameters: "none", "all" (the heads train alone), or an integer N: every
     backbone trains only its last N parameter groups (timm's coarse group matcher: stem, stages or
     blocks, final norm). Returns (trainable, total) parameter counts."""
-    spec = str(spec).lower()
-    if spec not in ("none", "all") and not spec.isdigit():
-        raise ValueError(f"--freeze must be none, all or a number of last stages to train, got {spec!r}")
+    spec = check_freeze(spec)
     for param in model.parameters():
         param.requires_grad = True
     if spec != "none":
