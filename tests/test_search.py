@@ -113,6 +113,8 @@ def test_two_processes_share_one_study_without_repeating_a_trial(tmp_path, tiny_
                  for out, err in outputs]
     for process in processes:
         process.join(timeout=600)
+    for _, err in outputs:  # shown in full where the assertion below fails (its message is cut)
+        print(err.read_text()[-4000:])
     assert all(p.exitcode == 0 for p in processes), [err.read_text()[-1500:] for _, err in outputs]
     ran = [line for out, _ in outputs for line in out.read_text().splitlines() if line.startswith("trial ")]
     assert len(ran) == 4 and len(set(line.split(": ", 1)[1] for line in ran)) == 4
