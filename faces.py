@@ -6,9 +6,8 @@ replication where it leaves the image. Images without a face take the typical fa
 training images instead (the median face position and size, relative to the image: the competition's
 photos are framed alike), or the usual centre crop where no training image had a face.
 
-    python faces.py DIR [--detector FILE] [--output_dir faces]   # boxes.csv + a contact sheet of the crops
+    python faces.py DIR [--face_detector FILE] [--output_dir faces]   # boxes.csv + a contact sheet of the crops
 """
-import argparse
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from cache import DEFAULT_CACHE_DIR, file_stamp, locked
 from dataset import IMAGE_EXTENSIONS, decode_image
-from runs import atomic_write, one_line_errors, write_csv
+from runs import atomic_write, one_line_errors, tool_parser, write_csv
 
 DEFAULT_DETECTOR = str(Path(__file__).resolve().parent / "weights" / "face_detection_yunet_2026may.onnx")  # ships
 DEFAULT_MARGIN = 1.05  # on utkmask aligned crops 160 px over the box side is 0.99-1.06 (quartiles): about their crop
@@ -334,16 +333,23 @@ def contact_sheet(path, images, faces: FaceCrop, size=96, columns=12, limit=120)
     return Path(path)
 
 
+FACES_DOC = """Find the face of every image of a folder (recursively, hidden files skipped): boxes.csv, no_face.csv and
+faces.png, a contact sheet of the crops train.py --face_crop would take.
+
+examples:
+  python faces.py sample_data/train/images         # the detector this project ships in weights/"""
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Find the face of every image of a folder (recursively): "
-                                     "boxes.csv, no_face.csv and a contact sheet of the crops")
-    parser.add_argument("folder")
+    parser = tool_parser(FACES_DOC)
+    parser.add_argument("folder", help="a folder of images, e.g. a train folder's images/")
     parser.add_argument("--face_detector", default=DEFAULT_DETECTOR, help="YuNet's ONNX file")
-    parser.add_argument("--face_score", type=float, default=DEFAULT_SCORE, help="detector score threshold")
-    parser.add_argument("--face_margin", type=float, default=DEFAULT_MARGIN, help="crop side over the box's")
-    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--output_dir", default="faces")
+    parser.add_argument("--face_score", type=float, default=DEFAULT_SCORE, help="the detector's score threshold")
+    parser.add_argument("--face_margin", type=float, default=DEFAULT_MARGIN,
+                        help="the crop's side over the face box's larger side")
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="where the boxes are kept for train.py")
+    parser.add_argument("--num_workers", type=int, default=2, help="detection processes")
+    parser.add_argument("--output_dir", default="faces", help="where boxes.csv, no_face.csv and faces.png go")
     args = parser.parse_args(argv)
     with one_line_errors(FaceDetectorError):
         folder = Path(args.folder)

@@ -3,9 +3,9 @@ group, image by image (mask1 with mask1, ..., normal with normal), into a separa
 folder that `train.py --extra_data DIR` adds to training (never to validation). The team did this
 for the under-represented 60+ group.
 
+examples:
     python synthesize.py --data_dir train --out_dir synthetic_old --age_group 2 --n_people 200
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from PIL import Image
 
 from dataset import open_upright, scan_people
 from labels import DEFAULT_AGE_BINS
-from runs import one_line_errors
+from runs import one_line_errors, tool_parser
 
 
 def synthesize_people(data_dir, out_dir, age_group=2, n_people=100, seed=0, age_bins=DEFAULT_AGE_BINS,
@@ -54,14 +54,14 @@ def synthesize_people(data_dir, out_dir, age_group=2, n_people=100, seed=0, age_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--data_dir", required=True, help="the real train folder")
     parser.add_argument("--out_dir", required=True, help="a new folder for the synthetic people")
-    parser.add_argument("--age_group", type=int, default=2, choices=[0, 1, 2])
-    parser.add_argument("--n_people", type=int, default=100)
-    parser.add_argument("--age_bins", type=int, nargs=2, default=list(DEFAULT_AGE_BINS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--age_group", type=int, default=2, choices=[0, 1, 2], help="0 <30, 1 30-59, 2 >=60")
+    parser.add_argument("--n_people", type=int, default=100, help="synthetic people to write")
+    parser.add_argument("--age_bins", type=int, nargs=2, default=list(DEFAULT_AGE_BINS), metavar=("MIDDLE", "OLD"),
+                        help="the first age of the middle and of the old group")
+    parser.add_argument("--seed", type=int, default=0, help="which pairs are mixed")
     args = parser.parse_args(argv)
     with one_line_errors():
         people = synthesize_people(args.data_dir, args.out_dir, args.age_group, args.n_people, args.seed,

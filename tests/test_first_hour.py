@@ -240,3 +240,17 @@ def test_a_run_folder_saved_before_the_spec_predicts_and_ensembles(tmp_path, tin
     classes = ensemble.main([str(run), str(run), "--output_dir", str(tmp_path / "out"), *common])
     assert list(classes) == list(probs.argmax(1))
     assert "learning curves" in report.main([str(run), "--no_cams"]).read_text().lower()
+
+
+def test_keep_last_off_leaves_best_pth_alone_and_resume_says_why(tmp_path, tiny_data):
+    train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), *FAST, "--keep_last", "off"])
+    assert sorted(p.name for p in (tmp_path / "exp").glob("*.pth")) == ["best.pth"]
+    assert "--keep_last off" in error_of(lambda: train.main(["--resume", str(tmp_path / "exp")]))
+
+
+@pytest.mark.parametrize("script, argv", [("faces.py", ["sample_data", "--face_det", "x"]),
+                                          ("synthesize.py", ["--data", "x", "--out_dir", "y"]),
+                                          ("sample.py", ["out", "--n_people_", "3"])])
+def test_the_other_scripts_refuse_abbreviations_too(script, argv):
+    done = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and ("unrecognized arguments" in done.stderr or "required: --data_dir" in done.stderr)
