@@ -158,15 +158,22 @@ def fetch_pretrained(name, timeout=5.0) -> str:
     if not where:
         raise RuntimeError(f"timm has no pretrained weights for {name}: pass a weights file with --pretrained FILE, "
                            f"{random_init}")
-    if is_cached(where, location):
-        return location
     host = "huggingface.co" if where == "hf-hub" else urllib.parse.urlparse(location).hostname
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and where == "hf-hub":
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and where == "hf-hub"
+    if not offline:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError:
+            offline = True
+    if is_cached(where, location):
+        if offline and where == "hf-hub":  # load from the cache at once, not after the hub's retries (~80 s)
+            import huggingface_hub.constants
+            huggingface_hub.constants.HF_HUB_OFFLINE = True
+        return location
+    if offline and where == "hf-hub" and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
         raise RuntimeError(f"{name}'s pretrained weights ({location}) are not in the local cache and HF_HUB_OFFLINE "
                            f"is set: download them once online, pass a file with --pretrained FILE, {random_init}")
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
+    if offline:
         raise RuntimeError(f"{name}'s pretrained weights ({location}) are not in the local cache and {host} cannot be "
                            f"reached (offline?): pass a file with --pretrained FILE, {random_init}") from None
     create_backbone(name, True)  # timm downloads them into its cache

@@ -134,7 +134,7 @@ def setup_distributed(asked="auto"):
     process: NCCL on CUDA, gloo on a CPU; DDP then wraps the model."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = select_device(asked, local_rank)
-    if "LOCAL_RANK" not in os.environ:
+    if not {"LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR"} <= set(os.environ):  # what torchrun sets
         return 0, 1, device
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -66,6 +66,11 @@ def test_pretrained_weights_that_cannot_be_had_stop_before_any_work(tmp_path, ti
     assert "timm/test_resnet" in message and "--pretrained none" in message
     assert not any(tmp_path.iterdir())
     assert model.weights_line("resnet18", True) == "timm's pretrained timm/resnet18.a1_in1k"
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model, "is_cached", lambda where, location: True)  # downloaded once, now offline:
+    assert model.fetch_pretrained("test_resnet") == "timm/test_resnet.r160_in1k"
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # timm loads the cached file without the hub's retries
 
 
 def test_inference_without_data_dir_predicts_the_eval_folder_beside_the_runs_training_folder(trained, tmp_path,
