@@ -160,7 +160,8 @@ def fetch_pretrained(name, timeout=5.0) -> str:
                            f"{random_init}")
     host = "huggingface.co" if where == "hf-hub" else urllib.parse.urlparse(location).hostname
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and where == "hf-hub"
-    if not offline:
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not offline and not proxied:  # behind a proxy only the download itself can tell
         try:
             socket.create_connection((host, 443), timeout=timeout).close()
         except OSError:

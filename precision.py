@@ -33,7 +33,10 @@ class DeviceError(RuntimeError):
 
 
 def gpu_present() -> bool:
-    """Whether an NVIDIA GPU is in this machine, whatever torch can do with it (its driver's files)."""
+    """Whether an NVIDIA GPU is in this machine, whatever torch can do with it (its driver's files); a GPU
+    hidden with CUDA_VISIBLE_DEVICES="" (or -1) counts as none."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
     gpus = Path("/proc/driver/nvidia/gpus")
     return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
 
@@ -60,9 +63,11 @@ def cuda_problem(index=0) -> str | None:
         return "this machine has no GPU"
     major, minor = torch.cuda.get_device_capability(index)
     archs = torch.cuda.get_arch_list()
-    native = f"sm_{major}{minor}" in archs
-    ptx = any(arch.startswith("compute_") and int(arch.split("_")[1]) <= major * 10 + minor for arch in archs)
-    if native or ptx:
+    card = major * 10 + minor
+    numbers = [(arch.split("_")[0], int(arch.split("_")[1])) for arch in archs if arch.split("_")[-1].isdigit()]
+    # kernels built for sm_86 run on an 8.9 card (same major, lower minor); PTX compiles for any newer one
+    if any(kind == "sm" and number // 10 == major and number <= card or kind == "compute" and number <= card
+           for kind, number in numbers):
         return None
     return (f"the {torch.cuda.get_device_name(index)} (compute capability {major}.{minor}, sm_{major}{minor}) cannot "
             f"run {torch_build()}, built for {' '.join(archs)}")

@@ -85,7 +85,7 @@ def run_command(main):
     except KeyboardInterrupt as interrupt:
         if os.environ.get("MASKTRAIN_TRACEBACK"):
             raise
-        print(f"\n{interrupt or 'interrupted'}", file=sys.stderr)
+        print(f"\n{str(interrupt) or 'interrupted'}", file=sys.stderr)
         raise SystemExit(130) from None
 
 

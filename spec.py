@@ -16,7 +16,7 @@ class FaceCropSpec:
     detector: str
     score: float
     margin: float
-    fallback: list | None = None
+    fallback: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ class RunSpec:
         preprocess = Preprocess(**{**preprocess, "resize": tuple(preprocess["resize"]),
                                    "crop": None if preprocess["crop"] is None else tuple(preprocess["crop"]),
                                    "mean": tuple(preprocess["mean"]), "std": tuple(preprocess["std"])},
-                                face=FaceCropSpec(**face) if face else None)
+                                face=FaceCropSpec(**{**face, "fallback": None if face["fallback"] is None
+                                                     else tuple(face["fallback"])}) if face else None)
         return cls(**{**stored, "preprocess": preprocess, "age_bins": tuple(stored["age_bins"])})
 
     @classmethod
@@ -72,8 +73,9 @@ class RunSpec:
         written before the spec existed; those before 2026-11-26 saved no `model_args` either)."""
         face = None
         if config.get("face_crop"):
+            fallback = (config.get("faces") or {}).get("fallback")
             face = FaceCropSpec(config["face_detector"], float(config["face_score"]), float(config["face_margin"]),
-                                (config.get("faces") or {}).get("fallback"))
+                                None if fallback is None else tuple(fallback))
         crop = config.get("crop")
         preprocess = Preprocess(config["augmentation"], tuple(config["resize"]), None if crop is None else tuple(crop),
                                 tuple(config["preprocessing"]["mean"]), tuple(config["preprocessing"]["std"]), face)

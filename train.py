@@ -256,10 +256,11 @@ def make_loaders(args, dataset, model, rank, world, device, faces=None):
                                       device, resolve_channels_last(args.channels_last, model)[0],
                                       flip=args.augmentation == "CustomAugmentation")
     common = dict(num_workers=args.num_workers, collate_fn=fast_collate, pin_memory=device.type == "cuda",
-                  worker_init_fn=seed_worker, persistent_workers=args.num_workers > 0)  # no restart each epoch
+                  worker_init_fn=seed_worker)
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
                               drop_last=drop_last_batch(len(train_set), world, args.batch_size, args.compile), **common)
-    val_loader = DataLoader(val_shard, args.valid_batch_size, shuffle=False, **common)
+    val_loader = DataLoader(val_shard, args.valid_batch_size, shuffle=False, persistent_workers=args.num_workers > 0,
+                            **common)  # training's workers restart each epoch: they are seeded from the epoch
     augment = DeviceAugment(generator=generator) if args.device_aug else None
     erase = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device=device) if args.reprob else None
     normalise = (None, None) if args.cache_features else (config["mean"], config["std"])  # features: as they are
@@ -465,12 +466,14 @@ class Checkpoints:
     improves (without validation, every epoch: the last is the best); with --checkpoint_hist K the K best
     epochs' scored weights (epochN.pth) and their average (avg.pth), kept in memory with their F1."""
 
-    def __init__(self, run_dir, run, keep=0):
+    def __init__(self, run_dir, run, progress, keep=0):
         self.run_dir, self.run, self.keep = Path(run_dir), run, keep
+        self.saved_epoch = progress.epoch  # the epoch last.pth holds
         self.history = []  # (sort key, epoch, scored weights on the CPU) of the kept epochs, best first
         for path in self.run_dir.glob("epoch*.pth") if keep else ():  # a resumed run's, read once
             saved = load_checkpoint(path)
-            self.history.append((self.rank_of(saved["f1"], saved["epoch"]), saved["epoch"], saved["model"]))
+            if saved["epoch"] <= progress.epoch:  # one saved after last.pth (a kill between them) is redone
+                self.history.append((self.rank_of(saved["f1"], saved["epoch"]), saved["epoch"], saved["model"]))
         self.history.sort(key=lambda item: item[0], reverse=True)
 
     @staticmethod
@@ -501,6 +504,7 @@ class Checkpoints:
             model=run.model.state_dict(), ema=run.ema.module.state_dict() if run.ema else None,
             optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), epoch=progress.epoch,
             best_f1=progress.best_f1, since_best=progress.since_best, log=progress.log, config=run.config))
+        self.saved_epoch = progress.epoch
 
     def save_best(self, progress, evaluation):
         save_checkpoint(self.run_dir / "best.pth", dict(model=self.run.scored.state_dict(), epoch=progress.epoch,
@@ -515,6 +519,7 @@ class Checkpoints:
         weights = {key: value.detach().cpu().clone() for key, value in self.run.scored.state_dict().items()}
         config = self.run.config
         save_checkpoint(self.run_dir / f"epoch{epoch}.pth", dict(model=weights, epoch=epoch, f1=f1, config=config))
+        self.history = [item for item in self.history if item[1] != epoch]
         self.history.append((self.rank_of(f1, epoch), epoch, weights))
         self.history.sort(key=lambda item: item[0], reverse=True)
         for _, dropped, _ in self.history[self.keep:]:
@@ -533,7 +538,7 @@ def train_run(args, data, place, fold, run_dir, on_epoch=None, header="") -> flo
     row, fold)`: a tool's hook after every saved epoch."""
     run, progress, lines = build_run(args, data, place, fold, run_dir)
     is_main = place.rank == 0
-    checkpoints = Checkpoints(run_dir, run, args.checkpoint_hist)
+    checkpoints = Checkpoints(run_dir, run, progress, args.checkpoint_hist)
     if is_main:
         if args.resume:
             remove_stale_temporaries(run_dir)
@@ -561,11 +566,11 @@ def train_run(args, data, place, fold, run_dir, on_epoch=None, header="") -> flo
                 if is_main:
                     print(f"early stop: no better F1 for {progress.since_best} epochs")
                 break
-    except KeyboardInterrupt:  # last.pth keeps the last finished epoch: a part of an epoch cannot be resumed
-        done = progress.epoch
+    except KeyboardInterrupt:  # last.pth keeps the last saved epoch: a part of an epoch cannot be resumed
+        done = checkpoints.saved_epoch
         finished = f"the end of epoch {done}" if done else "the run before its first epoch"
-        raise RunInterrupted(f"interrupted in epoch {done + 1}: {run_dir / 'last.pth'} holds {finished}; continue "
-                             f"with --resume {run_dir}") from None
+        raise RunInterrupted(f"interrupted: {run_dir / 'last.pth'} holds {finished}; continue with --resume "
+                             f"{run_dir}") from None
     finally:
         if wandb_run is not None:
             wandb_run.finish()
@@ -779,7 +784,7 @@ def main(argv=None, on_epoch=None) -> list:
     try:
         with one_line_errors(FlagError, FloatingPointError):
             weights = None if args.resume else starting_weights(args)
-            if args.wandb and args.wandb_mode == "online" and rank == 0:
+            if args.wandb and args.wandb_mode == "online":  # every rank: none may wait for a rank 0 that stopped
                 check_wandb_login()
             try:
                 table = scan_people(args.data_dir, tuple(args.age_bins), args.relabel, check_images=False)

@@ -165,7 +165,7 @@ def test_ctrl_c_ends_training_with_status_130_and_one_line(tmp_path, tiny_data):
     process.join(120)
     errors = stderr.read_text()
     assert process.exitcode == 130, errors
-    assert "Traceback" not in errors and "holds the end of epoch" in errors and "--resume" in errors
+    assert "Traceback" not in errors and "last.pth holds the" in errors and "--resume" in errors
 
 
 def test_a_fresh_clone_without_shared_trains_with_face_crop_and_predicts(tmp_path):
@@ -259,3 +259,26 @@ def test_keep_last_off_leaves_best_pth_alone_and_resume_says_why(tmp_path, tiny_
 def test_the_other_scripts_refuse_abbreviations_too(script, argv):
     done = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and ("unrecognized arguments" in done.stderr or "required: --data_dir" in done.stderr)
+
+
+def test_a_face_crop_runs_spec_reads_back_equal_and_hashable():
+    """The spec train.py writes, read back from JSON, equals the one it was made from (tuples, not lists)."""
+    from spec import RunSpec
+    config = json.loads((ROOT / "tests" / "fixtures" / "run_9eee33f" / "config.json").read_text())
+    config.update(face_crop=True, face_detector="weights/face_detection_yunet_2026may.onnx", face_score=0.5,
+                  face_margin=1.05, faces=dict(fallback=[0.5, 0.4, 0.3]))
+    spec = RunSpec.from_flags(config)
+    again = RunSpec.of({**config, "spec": json.loads(json.dumps(spec.to_json()))})
+    assert again == spec and hash(again.preprocess) == hash(spec.preprocess)
+    assert again.preprocess.face.fallback == (0.5, 0.4, 0.3)
+
+
+def test_ctrl_c_outside_the_loop_is_one_line_and_status_130(capsys):
+    from runs import run_command
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        run_command(interrupted)
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"

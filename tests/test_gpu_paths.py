@@ -45,6 +45,9 @@ def test_a_card_the_build_has_kernels_or_ptx_for_is_used(a_v100_with_a_cuda13_bu
     assert precision.select_device("auto") == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_60", "compute_60"])
     assert precision.cuda_problem() is None  # PTX compiles for a newer card
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (8, 9))  # an L4: sm_86's kernels run
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"])
+    assert precision.cuda_problem() is None
 
 
 def test_device_cuda_without_a_usable_gpu_is_one_line(monkeypatch):
@@ -56,6 +59,10 @@ def test_device_cuda_without_a_usable_gpu_is_one_line(monkeypatch):
     monkeypatch.setattr(precision, "gpu_present", lambda: True)  # a GPU the driver or build cannot start
     with pytest.raises(precision.DeviceError, match="--device auto: .*driver"):
         precision.select_device("auto")
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a GPU hidden on purpose: the CPU, no error
+    assert not precision.gpu_present() and precision.select_device("auto") == torch.device("cpu")
 
 
 def test_bf16_on_a_gpu_without_it_becomes_fp16_with_a_line(monkeypatch, capsys):
