@@ -858,7 +858,7 @@ def run_header(args, weights, resumed_note="") -> str:
     else:
         source = "; ".join(f"{name}: {line}" if len(weights) > 1 else line for name, line in weights.items())
     line = (f"model {args.model} ({args.kind}), weights {source}; input {args.resize[0]}x{args.resize[1]}, "
-            f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} ({args.optimizer}, {args.scheduler})")
+            f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr:g} ({args.optimizer}, {args.scheduler})")
     return line + (f"; changed on resume: {resumed_note}" if resumed_note else "")
 
 

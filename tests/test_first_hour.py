@@ -48,7 +48,7 @@ def test_the_run_header_names_the_model_and_a_random_init(trained, tmp_path, tin
     train.main(["--data_dir", str(tiny_data / "train"), "--model_dir", str(tmp_path), *FAST])
     header = capsys.readouterr().out.splitlines()[0]
     assert header.startswith("model test_resnet (three_head), weights random init (--pretrained none); input 32x24, "
-                             "1 epochs, batch 32, lr 0.001")
+                             "epochs 1, batch 32, lr 0.001")
 
 
 def test_pretrained_weights_that_cannot_be_had_stop_before_any_work(tmp_path, tiny_data, monkeypatch):
