@@ -1,5 +1,6 @@
 """train.py's flags: the parser (a --config YAML or JSON file sets any of them), which flags a command line
-gave, and the check of every value before any work starts (`validate`, one-line `FlagError`s)."""
+gave, a resumed run's own flags (`resumed_args`), and the check of every value before any work starts
+(`validate`, one-line `FlagError`s)."""
 import argparse
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from labels import HEADS
 from loss import create_criterion
 from model import MODEL_KINDS, check_freeze, check_model_name
 from precision import AMP_CHOICES, CHANNELS_LAST_CHOICES, DEVICE_CHOICES
-from runs import tool_parser
+from runs import one_line, read_config, tool_parser
 
 RESUME_OVERRIDES = {"epochs", "num_workers", "log_interval", "early_stop", "device", "keep_last", "report"}
 TRAIN_DOC = """Train a mask / gender / age classifier: a run folder with config.json, best.pth, last.pth, log.csv and
@@ -374,3 +375,31 @@ def criterion_spec(args):
     if set(spec) - set(HEADS):
         raise FlagError(f"--criterion: unknown heads {sorted(set(spec) - set(HEADS))}; heads are mask, gender, age")
     return spec
+
+
+def resumed_args(args, given) -> tuple:
+    """(the resumed run's own flags with the RESUME_OVERRIDES given now, its folder, its saved config, the
+    header's note on what changed) for --resume. Other flags given with different values are refused in
+    one line: the run keeps the settings it was trained with."""
+    resume = Path(args.resume)
+    run_dir = resume if resume.is_dir() else resume.parent
+    if not resume.exists():
+        raise SystemExit(f"error: --resume: {resume} not found (a run folder under --model_dir, e.g. model/exp)")
+    if not (run_dir / "last.pth").is_file():
+        raise SystemExit(f"error: --resume: {run_dir} has no last.pth: is it a train.py run folder? (runs finished "
+                         "with --keep_last off cannot be resumed)")
+    try:
+        saved = read_config(run_dir, "last")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: --resume: {one_line(error)}") from None
+    changed = sorted(flag for flag in given - RESUME_OVERRIDES - {"resume", "config"}
+                     if flag in saved and saved[flag] != getattr(args, flag))
+    if changed:
+        raise SystemExit("error: --resume continues a run with its own settings; these cannot change: "
+                         + ", ".join(f"--{flag} (run: {saved[flag]})" for flag in changed)
+                         + f"; only {', '.join('--' + f for f in sorted(RESUME_OVERRIDES))} may (or start a new run)")
+    overrides = {flag for flag in given & RESUME_OVERRIDES if saved.get(flag) != getattr(args, flag)}
+    keep = {flag: getattr(args, flag) for flag in overrides | {"resume"}}
+    args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if hasattr(args, k)}, **keep})
+    note = ", ".join(f"--{flag} {saved.get(flag)} -> {getattr(args, flag)}" for flag in sorted(overrides))
+    return args, run_dir, saved, note

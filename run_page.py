@@ -25,7 +25,7 @@ from faces import no_face_words, run_face_crop
 from labels import HEAD_NAMES, HEADS, class_name, decode_multi_class
 from metrics import pyplot, save_confusion_png
 from model import model_from_config
-from runs import PROB_COLUMNS, atomic_write, load_checkpoint, read_json, read_probabilities, upgraded_config
+from runs import PROB_COLUMNS, atomic_write, checked_config, load_checkpoint, read_json, read_probabilities
 from spec import RunSpec
 
 # the page's order: what the run learned first, then how it was set up, then the details
@@ -84,7 +84,7 @@ def load_run(run_dir) -> dict:
     config_path, log_path = run_dir / "config.json", run_dir / "log.csv"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.json: is it a train.py run folder?")
-    upgraded_config(read_json(config_path), run_dir)  # a baseline's folder: one line that says so
+    config = checked_config(read_json(config_path), run_dir)  # a baseline's folder: one line that says so
     if not log_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no log.csv: a run stopped before its first epoch?")
     probs = run_dir / "val_probs.csv"
@@ -92,7 +92,7 @@ def load_run(run_dir) -> dict:
     for column in VALIDATION_COLUMNS:  # a run trained without validation (--val_ratio 0) has none
         if column not in log:
             log[column] = np.nan
-    return dict(name=run_dir.name, dir=run_dir, config=upgraded_config(read_json(config_path), run_dir),
+    return dict(name=run_dir.name, dir=run_dir, config=config,
                 log=log, probs=read_probabilities(probs) if probs.is_file() else None)
 
 

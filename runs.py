@@ -166,16 +166,16 @@ def read_folds(path) -> list:
 
 
 def read_config(run_dir, checkpoint="best") -> dict:
-    """A train.py run's config.json, an older version's brought up to date (`upgraded_config`); a run
-    folder of another tool (the competition baseline's) is a one-line ForeignRunError."""
-    return upgraded_config(read_json(check_run(run_dir, checkpoint) / "config.json"), run_dir)
+    """A train.py run's config.json, of any version (spec.RunSpec.of reads it); a run folder of another
+    tool (the competition baseline's) is a one-line ForeignRunError."""
+    return checked_config(read_json(check_run(run_dir, checkpoint) / "config.json"), run_dir)
 
 
 class ForeignRunError(ValueError):
     """A folder with config.json and a checkpoint that this toolkit did not write (the baseline's)."""
 
 
-def upgraded_config(config, run_dir) -> dict:
+def checked_config(config, run_dir) -> dict:
     """`config` where it is a train.py run's, of any version (spec.RunSpec.of reads it, converting an older
     one); a config.json without this toolkit's records (`heads`, `preprocessing`: the competition
     baseline's is `vars(args)` alone) is a ForeignRunError."""

@@ -3,7 +3,6 @@
     python train.py --model resnet18 --epochs 10                 # one process, GPU if there is one
     torchrun --nproc_per_node=2 train.py --model resnet18        # DistributedDataParallel, same flags
 """
-import argparse
 import math
 import os
 import platform
@@ -45,7 +44,6 @@ from dataset import (
 from faces import face_record, find_faces, no_face_words, write_no_face
 from features import FromFeatures, build_feature_set, check_supported
 from flags import (
-    RESUME_OVERRIDES,
     FlagError,
     augment_options,
     build_parser,
@@ -55,6 +53,7 @@ from flags import (
     heads_of,
     key_values,
     parse_args,
+    resumed_args,
     validate,
 )
 from loss import create_multi_head_loss
@@ -79,7 +78,6 @@ from runs import (
     one_line,
     one_line_errors,
     probability_frame,
-    read_config,
     remove_stale_temporaries,
     run_command,
     save_checkpoint,
@@ -735,34 +733,6 @@ def start_wandb(args, config, run_dir):
 
 
 # ---------------------------------------------------------------- main
-def resumed_args(args, given) -> tuple:
-    """(the resumed run's own flags with the RESUME_OVERRIDES given now, its folder, its saved config, the
-    header's note on what changed) for --resume. Other flags given with different values are refused in
-    one line: the run keeps the settings it was trained with."""
-    resume = Path(args.resume)
-    run_dir = resume if resume.is_dir() else resume.parent
-    if not resume.exists():
-        raise SystemExit(f"error: --resume: {resume} not found (a run folder under --model_dir, e.g. model/exp)")
-    if not (run_dir / "last.pth").is_file():
-        raise SystemExit(f"error: --resume: {run_dir} has no last.pth: is it a train.py run folder? (runs finished "
-                         "with --keep_last off cannot be resumed)")
-    try:
-        saved = read_config(run_dir, "last")
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: --resume: {one_line(error)}") from None
-    changed = sorted(flag for flag in given - RESUME_OVERRIDES - {"resume", "config"}
-                     if flag in saved and saved[flag] != getattr(args, flag))
-    if changed:
-        raise SystemExit("error: --resume continues a run with its own settings; these cannot change: "
-                         + ", ".join(f"--{flag} (run: {saved[flag]})" for flag in changed)
-                         + f"; only {', '.join('--' + f for f in sorted(RESUME_OVERRIDES))} may (or start a new run)")
-    overrides = {flag for flag in given & RESUME_OVERRIDES if saved.get(flag) != getattr(args, flag)}
-    keep = {flag: getattr(args, flag) for flag in overrides | {"resume"}}
-    args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if hasattr(args, k)}, **keep})
-    note = ", ".join(f"--{flag} {saved.get(flag)} -> {getattr(args, flag)}" for flag in sorted(overrides))
-    return args, run_dir, saved, note
-
-
 def main(argv=None, on_epoch=None) -> list:
     """Run train.py with `argv`; return the best validation macro F1 of each fold. `on_epoch(epoch,
     log_row, fold)` (the hook of tools such as search.py) is called after every saved epoch; an

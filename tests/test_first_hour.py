@@ -255,7 +255,7 @@ def test_keep_last_off_leaves_best_pth_alone_and_resume_says_why(tmp_path, tiny_
 
 @pytest.mark.parametrize("script, argv", [("faces.py", ["sample_data", "--face_det", "x"]),
                                           ("synthesize.py", ["--data", "x", "--out_dir", "y"]),
-                                          ("sample.py", ["out", "--n_people_", "3"])])
+                                          ("sample.py", ["out", "--n_peo", "3"])])
 def test_the_other_scripts_refuse_abbreviations_too(script, argv):
     done = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and ("unrecognized arguments" in done.stderr or "required: --data_dir" in done.stderr)
