@@ -23,6 +23,7 @@ from labels import DEFAULT_AGE_BINS, MASK_FILES, decode_multi_class
 from runs import (
     HEAD_COLUMNS,
     atomic_write,
+    checked_config,
     one_line_errors,
     read_folds,
     read_json,
@@ -44,7 +45,7 @@ DRAFT_KINDS = ("gender", "mask swap", "mask")  # age moves to a neighbouring gro
 def probability_files(inputs) -> tuple:
     """(val_probs.csv paths, the train folder and run settings they came from) of run folders,
     `<name>_cv.json` files or probability files; runs from different train folders are an error."""
-    files, configs = [], []
+    files, specs = [], []
     for item in map(Path, inputs):
         if item.suffix == ".json" and item.is_file():
             folders = read_folds(item)
@@ -60,11 +61,11 @@ def probability_files(inputs) -> tuple:
                 raise FileNotFoundError(f"{folder} has no val_probs.csv: audit needs finished runs with validation "
                                         "(--n_folds), not --val_ratio 0")
             files.append(folder / "val_probs.csv")
-            configs.append(read_json(folder / "config.json"))  # audit reads its data_dir and age_bins alone
-    roots = {str(images_dir(c["data_dir"]).resolve()) for c in configs}
+            specs.append(RunSpec.of(checked_config(read_json(folder / "config.json"), folder)))
+    roots = {str(images_dir(spec.data_dir).resolve()) for spec in specs}
     if len(roots) > 1:
         raise ValueError(f"the runs come from different train folders: {', '.join(sorted(roots))}")
-    return files, configs
+    return files, specs
 
 
 def out_of_fold(files) -> pd.DataFrame:
@@ -353,15 +354,14 @@ def main(argv=None):
             raise ValueError(f"--top must be at least 1, got {args.top}")
         if not 0 < args.duplicate_min <= 1:
             raise ValueError(f"--duplicate_min must be in (0, 1], got {args.duplicate_min}")
-        files, configs = probability_files(args.inputs)
-        data_dir = args.data_dir or (configs[0]["data_dir"] if configs else None)
+        files, specs = probability_files(args.inputs)
+        data_dir = args.data_dir or (specs[0].data_dir if specs else None)
         if data_dir is None:
             raise ValueError("probability files alone: pass the train folder with --data_dir")
-        if configs and args.data_dir and images_dir(args.data_dir).resolve() != \
-                images_dir(configs[0]["data_dir"]).resolve():
-            raise ValueError(f"--data_dir {args.data_dir} is not the runs' train folder {configs[0]['data_dir']}")
-        bins = configs[0]["age_bins"] if configs else DEFAULT_AGE_BINS
-        table = audit_table(data_dir, bins, configs[0].get("relabel") if configs else None)
+        if specs and args.data_dir and images_dir(args.data_dir).resolve() != images_dir(specs[0].data_dir).resolve():
+            raise ValueError(f"--data_dir {args.data_dir} is not the runs' train folder {specs[0].data_dir}")
+        bins = specs[0].age_bins if specs else DEFAULT_AGE_BINS
+        table = audit_table(data_dir, bins, specs[0].relabel if specs else None)
         data = join(table, out_of_fold(files))
         given = decode_multi_class(data["ans"].to_numpy())
         data["mask"], data["gender_label"], data["age_label"] = given
@@ -371,8 +371,7 @@ def main(argv=None):
         write_csv(out / "audit.csv", suspects.drop(columns="relabel"))
         draft = relabel_draft(suspects, thresholds, args.draft_kinds, args.drop)
         write_csv(out / "relabel_draft.csv", draft)
-        spec = RunSpec.of(configs[0]) if configs and "preprocessing" in configs[0] else None  # a run's own record
-        faces = run_face_crop(spec, table["path"].tolist()) if spec else None
+        faces = run_face_crop(specs[0], table["path"].tolist()) if specs else None
         contact_sheet(out / "audit.png", suspects, data, args.top, faces=faces)
     counts = suspects["kind"].value_counts().to_dict()
     rules = [f"{k} >= {thresholds[k]}" for k in args.draft_kinds if k not in args.drop]

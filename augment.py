@@ -18,6 +18,14 @@ def center_crop_box(height, width, crop_fraction=CROP_FRACTION):
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
+def crop_region(image: torch.Tensor, top, left, side) -> torch.Tensor:
+    """image[..., top:top+side, left:left+side] of a CHW tensor, edge-replicated where it leaves the image."""
+    height, width = image.shape[-2:]
+    rows = torch.arange(top, top + side).clamp_(0, height - 1)
+    cols = torch.arange(left, left + side).clamp_(0, width - 1)
+    return image[..., rows[:, None], cols[None, :]]
+
+
 AUTO_AUGMENTS = ("none", "autoaugment", "trivialaugment")
 
 
@@ -42,9 +50,9 @@ class BaseAugmentation:
     """Resize only (the baseline's default). Every augmentation works on uint8 CHW tensors in two
     steps: `prepare` (deterministic: crop and resize; what the decoded cache stores) and `augment`
     (random, training only); calling it does both. `crop_fraction` (height, width) overrides the
-    class's centre crop; (1, 1) keeps the whole image. `face_crop` (a `faces.FaceCrop`) crops the
-    square around each image's face instead, where one was found (the image's path names it; images
-    without a face keep the centre crop). Every augmentation also takes the optional
+    class's centre crop; (1, 1) keeps the whole image. An image may come with a `region` of its own
+    (top, left, side: a square, e.g. around its face, found beforehand: `faces.FaceCrop.regions`), which
+    is cropped instead of the centre. Every augmentation also takes the optional
     training-only options: `color_jitter` (brightness, contrast and saturation factors in 1 +- S),
     `grayscale` (probability), `sharpness` (factor 1 + S, half the images), `noise` (gaussian, sigma
     as a fraction of 255), `randaugment` ((N, M): torchvision's RandAugment on uint8) and `auto_augment`
@@ -52,8 +60,8 @@ class BaseAugmentation:
     crop_fraction = None
 
     def __init__(self, resize=(128, 96), train=True, crop_fraction=None, color_jitter=0.0, grayscale=0.0,
-                 sharpness=0.0, noise=0.0, randaugment=None, face_crop=None, auto_augment="none", **options):
-        self.resize, self.train, self.face_crop = [int(v) for v in resize], train, face_crop
+                 sharpness=0.0, noise=0.0, randaugment=None, auto_augment="none"):
+        self.resize, self.train = [int(v) for v in resize], train
         if crop_fraction is not None:
             self.crop_fraction = None if tuple(crop_fraction) == (1, 1) else tuple(crop_fraction)
         check_augment_options(color_jitter, grayscale, sharpness, noise, randaugment, auto_augment)
@@ -85,10 +93,9 @@ class BaseAugmentation:
             image = (image.float() + noise).clamp_(0, 255).to(torch.uint8)
         return image
 
-    def prepare(self, image: torch.Tensor, path=None) -> torch.Tensor:
-        face = self.face_crop.crop(image, path) if self.face_crop is not None else None
-        if face is not None:
-            image = face
+    def prepare(self, image: torch.Tensor, region=None) -> torch.Tensor:
+        if region is not None:
+            image = crop_region(image, *region)
         elif self.crop_fraction:
             image = TF.crop(image, *center_crop_box(*image.shape[-2:], self.crop_fraction))
         return TF.resize(image, self.resize, antialias=True)
@@ -99,8 +106,8 @@ class BaseAugmentation:
     def from_prepared(self, image: torch.Tensor) -> torch.Tensor:
         return self.augment(image) if self.train else image
 
-    def __call__(self, image: torch.Tensor, path=None) -> torch.Tensor:
-        return self.from_prepared(self.prepare(image, path))
+    def __call__(self, image: torch.Tensor, region=None) -> torch.Tensor:
+        return self.from_prepared(self.prepare(image, region))
 
 
 class CustomAugmentation(BaseAugmentation):
@@ -138,11 +145,10 @@ class AlbumentationsAugmentation(CustomAugmentation):
 AUGMENTATIONS = {cls.__name__: cls for cls in (BaseAugmentation, CustomAugmentation, AlbumentationsAugmentation)}
 
 
-def preprocess_transform(preprocess, faces=None):
-    """The validation and inference transform a run's spec.Preprocess describes (`faces`: the FaceCrop of the
-    images where the run crops faces)."""
-    return create_transforms(preprocess.augmentation, preprocess.resize, crop_fraction=preprocess.crop,
-                             face_crop=faces)[1]
+def preprocess_transform(preprocess):
+    """The validation and inference transform a run's spec.Preprocess describes (an image's own region, e.g.
+    its face square, comes with the image)."""
+    return create_transforms(preprocess.augmentation, preprocess.resize, crop_fraction=preprocess.crop)[1]
 
 
 def create_transforms(name, resize, **options):

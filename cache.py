@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dataset import ImageFiles
 from runs import atomic_write, write_csv, write_json
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: an image's crop region is its own (faces as data), not the transform's
 DEFAULT_CACHE_DIR = "./.cache/masktrain"
 CHECKED_FILE = "checked_images.json"
 
@@ -79,10 +79,11 @@ def collate_decoded(batch):
     return torch.stack(images) if images else None, [item[1] for item in batch], [item[2] for item in batch]
 
 
-def decode_all(paths, transform=None, num_workers=0, batch_size=32, desc="checking"):
+def decode_all(paths, transform=None, num_workers=0, batch_size=32, desc="checking", regions=None):
     """Decode every image of `paths` in parallel, with a progress bar; yields (readable images through
-    `transform` stacked, or None; indices; error texts) per batch."""
-    loader = DataLoader(DecodeAll(paths, transform), batch_size, num_workers=num_workers, collate_fn=collate_decoded)
+    `transform` (each with its crop region) stacked, or None; indices; error texts) per batch."""
+    loader = DataLoader(DecodeAll(paths, transform, regions), batch_size, num_workers=num_workers,
+                        collate_fn=collate_decoded)
     yield from tqdm(loader, desc=f"{desc} {len(paths)} images", leave=False, dynamic_ncols=True,
                     disable=len(paths) == 0)
 
@@ -113,16 +114,17 @@ def check_images(paths, cache_dir=DEFAULT_CACHE_DIR, num_workers=0) -> list:
     return bad
 
 
-def cache_key(paths, transform) -> str:
-    """A hash of the preprocessing settings and of the image files (absolute path, size, mtime): the same
-    files named from another folder, or by a relative instead of an absolute path, share one cache."""
+def cache_key(paths, transform, regions=None) -> str:
+    """A hash of how `transform` prepares an image (its family, size and centre crop) and of each image:
+    its file (absolute path, size, mtime) and its crop region. The same files named from another folder,
+    or by a relative instead of an absolute path, share one cache."""
     settings = dict(version=CACHE_VERSION, transform=type(transform).__name__, resize=list(transform.resize),
                     crop_fraction=transform.crop_fraction)
-    if getattr(transform, "face_crop", None) is not None:
-        settings["face"] = transform.face_crop.settings
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
-    for path in paths:
-        digest.update(f"{os.path.abspath(path)}\0{file_stamp(path)}\n".encode())
+    regions = regions if regions is not None else [None] * len(paths)
+    for path, region in zip(paths, regions, strict=True):
+        where = "" if region is None else ",".join(str(int(v)) for v in region)
+        digest.update(f"{os.path.abspath(path)}\0{file_stamp(path)}\0{where}\n".encode())
     return digest.hexdigest()[:20]
 
 
@@ -135,14 +137,15 @@ class DecodedCache:
         self._fd, self._pid = None, None
 
     @classmethod
-    def build(cls, paths, transform, cache_dir, num_workers=0, batch_size=64) -> "DecodedCache":
-        """Open the cache of `paths` prepared by `transform`, building it first if needed. The build
+    def build(cls, paths, transform, cache_dir, num_workers=0, batch_size=64, regions=None) -> "DecodedCache":
+        """Open the cache of `paths` (each cropped at its region, None: the centre) prepared by `transform`,
+        building it first if needed. The build
         decodes every image, so it is their check too: it raises BadImagesError listing every
         unreadable one, and leaves no cache behind then."""
         paths = [str(p) for p in paths]
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        key = cache_key(paths, transform)
+        key = cache_key(paths, transform, regions)
         data_path, index_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
         shape = (3, *transform.resize)
         bad = []
@@ -150,7 +153,7 @@ class DecodedCache:
         def write(tmp):
             with open(tmp, "wb") as file:
                 for images, indices, errors in decode_all(paths, transform.prepare, num_workers, batch_size,
-                                                          desc="caching"):
+                                                          "caching", regions):
                     bad.extend((paths[i], error) for i, error in zip(indices, errors, strict=True) if error)
                     if not bad:
                         file.write(images.numpy().tobytes())

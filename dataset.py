@@ -360,11 +360,11 @@ def without_source_locations(text: str) -> str:
     return " ".join(re.sub(r"\s*[^\s,]*\.(?:cpp|cc|cu|h|hpp):\d+,?", "", text).split())
 
 
-def load_image(path, transform=None) -> torch.Tensor:
-    """Decode an image and apply `transform(image, path)` (uint8 CHW in, uint8 CHW out; the path names
-    the image's face box where the transform crops faces)."""
+def load_image(path, transform=None, region=None) -> torch.Tensor:
+    """Decode an image and apply `transform(image, region)` (uint8 CHW in, uint8 CHW out; `region`: the
+    image's own crop square, e.g. around its face, or None: the transform's centre crop)."""
     image = decode_image(path)
-    return transform(image, path) if transform else image
+    return transform(image, region) if transform else image
 
 
 class MaskBaseDataset(Dataset):
@@ -385,6 +385,8 @@ class MaskBaseDataset(Dataset):
         self.transform = None
         self.cache = None  # an optional cache.DecodedCache of every row's prepared image
         self.paths = self.table["path"].tolist()
+        # each image's crop square (top, left, side), e.g. around its face, or None (the centre crop)
+        self.regions = self.table["region"].tolist() if "region" in self.table else [None] * len(self.table)
         self.class_targets = self.table["class"].to_numpy()
         # multi-label targets: (mask, gender, age group), and the exact age with `exact_age` (soft age targets)
         self.head_targets = self.table[["mask", "gender_label", "age_label"] + ["age"] * exact_age].to_numpy()
@@ -408,7 +410,7 @@ class MaskBaseDataset(Dataset):
         """Image `index` through `transform`, read from the decoded cache when there is one."""
         if self.cache is not None and transform is not None:
             return transform.from_prepared(self.cache[index])
-        return load_image(self.paths[index], transform)
+        return load_image(self.paths[index], transform, self.regions[index])
 
     def __getitem__(self, index):
         return self.image(index, self.transform), self.get_target(index)
@@ -476,16 +478,18 @@ class Subset(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Images by path, with a transform; the target is the position."""
+    """Images by path, with a transform and each image's crop region (None: the transform's centre crop);
+    the target is the position."""
 
-    def __init__(self, paths, transform=None):
+    def __init__(self, paths, transform=None, regions=None):
         self.paths, self.transform = list(paths), transform
+        self.regions = list(regions) if regions is not None else [None] * len(self.paths)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return load_image(self.paths[index], self.transform), index
+        return load_image(self.paths[index], self.transform, self.regions[index]), index
 
 
 class TestDataset(ImageFiles):

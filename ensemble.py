@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from faces import add_face_flags, check_face_flags, run_regions
 from inference import (
     FrozenStages,
     PredictOptions,
     Predictor,
     add_bad_images_flag,
-    add_face_flags,
     add_output_flags,
     add_precision_flags,
     check_eval_images,
-    check_face_flags,
     check_loader_flags,
     chosen_device,
     eval_dir_for,
@@ -30,7 +29,6 @@ from inference import (
     output_paths,
     read_labels,
     report,
-    run_faces,
     validation_offsets,
     write_submission,
 )
@@ -82,8 +80,8 @@ def run_probabilities(run_dir, images, options, frozen_stages=None, no_face_path
         if no_face_path:  # a --face_crop member still lists its images without a face (boxes cached: no detection)
             skipped = set(map(str, images.unreadable))
             readable = [p for p in images.paths if str(p) not in skipped]
-            run_faces(RunSpec.of(read_config(run_dir)), readable, options.face_detector, options.cache_dir,
-                      options.num_workers, no_face_path)
+            run_regions(RunSpec.of(read_config(run_dir)), readable, options.face_detector, options.cache_dir,
+                        options.num_workers, no_face_path)
         return aligned(read_probabilities(cache), images.ids, cache)
     probs = Predictor(run_dir, options, frozen_stages).predict(images.paths, images.unreadable, no_face_path)
     write_csv(cache, probability_frame(images.ids, probs))
@@ -239,7 +237,7 @@ def main(argv=None):
         image_ids, paths, labels, info = eval_images(data_dir)
         if args.labels:
             labels = read_labels(args.labels, image_ids)
-        check_face_flags(args, configs)
+        check_face_flags(args, [RunSpec.of(config) for config in configs])
         note = mixed_age_bins([path for path in inputs if path.is_dir()])
         if note:
             print(note)

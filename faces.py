@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from augment import crop_region
 from cache import DEFAULT_CACHE_DIR, file_stamp, locked
 from dataset import IMAGE_EXTENSIONS, decode_image
 from runs import atomic_write, one_line_errors, tool_parser, write_csv
@@ -42,9 +43,7 @@ class YuNet:
 
     def __init__(self, path, score=DEFAULT_SCORE, nms=0.3, top_k=20):
         self.path, self.score, self.nms, self.top_k = str(path), float(score), nms, top_k
-        if not Path(self.path).is_file():
-            raise FaceDetectorError(f"--face_detector: file not found: {self.path} (YuNet's ONNX file from the "
-                                    "OpenCV model zoo, models/face_detection_yunet/)")
+        check_face_settings(score=self.score, detector=self.path)
         self._net = None
         self.net()  # a damaged file fails here, before any work
 
@@ -136,37 +135,40 @@ def typical_box(fallback, height, width) -> tuple:
     return centre_x * width - side / 2, centre_y * height - side / 2, side, side
 
 
-def crop_square(image: torch.Tensor, top, left, side) -> torch.Tensor:
-    """image[..., top:top+side, left:left+side] of a CHW tensor, edge-replicated where it leaves the image."""
-    height, width = image.shape[-2:]
-    rows = torch.arange(top, top + side).clamp_(0, height - 1)
-    cols = torch.arange(left, left + side).clamp_(0, width - 1)
-    return image[..., rows[:, None], cols[None, :]]
-
-
 class FaceCrop:
-    """What a transform needs to crop faces: the chosen box of every image (by absolute path; None
-    where no face was found), the margin, and `fallback`: the typical face (`typical_face`) that images
-    without one are cropped at (None: they keep the centre crop). `settings` go into config.json and
-    into cache keys."""
+    """The faces found in a set of images, as data: each image's chosen box (by absolute path; None where no
+    face was found) and its (height, width), the margin, `fallback` (the typical face, `typical_face`,
+    that images without one are cropped at; None: they keep the centre crop) and the detector's
+    `settings` (config.json's record). `regions(paths)` is what a dataset holds: each image's crop
+    square, which the transforms crop instead of the centre."""
 
-    def __init__(self, boxes: dict, margin=DEFAULT_MARGIN, settings=None, fallback=None):
-        self.boxes, self.margin = boxes, float(margin)
+    def __init__(self, boxes: dict, margin=DEFAULT_MARGIN, settings=None, fallback=None, sizes=None):
+        self.boxes, self.margin, self.sizes = boxes, float(margin), sizes or {}
         self.fallback = None if fallback is None else tuple(float(v) for v in fallback)
         self.settings = dict(settings or {}, margin=self.margin, fallback=self.fallback)
 
     def found(self, path) -> bool:
-        return path is not None and self.boxes.get(os.path.abspath(path)) is not None
+        return self.boxes.get(os.path.abspath(path)) is not None
+
+    def region(self, path, size=None):
+        """(top, left, side) of the square cropped from image `path`: around its face, or where it has none
+        the typical face's square (its (height, width): `size`, or the one recorded at detection); None
+        without a fallback (the transform's centre crop)."""
+        path = os.path.abspath(path)
+        box = self.boxes.get(path)
+        size = size or self.sizes.get(path)
+        if box is None and self.fallback is not None and size is not None:
+            box = typical_box(self.fallback, *size)
+        return None if box is None else square_box(box, self.margin)
 
     def crop(self, image: torch.Tensor, path):
-        """The face square of `image` (decoded from `path`); where it has no face, the typical face's
-        square, or None without a fallback (the caller's centre crop)."""
-        box = self.boxes.get(os.path.abspath(path)) if path is not None else None
-        if box is None and self.fallback is not None:
-            box = typical_box(self.fallback, *image.shape[-2:])
-        if box is None:
-            return None
-        return crop_square(image, *square_box(box, self.margin))
+        """The crop square (`region`) of `image`, decoded from `path`, or None (a contact sheet's tile)."""
+        region = self.region(path, tuple(image.shape[-2:]))
+        return None if region is None else crop_region(image, *region)
+
+    def regions(self, paths) -> list:
+        """The crop square of each of `paths` (`region`), in their order: a dataset's column."""
+        return [self.region(path) for path in map(str, paths)]
 
     def missing(self) -> list:
         """The images where no face was found (absolute paths)."""
@@ -174,8 +176,9 @@ class FaceCrop:
 
     def subset(self, paths) -> "FaceCrop":
         """The same crop for `paths` only (the images a run keeps)."""
-        return FaceCrop({os.path.abspath(p): self.boxes.get(os.path.abspath(p)) for p in map(str, paths)},
-                        self.margin, self.settings, self.fallback)
+        paths = [os.path.abspath(p) for p in map(str, paths)]
+        return FaceCrop({p: self.boxes.get(p) for p in paths}, self.margin, self.settings, self.fallback,
+                        {p: self.sizes.get(p) for p in paths})
 
 
 class DetectFiles(Dataset):
@@ -196,12 +199,16 @@ class DetectFiles(Dataset):
         return index, choose_face(self.detector.detect(rgb), *rgb.shape[:2]), rgb.shape[:2]
 
 
-def check_face_settings(margin, score) -> None:
-    """The face crop's margin and the detector's score threshold, checked (one place: flags.py calls it too)."""
+def check_face_settings(margin=DEFAULT_MARGIN, score=DEFAULT_SCORE, detector=None) -> None:
+    """The face crop's margin, the detector's score threshold and (given) its file, checked: the one place
+    (flags.py, find_faces and YuNet call it)."""
     if not MARGIN_RANGE[0] <= margin <= MARGIN_RANGE[1]:
         raise FaceDetectorError(f"--face_margin must be in [{MARGIN_RANGE[0]}, {MARGIN_RANGE[1]}], got {margin}")
     if not 0 < score < 1:
         raise FaceDetectorError(f"--face_score must be in (0, 1), got {score}")
+    if detector is not None and not Path(detector).is_file():
+        raise FaceDetectorError(f"--face_detector: file not found: {detector} (YuNet's ONNX file from the OpenCV "
+                                "model zoo, models/face_detection_yunet/)")
 
 
 def detector_settings(detector_path, score) -> dict:
@@ -241,9 +248,10 @@ def find_faces(paths, detector_path=DEFAULT_DETECTOR, score=DEFAULT_SCORE, margi
                                       None if size is None else tuple(map(int, size)))
             write_boxes(record, known)
     boxes = {path: known[path][1] for path in wanted}
+    sizes = {path: known[path][2] for path in wanted}
     if fallback == "typical":
-        fallback = typical_face(boxes, {path: known[path][2] for path in wanted})
-    return FaceCrop(boxes, margin, settings, fallback)
+        fallback = typical_face(boxes, sizes)
+    return FaceCrop(boxes, margin, settings, fallback, sizes)
 
 
 BOX_COLUMNS = ["x", "y", "w", "h", "score"]
@@ -294,6 +302,56 @@ def run_face_crop(spec, paths, face_detector=None, cache_dir=None, num_workers=0
                                 f"{detector} is not here; pass --face_detector FILE")
     return find_faces(paths, detector, face.score, face.margin, cache_dir or spec.cache_dir or DEFAULT_CACHE_DIR,
                       num_workers, fallback=face.fallback)
+
+
+def run_regions(spec, paths, face_detector=None, cache_dir=None, num_workers=0, no_face_path=None) -> list:
+    """Each image's crop region for a run (its RunSpec), as it was trained: a --face_crop run's face squares
+    (`run_face_crop`; the line of what was found printed, and with `no_face_path` the images without a face
+    listed there), None for every image of other runs (their centre crop)."""
+    faces = run_face_crop(spec, paths, face_detector, cache_dir, num_workers)
+    if faces is None:
+        return [None] * len(paths)
+    listed = None
+    if no_face_path:
+        Path(no_face_path).parent.mkdir(parents=True, exist_ok=True)
+        listed = write_no_face(no_face_path, faces)
+    print(found_line(faces, listed))
+    return faces.regions(paths)
+
+
+def found_line(faces, listed=None) -> str:
+    """"faces: found in N of M images (margin); K take the typical face square, listed in FILE": what the run
+    header, inference and ensembling print."""
+    missing = len(faces.missing())
+    where = f", listed in {listed}" if missing and listed else ""
+    return (f"faces: found in {len(faces.boxes) - missing:,} of {len(faces.boxes):,} images (margin {faces.margin}); "
+            f"{missing:,} {no_face_words(faces.fallback)}{where}")
+
+
+def record_words(record) -> str:
+    """The same for a run's config.json record of its faces (`face_record`), for the report."""
+    return (f"{record['images'] - record['no_face']:,} of {record['images']:,} images with a face (margin "
+            f"{record['margin']}, score {record['score']}); {record['no_face']:,} "
+            f"{no_face_words(record.get('fallback'))}.")
+
+
+def add_face_flags(parser):
+    """inference.py's and ensemble.py's --face_crop (a check: the runs must have been trained with it),
+    --face_detector (where the file moved) and --cache_dir (the boxes)."""
+    parser.add_argument("--face_crop", action="store_true",
+                        help="check that the run crops faces (a run trained with --face_crop always does, as trained)")
+    parser.add_argument("--face_detector", default=None,
+                        help="the detector file, where it is not at the path the run recorded")
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="the image check and the face boxes")
+
+
+def check_face_flags(args, specs) -> None:
+    """--face_crop on a run (its RunSpec) trained without it is an error (the model never saw face crops)."""
+    if args.face_crop:
+        for spec in specs:
+            if spec.preprocess.face is None:
+                raise ValueError(f"--face_crop: {spec.run_dir} was trained without --face_crop, so it predicts on its "
+                                 "own crop; retrain it with --face_crop or drop the flag")
 
 
 def no_face_words(fallback) -> str:

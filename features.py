@@ -147,7 +147,7 @@ def build_feature_set(model, train_set: Subset, transform, mean, std, cache_dir,
             yield (images.contiguous(memory_format=torch.channels_last) if channels_last else images), targets
 
     paths = [train_set.dataset.paths[i] for i in train_set.indices]
-    images_key = cache_key(paths, transform)
+    images_key = cache_key(paths, transform, [train_set.dataset.regions[i] for i in train_set.indices])
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     stats_key = short_hash([FEATURES_VERSION, ADAPT_IMAGES, images_key, state_digest(frozen), list(mean), list(std)])

@@ -12,7 +12,7 @@ from augment import AUGMENTATIONS, AUTO_AUGMENTS, check_augment_options
 from cache import DEFAULT_CACHE_DIR
 from dataset import DATASETS, SAMPLE_DIR
 from faces import DEFAULT_DETECTOR, DEFAULT_MARGIN, DEFAULT_SCORE, MARGIN_RANGE, check_face_settings
-from labels import HEADS
+from labels import HEADS, heads_of
 from loss import create_criterion
 from model import MODEL_KINDS, check_freeze, check_model_name
 from precision import AMP_CHOICES, CHANNELS_LAST_CHOICES, DEVICE_CHOICES
@@ -250,10 +250,6 @@ def augment_options(args) -> dict:
                 randaugment=args.randaugment, auto_augment=args.auto_augment)
 
 
-def heads_of(kind) -> dict:
-    return {"class": 18} if kind == "single_head" else HEADS
-
-
 def has_validation(args) -> bool:
     """Whether the run holds people out (k-fold, or --val_ratio > 0); --val_ratio 0 trains on everyone."""
     return bool(args.n_folds) or args.val_ratio > 0
@@ -283,9 +279,6 @@ def validate(args):
                         f"{args.checkpoint_hist}")
     if args.clip_grad is not None and args.clip_grad <= 0:
         raise FlagError(f"--clip_grad must be positive, got {args.clip_grad}")
-    if args.face_crop and not Path(args.face_detector).is_file():
-        raise FlagError(f"--face_detector: file not found: {args.face_detector} (YuNet's ONNX file from the OpenCV "
-                        "model zoo, models/face_detection_yunet/)")
     if args.crop is not None and not all(0 < f <= 1 for f in args.crop):
         raise FlagError(f"--crop fractions must be in (0, 1], got {args.crop}")
     if min(args.resize) <= 0:
@@ -329,7 +322,7 @@ def validate(args):
             name = criteria.get(head, "cross_entropy") if isinstance(criteria, dict) else criteria
             create_criterion(name, n)
         check_freeze(args.freeze)
-        check_face_settings(args.face_margin, args.face_score)
+        check_face_settings(args.face_margin, args.face_score, args.face_detector if args.face_crop else None)
         check_augment_options(**augment_options(args))
     except ValueError as error:
         raise FlagError(str(error)) from None

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from augment import preprocess_transform
 from cache import DEFAULT_CACHE_DIR, BadImagesError, check_images, write_bad_images
 from dataset import ImageFiles, PrefetchLoader, TestDataset, fast_collate, images_dir, scan_people
-from faces import no_face_words, run_face_crop, write_no_face
+from faces import add_face_flags, check_face_flags, run_regions
 from features import FromFeatures, frozen_outputs, predict_from_features, state_digest
 from metrics import apply_offsets, class_report, fit_offsets, score
 from model import TTA_CHOICES, build_model, freeze, predict
@@ -179,9 +179,9 @@ class FrozenStages:
     def __init__(self):
         self.outputs = {}
 
-    def outputs_for(self, rest, loader, paths, faces, predictor):
-        key = (state_digest(rest.frozen), tuple(map(str, paths)), predictor.spec.preprocess,
-               predictor.options.tta, str(faces.settings if faces else None))
+    def outputs_for(self, rest, loader, paths, regions, predictor):
+        key = (state_digest(rest.frozen), tuple(map(str, paths)), tuple(regions), predictor.spec.preprocess,
+               predictor.options.tta)
         if key not in self.outputs:  # in the first member's precision (auto may time another for the next)
             self.outputs[key] = frozen_outputs(rest.frozen, loader, predictor.amp, predictor.options.tta,
                                                predictor.channels_last)
@@ -217,15 +217,15 @@ class Predictor:
 
     def predict_readable(self, paths, no_face_path=None) -> np.ndarray:
         spec, options = self.spec, self.options
-        faces = run_faces(spec, paths, options.face_detector, options.cache_dir, options.num_workers, no_face_path)
-        loader = DataLoader(ImageFiles(paths, preprocess_transform(spec.preprocess, faces)), options.batch_size,
+        regions = run_regions(spec, paths, options.face_detector, options.cache_dir, options.num_workers, no_face_path)
+        loader = DataLoader(ImageFiles(paths, preprocess_transform(spec.preprocess), regions), options.batch_size,
                             num_workers=options.num_workers, collate_fn=fast_collate,
                             pin_memory=self.device.type == "cuda")
         loader = PrefetchLoader(loader, spec.preprocess.mean, spec.preprocess.std, self.device)
         if self.frozen_stages is not None and spec.cache_features:
             freeze(self.model, spec.freeze)
             rest = FromFeatures(self.model)
-            features = self.frozen_stages.outputs_for(rest, loader, paths, faces, self)
+            features = self.frozen_stages.outputs_for(rest, loader, paths, regions, self)
             return predict_from_features(rest, features, self.amp, options.batch_size, self.channels_last).numpy()
         probs, _ = predict(self.model, loader, self.amp, options.tta, progress=True, channels_last=self.channels_last)
         return probs.numpy()
@@ -242,21 +242,6 @@ def filled_unreadable(predict_paths, paths, unreadable) -> np.ndarray:
     probs[readable] = predict_paths([p for p, ok in zip(paths, readable, strict=True) if ok])
     probs[~readable] = probs[readable].mean(0)
     return probs
-
-
-def run_faces(spec, paths, face_detector=None, cache_dir=DEFAULT_CACHE_DIR, num_workers=0, no_face_path=None):
-    """The face crop of a run (its RunSpec) trained with --face_crop for `paths` (None for other runs), as
-    it was trained: the same detector, score and margin; with `no_face_path`, the images without a face listed."""
-    faces = run_face_crop(spec, paths, face_detector, cache_dir, num_workers)
-    if faces is None:
-        return None
-    missing = len(faces.missing())
-    print(f"faces: found in {len(paths) - missing:,} of {len(paths):,} images; {missing:,} "
-          f"{no_face_words(faces.fallback)}" + (f", listed in {no_face_path}" if missing and no_face_path else ""))
-    if no_face_path:
-        Path(no_face_path).parent.mkdir(parents=True, exist_ok=True)
-        write_no_face(no_face_path, faces)
-    return faces
 
 
 def read_labels(path, image_ids) -> np.ndarray:
@@ -329,24 +314,6 @@ def build_parser():
     return parser
 
 
-def add_face_flags(parser):
-    """--face_crop (a check: the run must have been trained with it) and --face_detector (where it moved)."""
-    parser.add_argument("--face_crop", action="store_true",
-                        help="check that the run crops faces (a run trained with --face_crop always does, as trained)")
-    parser.add_argument("--face_detector", default=None,
-                        help="the detector file, where it is not at the path the run recorded")
-    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="the image check and the face boxes")
-
-
-def check_face_flags(args, configs) -> None:
-    """--face_crop on a run trained without it is an error (the model never saw face crops)."""
-    if args.face_crop:
-        for spec in map(RunSpec.of, configs):
-            if spec.preprocess.face is None:
-                raise ValueError(f"--face_crop: {spec.run_dir} was trained without --face_crop, so it predicts on its "
-                                 "own crop; retrain it with --face_crop or drop the flag")
-
-
 def output_paths(output_dir, name, overwrite):
     """(submission path, probability path); refuses to replace files unless `overwrite`."""
     submission = Path(output_dir) / name
@@ -388,7 +355,7 @@ def main(argv=None):
         device = chosen_device(args.device)
         run_dir = newest_run(args.model_dir, args.checkpoint)
         config = read_config(run_dir, args.checkpoint)
-        check_face_flags(args, [config])
+        check_face_flags(args, [RunSpec.of(config)])
         data_dir, why = eval_dir_for(args.data_dir, [config])
         submission, probs_path = output_paths(args.output_dir, args.name, args.overwrite)
         image_ids, paths, labels, info = eval_images(data_dir)

@@ -11,6 +11,11 @@ N_CLASSES = 18
 HEAD_NAMES = {"mask": ("wear", "incorrect", "not wear"), "gender": ("male", "female"), "age": ("<30", "30-59", ">=60")}
 
 
+def heads_of(kind) -> dict:
+    """{head: classes} of a model kind: one 18-class head (single_head) or the three."""
+    return {"class": N_CLASSES} if kind == "single_head" else HEADS
+
+
 class MaskLabels(IntEnum):
     MASK = 0
     INCORRECT = 1

@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from labels import HEADS, combine_heads
 from precision import autocast
-from spec import RunSpec
 
 YEARS_CENTRE, YEARS_SCALE = 40.0, 20.0  # the years head outputs (age - centre) / scale, so it starts near 40
 MODEL_KINDS = ("three_head", "single_head", "multi_backbone")
@@ -314,11 +313,6 @@ def build_model(kind="three_head", model="resnet18", backbones=None, pretrained=
         return MaskModel({"shared": backbone(model)}, heads, drop_rate)
     names = {head: (backbones or {}).get(head) or model for head in HEADS}
     return MaskModel({head: backbone(name) for head, name in names.items()}, HEADS, drop_rate)
-
-
-def model_from_config(config: dict) -> MaskModel:
-    """Rebuild a run's model (without weights) from its config.json's spec (model sources from their record)."""
-    return build_model(**RunSpec.of(config).model_args)
 
 
 def model_sources(names) -> dict:

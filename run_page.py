@@ -20,11 +20,11 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from augment import preprocess_transform
-from dataset import images_dir, load_image, open_upright
-from faces import no_face_words, run_face_crop
-from labels import HEAD_NAMES, HEADS, class_name, decode_multi_class
+from dataset import ImageFiles, images_dir, open_upright
+from faces import record_words, run_face_crop
+from labels import HEAD_NAMES, HEADS, class_name, decode_multi_class, heads_of
 from metrics import pyplot, save_confusion_png
-from model import model_from_config
+from model import build_model
 from runs import PROB_COLUMNS, atomic_write, checked_config, load_checkpoint, read_json, read_probabilities
 from spec import RunSpec
 
@@ -79,7 +79,8 @@ VALIDATION_COLUMNS = ["val_loss", "val_f1"] + [f"val_{head}_acc" for head in HEA
 
 
 def load_run(run_dir) -> dict:
-    """config, log, validation probabilities (None for older runs without them) of a run folder."""
+    """config, its spec (RunSpec), log, validation probabilities (None for older runs without them) of a run
+    folder."""
     run_dir = Path(run_dir)
     config_path, log_path = run_dir / "config.json", run_dir / "log.csv"
     if not config_path.is_file():
@@ -92,7 +93,7 @@ def load_run(run_dir) -> dict:
     for column in VALIDATION_COLUMNS:  # a run trained without validation (--val_ratio 0) has none
         if column not in log:
             log[column] = np.nan
-    return dict(name=run_dir.name, dir=run_dir, config=config,
+    return dict(name=run_dir.name, dir=run_dir, config=config, spec=RunSpec.of(config),
                 log=log, probs=read_probabilities(probs) if probs.is_file() else None)
 
 
@@ -111,33 +112,18 @@ def model_words(spec) -> str:
     return f"{', '.join([str(args.get('model', '?')), *backbones])} ({args.get('kind', 'three_head')})"
 
 
-def weights_words(config):
-    """Where the backbones' starting weights came from: the run's record of them where it has one
-    (`starting_weights`: {backbone: where}), else what --pretrained asked for; None if neither is recorded.
-    What `auto` gave a timm name changed between versions, so it is shown as asked."""
-    recorded = config.get("starting_weights")
-    if isinstance(recorded, dict) and recorded:
-        return "; ".join(f"{name}: {line}" if len(recorded) > 1 else str(line) for name, line in recorded.items())
-    if recorded:
-        return str(recorded)
-    pretrained, model = config.get("pretrained"), str(config.get("model", ""))
-    if pretrained is None:
+def weights_words(spec):
+    """Where the backbones' starting weights came from (the spec's record; None where the run has none)."""
+    recorded = spec.starting_weights
+    if not recorded:
         return None
-    if pretrained == "none":
-        return "random init (--pretrained none)"
-    if pretrained == "timm":
-        return "timm's pretrained weights (--pretrained timm)"
-    if pretrained == "auto":
-        source = model.partition(":")[0].lower() in ("local-dir", "hf-hub")
-        return f"the source's own weights ({model})" if source else "--pretrained auto"
-    return f"file {pretrained}"
+    return "; ".join(f"{name}: {line}" if len(recorded) > 1 else str(line) for name, line in recorded.items())
 
 
 def key_values(run) -> pd.DataFrame:
     """The few resolved settings a reader looks for first."""
-    config, log = run["config"], run["log"]
-    spec = RunSpec.of(config)
-    preprocess = spec.preprocess
+    spec, log = run["spec"], run["log"]
+    preprocess, training = spec.preprocess, spec.training
     rows = {"model": model_words(spec)}
     size = " × ".join(str(v) for v in preprocess.resize)
     if preprocess.crop:
@@ -145,25 +131,21 @@ def key_values(run) -> pd.DataFrame:
     if preprocess.face:
         size += " (face crops)"
     rows["input size (H × W)"] = size
-    if "epochs" in config:
-        rows["epochs"] = (str(config["epochs"]) if len(log) == config["epochs"]
-                          else f"{len(log)} of {config['epochs']} (stopped early)")
-    if "batch_size" in config:
-        accum = config.get("grad_accum") or 1
-        rows["batch size"] = str(config["batch_size"]) + (f" × {accum} accumulated" if accum > 1 else "")
-    if "lr" in config:
-        rows["learning rate"] = f"{config['lr']:g}" + (f" ({config['optimizer']}, {config.get('scheduler', '?')} "
-                                                        "schedule)" if "optimizer" in config else "")
-    if (weights := weights_words(config)) is not None:
+    rows["epochs"] = (str(training.epochs) if len(log) == training.epochs
+                      else f"{len(log)} of {training.epochs} (stopped early)")
+    accum = training.grad_accum
+    rows["batch size"] = str(training.batch_size) + (f" × {accum} accumulated" if accum > 1 else "")
+    rows["learning rate"] = f"{training.lr:g} ({training.optimizer}, {training.scheduler} schedule)"
+    if (weights := weights_words(spec)) is not None:
         rows["starting weights"] = weights
-    if "device_type" in config:
-        rows["device"] = f"{config['device_type']}, mixed precision {config.get('amp_resolved', '?')}"
+    if spec.device_type:
+        rows["device"] = f"{spec.device_type}, mixed precision {spec.amp or '?'}"
     return pd.DataFrame({"value": list(rows.values())}, index=pd.Index(list(rows), name="key setting"))
 
 
 def summary_line(run) -> str:
     """Best F1, its epoch, the model and the training time: the line under the page's title."""
-    config, log = run["config"], run["log"]
+    log = run["log"]
     if log["val_f1"].notna().any():
         best = log.loc[log["val_f1"].idxmax()]
         result = (f"best validation macro F1 <b>{best['val_f1']:.4f}</b> at epoch {int(best['epoch'])} "
@@ -171,7 +153,7 @@ def summary_line(run) -> str:
     else:
         result = f"{len(log)} epochs on every image, no validation (--val_ratio 0): best.pth is the last epoch"
     minutes = log["epoch_seconds"].sum() / 60 if "epoch_seconds" in log else float("nan")
-    return (f"{result} · model {html.escape(model_words(RunSpec.of(config)))}"
+    return (f"{result} · model {html.escape(model_words(run['spec']))}"
             + (f" · training time {minutes:.1f} minutes" if minutes == minutes else ""))
 
 
@@ -250,7 +232,7 @@ def class_scores(probs) -> pd.DataFrame:
 
 def errors_section(run, per_head=12) -> str:
     """The validation errors, most confident first, grouped by the head that is wrong."""
-    probs, root = run["probs"], images_dir(run["config"]["data_dir"])
+    probs, root = run["probs"], images_dir(run["spec"].data_dir)
     matrix = probs[PROB_COLUMNS].to_numpy()
     preds, targets = matrix.argmax(1), probs["ans"].to_numpy()
     wrong = np.stack([t != p for t, p in zip(decode_multi_class(targets), decode_multi_class(preds), strict=True)], 1)
@@ -269,30 +251,34 @@ def errors_section(run, per_head=12) -> str:
     return "".join(parts)
 
 
+def as_seen(spec, paths) -> ImageFiles:
+    """`paths`' images as a run (its RunSpec) prepared them for its model: its crop (a --face_crop run's face
+    squares) and input size; item i: (image i, i)."""
+    faces = run_face_crop(spec, paths)
+    return ImageFiles(paths, preprocess_transform(spec.preprocess), faces.regions(paths) if faces else None)
+
+
 def faces_section(run, n=12) -> str:
     """With --face_crop: a strip of validation crops as the model saw them, and one of the images where
     no face was found (they took the typical face square, or the centre crop in older runs)."""
-    config, probs, root = run["config"], run["probs"], images_dir(run["config"]["data_dir"])
+    config, probs, root = run["config"], run["probs"], images_dir(run["spec"].data_dir)
     record = config["faces"]
     no_face = run["dir"] / "no_face.csv"
     missing_paths = pd.read_csv(no_face)["path"].tolist() if no_face.is_file() else []
     shown = [root / image_id for image_id in probs["ImageID"].head(n)] if probs is not None else []
     paths = [p for p in shown + [Path(p) for p in missing_paths[:n]] if Path(p).is_file()]
-    spec = RunSpec.of(config)
-    transform = preprocess_transform(spec.preprocess, run_face_crop(spec, paths))
+    seen = as_seen(run["spec"], paths)
 
     def strip(items):
         tags = []
         for path in items:
-            image = load_image(path, transform).permute(1, 2, 0).numpy()
+            image = seen[paths.index(Path(path))][0].permute(1, 2, 0).numpy()
             buffer = io.BytesIO()
             Image.fromarray(image).save(buffer, format="PNG")
             tags.append(img_tag(buffer.getvalue(), "image/png", Path(path).name))
         return "".join(tags)
 
-    text = (f"<p>{record['images'] - record['no_face']:,} of {record['images']:,} images with a face (margin "
-            f"{record['margin']}, score {record['score']}); {record['no_face']:,} "
-            f"{no_face_words(record.get('fallback'))}.</p>")
+    text = f"<p>{record_words(record)}</p>"
     text += f"<h3>validation crops</h3><div>{strip([p for p in shown if p.is_file()])}</div>"
     if missing_paths:
         text += f"<h3>no face found</h3><div>{strip([Path(p) for p in missing_paths[:n]])}</div>"
@@ -307,9 +293,9 @@ def last_conv(module):
 def cams_section(run, n_errors=4, n_correct=2) -> str:
     """Grad-CAM of each head for a few of the most confident errors and a few correct images."""
     from captum.attr import LayerAttribution, LayerGradCam
-    config, probs, root = run["config"], run["probs"], images_dir(run["config"]["data_dir"])
+    probs, root = run["probs"], images_dir(run["spec"].data_dir)
     state = load_checkpoint(run["dir"] / "best.pth")
-    model = model_from_config(config)
+    model = build_model(**run["spec"].model_args)
     model.load_state_dict(state["model"])
     model.eval()
     matrix = probs[PROB_COLUMNS].to_numpy()
@@ -318,11 +304,11 @@ def cams_section(run, n_errors=4, n_correct=2) -> str:
     chosen = [(i, "error") for i in wrong[np.argsort(-matrix[wrong].max(1))][:n_errors]] + \
              [(i, "correct") for i in right[np.argsort(-matrix[right].max(1))][:n_correct]]
     paths = [root / probs["ImageID"].iloc[i] for i, _ in chosen]
-    spec = RunSpec.of(config)
-    transform = preprocess_transform(spec.preprocess, run_face_crop(spec, [p for p in paths if p.is_file()]))
+    spec = run["spec"]
+    seen = as_seen(spec, [p for p in paths if p.is_file()])
     mean = torch.tensor(spec.preprocess.mean).view(3, 1, 1)
     std = torch.tensor(spec.preprocess.std).view(3, 1, 1)
-    heads = list(config.get("heads", HEADS))
+    heads = list(heads_of(spec.model_args.get("kind")))
     backbones = model.backbones
     layers = {head: last_conv(backbones["shared"] if "shared" in backbones else backbones[head]) for head in heads}
     if not any(layers.values()):
@@ -331,7 +317,7 @@ def cams_section(run, n_errors=4, n_correct=2) -> str:
     for (i, kind), path in zip(chosen, paths, strict=True):
         if not path.is_file():
             continue
-        image = load_image(path, transform)
+        image = seen[seen.paths.index(path)][0]
         batch = ((image.float() / 255 - mean) / std)[None].requires_grad_()
         figure, axes = pyplot().subplots(1, len(heads) + 1, figsize=(2.6 * (len(heads) + 1), 2.8))
         axes[0].imshow(image.permute(1, 2, 0).numpy())
@@ -386,7 +372,7 @@ def run_report(run_dir, cams=True) -> str:
                      ("errors", errors_section(run))]
         has_model = cams and (run["dir"] / "best.pth").is_file()
         sections.append(("cams", cams_section(run) if has_model else missing("no class activation maps asked for")))
-    if run["config"].get("face_crop") and "faces" in run["config"]:
+    if run["spec"].preprocess.face and "faces" in run["config"]:
         sections.append(("faces", faces_section(run)))
     return page(f"Run {run['name']}", sections, summary_line(run))
 

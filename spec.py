@@ -3,9 +3,9 @@ frozen records. train.py writes it into config.json (`"spec"`, with SPEC_VERSION
 inference, ensembling, the audit and the report read it with `RunSpec.of(config)` instead of train.py's
 flag names, so a renamed flag does not break a saved run. A config.json written before the spec existed is
 converted from that version's flags, in `from_flags` alone."""
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
-SPEC_VERSION = 2
+SPEC_VERSION = 3  # 3: the training options, starting weights and precision
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,49 @@ class Preprocess:
 
 
 @dataclass(frozen=True)
+class TrainOptions:
+    """How a run trains, fixed before its first epoch: its length and batches, timm's optimizer and schedule
+    (`build_optimization` passes these to timm's factories), the EMA, batch mixing, gradient clipping, early
+    stop, logging, and what the run folder keeps. The defaults are train.py's."""
+    epochs: int = 10
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 0.001
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    layer_decay: float | None = None
+    scheduler: str = "cosine"
+    lr_decay_step: int = 20
+    lr_gamma: float = 0.5
+    warmup_epochs: int = 0
+    sched_on_updates: bool = False
+    ema: float = 0.0
+    seed: int = 42
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 0.5
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    early_stop: int = 0
+    log_interval: int = 20
+    checkpoint_hist: int = 0
+    keep_last: str = "on"
+    report: str = "on"
+
+    @classmethod
+    def from_flags(cls, flags: dict) -> "TrainOptions":
+        """From train.py's flags (a parsed namespace's vars, or a config.json: an older one lacks some, which
+        take their defaults)."""
+        return cls(**{f.name: flags[f.name] for f in fields(cls) if flags.get(f.name) is not None})
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """What a run is: its preprocessing, what rebuilds its model (`model.build_model`'s arguments), where it
-    was trained (train folder, age bins, cache folder), and which fold of which k-fold run it is."""
+    was trained (train folder, age bins, cache folder, its --relabel file), which fold of which k-fold run
+    it is, how it trained (TrainOptions), where its backbones' starting weights came from ({backbone:
+    where}; None: not recorded), and the device kind and mixed precision it trained in."""
     preprocess: Preprocess
     model_args: dict
     data_dir: str
@@ -47,6 +87,11 @@ class RunSpec:
     n_folds: int = 0
     cache_features: bool = False
     freeze: str = "none"
+    relabel: str | None = None
+    training: TrainOptions = TrainOptions()
+    starting_weights: dict | None = None
+    device_type: str | None = None
+    amp: str | None = None
 
     def to_json(self) -> dict:
         return dict(asdict(self), version=SPEC_VERSION)
@@ -65,7 +110,8 @@ class RunSpec:
                                    "mean": tuple(preprocess["mean"]), "std": tuple(preprocess["std"])},
                                 face=FaceCropSpec(**{**face, "fallback": None if face["fallback"] is None
                                                      else tuple(face["fallback"])}) if face else None)
-        return cls(**{**stored, "preprocess": preprocess, "age_bins": tuple(stored["age_bins"])})
+        return cls(**{**stored, "preprocess": preprocess, "age_bins": tuple(stored["age_bins"]),
+                      "training": TrainOptions(**stored["training"])})
 
     @classmethod
     def from_flags(cls, config: dict) -> "RunSpec":
@@ -88,4 +134,28 @@ class RunSpec:
                               age_years=bool(config.get("age_years", 0)), sources={})
         return cls(preprocess, model_args, config.get("data_dir", ""), tuple(config.get("age_bins", (30, 60))),
                    config.get("cache_dir"), config.get("name", ""), config.get("run_dir", ""), config.get("fold"),
-                   config.get("n_folds", 0), bool(config.get("cache_features")), str(config.get("freeze", "none")))
+                   config.get("n_folds", 0), bool(config.get("cache_features")), str(config.get("freeze", "none")),
+                   config.get("relabel"), TrainOptions.from_flags(config), starting_weights(config),
+                   config.get("device_type"), config.get("amp_resolved"))
+
+
+def starting_weights(config) -> dict | None:
+    """{backbone: where its starting weights came from} as train.py records it, or for a run from before that
+    record what its --pretrained asked for (what `auto` gave a timm name changed between versions, so it is
+    shown as asked); None where neither is recorded."""
+    recorded = config.get("starting_weights")
+    if isinstance(recorded, dict) and recorded:
+        return recorded
+    pretrained, model = config.get("pretrained"), str(config.get("model", ""))
+    if recorded:
+        return {model: str(recorded)}
+    if pretrained is None:
+        return None
+    if pretrained == "none":
+        return {model: "random init (--pretrained none)"}
+    if pretrained == "timm":
+        return {model: "timm's pretrained weights (--pretrained timm)"}
+    if pretrained == "auto":
+        source = model.partition(":")[0].lower() in ("local-dir", "hf-hub")
+        return {model: f"the source's own weights ({model})" if source else "--pretrained auto"}
+    return {model: f"file {pretrained}"}

@@ -41,7 +41,7 @@ from dataset import (
     scan_people,
     to_class_targets,
 )
-from faces import face_record, find_faces, no_face_words, write_no_face
+from faces import face_record, find_faces, found_line, write_no_face
 from features import FromFeatures, build_feature_set, check_supported
 from flags import (
     FlagError,
@@ -50,12 +50,12 @@ from flags import (
     criterion_spec,
     given_flags,
     has_validation,
-    heads_of,
     key_values,
     parse_args,
     resumed_args,
     validate,
 )
+from labels import heads_of
 from loss import create_multi_head_loss
 from metrics import save_confusion_png, score
 from model import build_model, fetch_pretrained, freeze, is_source, model_sources, predict, preprocessing, weights_line
@@ -84,19 +84,24 @@ from runs import (
     write_csv,
     write_json,
 )
-from spec import RunSpec
+from spec import RunSpec, TrainOptions
 
 
 # ---------------------------------------------------------------- the images, checked once
-def find_run_faces(args, table, extra_table):
-    """With --face_crop, the face box of every image (found once: later runs read them from --cache_dir)."""
+def find_run_faces(args, table, extra_table) -> tuple:
+    """With --face_crop, the face box of every image (found once: later runs read them from --cache_dir) and
+    the tables with each image's crop square as their `region` column: (table, extra table, FaceCrop or None)."""
     if not args.face_crop:
-        return None
+        return table, extra_table, None
     paths = pd.concat([t["path"] for t in (table, extra_table) if t is not None], ignore_index=True).tolist()
-    return find_faces(paths, args.face_detector, args.face_score, args.face_margin, args.cache_dir, args.num_workers)
+    faces = find_faces(paths, args.face_detector, args.face_score, args.face_margin, args.cache_dir, args.num_workers)
+    table, extra_table = (None if t is None else t.assign(region=pd.Series(faces.regions(t["path"]), index=t.index,
+                                                                           dtype=object))
+                          for t in (table, extra_table))
+    return table, extra_table, faces
 
 
-def check_data(args, table, extra_table, faces=None):
+def check_data(args, table, extra_table):
     """Decode every image once before the run (the decoded cache build is the check with --cache;
     files already checked unchanged cost nothing). Unreadable ones stop the run with their list, or
     with --skip_bad_images are left out: returns (table, extra table, [(path, reason)] left out)."""
@@ -104,8 +109,9 @@ def check_data(args, table, extra_table, faces=None):
     paths = pd.concat([t["path"] for t in tables], ignore_index=True).tolist()
     if args.cache:
         try:
-            transform = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop, face_crop=faces)[1]
-            DecodedCache.build(paths, transform, args.cache_dir, args.num_workers)
+            transform = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop)[1]
+            regions = pd.concat([t["region"] for t in tables], ignore_index=True).tolist() if args.face_crop else None
+            DecodedCache.build(paths, transform, args.cache_dir, args.num_workers, regions=regions)
             bad = []
         except BadImagesError as error:
             bad = error.bad
@@ -225,13 +231,14 @@ def pretrained_choice(args):
     return False if args.pretrained == "none" else True if args.pretrained in ("auto", "timm") else args.pretrained
 
 
-def make_loaders(args, dataset, model, rank, world, device, faces=None):
-    train_tf, val_tf = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop, face_crop=faces,
+def make_loaders(args, dataset, model, rank, world, device):
+    train_tf, val_tf = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop,
                                          **augment_options(args))
     if args.device_aug:
         train_tf = val_tf  # the device does the random part
     if args.cache:
-        dataset.cache = DecodedCache.build(dataset.table["path"], val_tf, args.cache_dir, args.num_workers)
+        dataset.cache = DecodedCache.build(dataset.paths, val_tf, args.cache_dir, args.num_workers,
+                                           regions=dataset.regions)
     train_set, val_set = dataset.split_dataset(train_tf, val_tf)
     if len(train_set) == 0 or (len(val_set) == 0 and has_validation(args)):
         raise FlagError(f"the split left {len(train_set)} training and {len(val_set)} validation images: "
@@ -312,8 +319,9 @@ def evaluate(model, loader, val_shard, precision, world):
 
 @dataclass(frozen=True)
 class RunData:
-    """The checked images of a run: the train table, the --extra_data table (or None), the unreadable images
-    left out, and the face boxes with --face_crop (or None)."""
+    """The checked images of a run: the train table, the --extra_data table (or None), each with its images'
+    crop squares as a `region` column with --face_crop, the unreadable images left out, and the faces found
+    (config.json's record and no_face.csv; None without --face_crop)."""
     table: pd.DataFrame
     extra_table: pd.DataFrame | None
     skipped: tuple
@@ -344,6 +352,7 @@ class Run:
     val_loader: PrefetchLoader
     val_shard: Subset
     precision: Precision
+    options: TrainOptions
     config: dict
     n_val: int
 
@@ -375,7 +384,7 @@ def build_run(args, data, place, fold, run_dir) -> tuple:
     if args.cache_features and (unsupported := check_supported(model)):
         raise FlagError(unsupported)
     train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, place.rank, place.world,
-                                                                  place.device, data.faces)
+                                                                  place.device)
     state = load_checkpoint(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
                             place.device) if args.resume else None
     precision = resolve_precision(args, model, place.device, place.world, resumed=state and state.get("config"),
@@ -388,7 +397,8 @@ def build_run(args, data, place, fold, run_dir) -> tuple:
     if faces is not None:
         faces = faces.subset(pd.concat([t["path"] for t in (data.table, data.extra_table) if t is not None]))
         config.update(faces=face_record(faces))
-    config.update(spec=RunSpec.from_flags(config).to_json())  # what every tool reads, in place of flag names
+    spec = RunSpec.from_flags(config)  # what every tool reads, in place of flag names; the loop its training
+    config.update(spec=spec.to_json())
     if place.rank == 0:
         write_json(run_dir / "config.json", config)
         if faces is not None:
@@ -396,9 +406,10 @@ def build_run(args, data, place, fold, run_dir) -> tuple:
         if data.skipped:
             write_bad_images(data.skipped, run_dir / "skipped_images.csv")
     model.to(place.device, memory_format=torch.channels_last if precision.channels_last else torch.preserve_format)
-    optimizer, scheduler = build_optimization(args, model, updates_per_epoch(train_loader, args))
+    options = spec.training
+    optimizer, scheduler = build_optimization(options, model, updates_per_epoch(train_loader, options))
     scaler = torch.amp.GradScaler(place.device.type, enabled=precision.amp == "fp16")
-    ema = ModelEmaV3(model, decay=args.ema, use_warmup=True, warmup_power=3 / 4) if args.ema else None
+    ema = ModelEmaV3(model, decay=options.ema, use_warmup=True, warmup_power=3 / 4) if options.ema else None
     criterion = create_multi_head_loss(criterion_spec(args), heads_of(args.kind), key_values(args.head_weights, float),
                                        gamma=args.focal_gamma, smoothing=args.smoothing, age_soft=args.age_soft,
                                        age_bins=args.age_bins, age_years=args.age_years).to(place.device)
@@ -412,33 +423,32 @@ def build_run(args, data, place, fold, run_dir) -> tuple:
         progress = Progress(state["epoch"], state["best_f1"], state["since_best"], state["log"])
         if scheduler is not None:  # a function of the epoch or update: this also allows more --epochs (the first
             scheduler.step(progress.epoch)  # update then takes the longer schedule's lr, not the saved one)
-            scheduler.step_update(progress.epoch * updates_per_epoch(train_loader, args))
+            scheduler.step_update(progress.epoch * updates_per_epoch(train_loader, options))
     train_model = wrapped_for_training(args, model, precision, place)
     n_val = sum(gather(len(val_shard), place.world))
     lines = [f"run {run_dir}: {len(train_loader.dataset)} train / {n_val} val images, {trainable:,} of {total:,} "
              f"parameters trainable, device {place.device}, {place.world} process(es)", precision.line]
     if faces is not None:
-        missing = config["faces"]["no_face"]
-        listed = f", listed in {run_dir / 'no_face.csv'}" if missing else ""
-        lines.append(f"faces: found in {len(faces.boxes) - missing:,} of {len(faces.boxes):,} images (margin "
-                     f"{faces.margin}); {missing:,} {no_face_words(faces.fallback)}{listed}")
+        lines.append(found_line(faces, run_dir / "no_face.csv"))
     run = Run(dataset, model, ema, train_model, optimizer, scheduler, scaler, criterion, train_loader, generator,
-              val_loader, val_shard, precision, config, n_val)
+              val_loader, val_shard, precision, options, config, n_val)
     return run, progress, lines
 
 
-def build_optimization(args, model, updates) -> tuple:
-    """(optimizer, scheduler or None) from timm's factories; `updates`: optimizer steps per epoch."""
-    optimizer = timm.optim.create_optimizer_v2(model, opt=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-                                               momentum=args.momentum, layer_decay=args.layer_decay)
-    if args.scheduler == "none":  # timm's schedulers apply --layer_decay's per-group lr_scale; without one, here
+def build_optimization(options, model, updates) -> tuple:
+    """(optimizer, scheduler or None) from timm's factories, as `options` (TrainOptions) say; `updates`: optimizer
+    steps per epoch."""
+    optimizer = timm.optim.create_optimizer_v2(model, opt=options.optimizer, lr=options.lr,
+                                               weight_decay=options.weight_decay, momentum=options.momentum,
+                                               layer_decay=options.layer_decay)
+    if options.scheduler == "none":  # timm's schedulers apply --layer_decay's per-group lr_scale; without one, here
         for group in optimizer.param_groups:
             group["lr"] *= group.get("lr_scale", 1.0)
         return optimizer, None
     scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer, sched=args.scheduler, num_epochs=args.epochs, decay_epochs=args.lr_decay_step,
-        decay_rate=args.lr_gamma, warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 0.01, min_lr=args.lr * 0.01,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates)
+        optimizer, sched=options.scheduler, num_epochs=options.epochs, decay_epochs=options.lr_decay_step,
+        decay_rate=options.lr_gamma, warmup_epochs=options.warmup_epochs, warmup_lr=options.lr * 0.01,
+        min_lr=options.lr * 0.01, step_on_epochs=not options.sched_on_updates, updates_per_epoch=updates)
     return optimizer, scheduler
 
 
@@ -464,11 +474,11 @@ class Checkpoints:
     improves (without validation, every epoch: the last is the best); with --checkpoint_hist K the K best
     epochs' scored weights (epochN.pth) and their average (avg.pth), kept in memory with their F1."""
 
-    def __init__(self, run_dir, run, progress, keep=0):
-        self.run_dir, self.run, self.keep = Path(run_dir), run, keep
+    def __init__(self, run_dir, run, progress):
+        self.run_dir, self.run, self.keep = Path(run_dir), run, run.options.checkpoint_hist
         self.saved_epoch = progress.epoch  # the epoch last.pth holds
         self.history = []  # (sort key, epoch, scored weights on the CPU) of the kept epochs, best first
-        for path in self.run_dir.glob("epoch*.pth") if keep else ():  # a resumed run's, read once
+        for path in self.run_dir.glob("epoch*.pth") if self.keep else ():  # a resumed run's, read once
             saved = load_checkpoint(path)
             if saved["epoch"] <= progress.epoch:  # one saved after last.pth (a kill between them) is redone
                 self.history.append((self.rank_of(saved["f1"], saved["epoch"]), saved["epoch"], saved["model"]))
@@ -479,13 +489,13 @@ class Checkpoints:
         """Better first: by validation F1; without validation (F1 nan) the later epoch."""
         return (epoch if math.isnan(f1) else f1, epoch)
 
-    def epoch_end(self, args, progress, row, improved, evaluation):
+    def epoch_end(self, progress, row, improved, evaluation):
         """What rank 0 writes when an epoch ends: its line, log.csv, best.pth and its files where it improved,
         the history, last.pth."""
         scores = (f"val loss {row['val_loss']:.4f}  val F1 {row['val_f1']:.4f}  mask/gender/age acc "
                   f"{row['val_mask_acc']:.3f}/{row['val_gender_acc']:.3f}/{row['val_age_acc']:.3f}"
                   if self.run.n_val else "no validation (--val_ratio 0)")
-        print(f"epoch {progress.epoch}/{args.epochs}: loss {row['train_loss']:.4f}  {scores}  "
+        print(f"epoch {progress.epoch}/{self.run.options.epochs}: loss {row['train_loss']:.4f}  {scores}  "
               f"{row['images_per_second']:.0f} img/s" + ("  *best*" if improved and self.run.n_val else ""))
         write_csv(self.run_dir / "log.csv", pd.DataFrame(progress.log))
         if improved:
@@ -535,8 +545,8 @@ def train_run(args, data, place, fold, run_dir, on_epoch=None, header="") -> flo
     (RunData); `place`: rank, world and device; `header`: the run header's first line; `on_epoch(epoch,
     row, fold)`: a tool's hook after every saved epoch."""
     run, progress, lines = build_run(args, data, place, fold, run_dir)
-    is_main = place.rank == 0
-    checkpoints = Checkpoints(run_dir, run, progress, args.checkpoint_hist)
+    options, is_main = run.options, place.rank == 0
+    checkpoints = Checkpoints(run_dir, run, progress)
     if is_main:
         if args.resume:
             remove_stale_temporaries(run_dir)
@@ -547,20 +557,20 @@ def train_run(args, data, place, fold, run_dir, on_epoch=None, header="") -> flo
             print(f"resumed at epoch {progress.epoch + 1} (best F1 so far {progress.best_f1:.4f})")
     wandb_run = start_wandb(args, run.config, run_dir) if args.wandb and is_main else None
     try:
-        while progress.epoch < args.epochs:
-            row, evaluation = train_and_validate(args, run, place, progress.epoch)
+        while progress.epoch < options.epochs:
+            row, evaluation = train_and_validate(run, place, progress.epoch)
             progress.epoch += 1
             progress.log.append(row)
             improved = not run.n_val or row["val_f1"] > progress.best_f1  # without validation: the last is best
             progress.best_f1, progress.since_best = ((row.get("val_f1", float("nan")), 0) if improved
                                                      else (progress.best_f1, progress.since_best + 1))
             if is_main:
-                checkpoints.epoch_end(args, progress, row, improved, evaluation)
+                checkpoints.epoch_end(progress, row, improved, evaluation)
                 if wandb_run is not None:
                     wandb_run.log(row, step=progress.epoch)
                 if on_epoch is not None:
                     on_epoch(progress.epoch, row, fold)
-            if args.early_stop and progress.since_best >= args.early_stop:
+            if options.early_stop and progress.since_best >= options.early_stop:
                 if is_main:
                     print(f"early stop: no better F1 for {progress.since_best} epochs")
                 break
@@ -573,18 +583,19 @@ def train_run(args, data, place, fold, run_dir, on_epoch=None, header="") -> flo
         if wandb_run is not None:
             wandb_run.finish()
     if is_main:
-        finish_run(args, run_dir, progress.best_f1, run.n_val)
+        finish_run(options, run_dir, progress.best_f1, run.n_val)
     return progress.best_f1
 
 
-def train_and_validate(args, run, place, epoch) -> tuple:
+def train_and_validate(run, place, epoch) -> tuple:
     """One epoch of training and, with validation, its scores: (the log row, (indices, probabilities, targets,
     years) or None). Every rank seeds its own augmentation from --seed, the epoch and its rank (as timm)."""
-    seed_everything(args.seed + epoch * place.world + place.rank)
-    run.generator.manual_seed(args.seed + epoch * place.world + place.rank)
+    seed = run.options.seed + epoch * place.world + place.rank
+    seed_everything(seed)
+    run.generator.manual_seed(seed)
     if isinstance(run.train_loader.sampler, torch.utils.data.DistributedSampler):
         run.train_loader.sampler.set_epoch(epoch)
-    row = train_epoch(run, args, epoch, place.rank == 0)
+    row = train_epoch(run, epoch, place.rank == 0)
     if run.scheduler is not None:
         run.scheduler.step(epoch + 1)
     if distributed():  # validate with batch-norm statistics averaged over the ranks (timm's distribute_bn)
@@ -600,13 +611,13 @@ def train_and_validate(args, run, place, epoch) -> tuple:
     return row, (indices, probs, targets, years)
 
 
-def finish_run(args, run_dir, best_f1, n_val):
+def finish_run(options, run_dir, best_f1, n_val):
     """The run's last line, last.pth dropped with --keep_last off, and report.html (never costing the run)."""
-    if args.keep_last == "off":
+    if options.keep_last == "off":
         (run_dir / "last.pth").unlink(missing_ok=True)
     print(f"best validation macro F1 {best_f1:.4f}; run folder {run_dir}" if n_val else
-          f"trained on every image for {args.epochs} epochs (best.pth is the last epoch); run folder {run_dir}")
-    if args.report == "on":
+          f"trained on every image for {options.epochs} epochs (best.pth is the last epoch); run folder {run_dir}")
+    if options.report == "on":
         try:
             print(f"report: {write_report(run_dir, cams=False)} (python report.py {run_dir} adds where the heads "
                   "look)")
@@ -626,9 +637,9 @@ def head_lr(optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
-def updates_per_epoch(loader, args) -> int:
+def updates_per_epoch(loader, options) -> int:
     """Optimizer steps in one pass over `loader` (the last partial --grad_accum group counts as one)."""
-    return math.ceil(len(loader) / args.grad_accum)
+    return math.ceil(len(loader) / options.grad_accum)
 
 
 def clip_gradients(model, optimizer, scaler, value, mode="norm"):
@@ -638,26 +649,26 @@ def clip_gradients(model, optimizer, scaler, value, mode="norm"):
     dispatch_clip_grad([p for p in model.parameters() if p.grad is not None], value, mode=mode)
 
 
-def train_epoch(run, args, epoch, is_main) -> dict:
+def train_epoch(run, epoch, is_main) -> dict:
     """One pass over the training data of `run` (a Run: its train_model, loader, criterion, optimizer,
-    scaler, precision, EMA and scheduler); returns the epoch's log row (train losses, lr, speed). The EMA
+    scaler, precision, EMA, scheduler and options); returns the epoch's log row (train losses, lr, speed). The EMA
     follows the unwrapped model after every optimizer step; a timm scheduler made with
     step_on_epochs=False moves the learning rate then too."""
-    loader, optimizer = run.train_loader, run.optimizer
-    updates_before = epoch * updates_per_epoch(loader, args)
+    loader, optimizer, options = run.train_loader, run.optimizer, run.options
+    updates_before = epoch * updates_per_epoch(loader, options)
     run.train_model.train()
     sums, seen, started = {}, 0, time.time()
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{options.epochs}", disable=not is_main, leave=False, dynamic_ncols=True)
     for step, (images, targets) in enumerate(bar):
-        updating = (step + 1) % args.grad_accum == 0 or step + 1 == len(loader)
-        total, parts = forward_backward(run, args, images, targets, updating)
+        updating = (step + 1) % options.grad_accum == 0 or step + 1 == len(loader)
+        total, parts = forward_backward(run, images, targets, updating)
         if updating:
-            optimizer_update(run, args, updates_before + step // args.grad_accum + 1)
+            optimizer_update(run, updates_before + step // options.grad_accum + 1)
         for key, value in [("train_loss", total)] + [(f"train_loss_{h}", v) for h, v in parts.items()]:
             sums[key] = sums.get(key, 0.0) + value.detach() * len(images)
         seen += len(images)
-        if (step + 1) % args.log_interval == 0 or step + 1 == len(loader):
+        if (step + 1) % options.log_interval == 0 or step + 1 == len(loader):
             loss = sums["train_loss"].item() / seen
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss} at epoch {epoch + 1}, step {step + 1}: "
@@ -669,16 +680,16 @@ def train_epoch(run, args, epoch, is_main) -> dict:
             "epoch_seconds": seconds, "images_per_second": seen / max(seconds, 1e-9)}
 
 
-def forward_backward(run, args, images, targets, updating) -> tuple:
+def forward_backward(run, images, targets, updating) -> tuple:
     """The loss of one batch (MixUp / CutMix on some, as --mix_prob draws) and its backward pass: (total,
     per-head losses). Under DDP a micro-batch that ends no update runs inside no_sync: one all-reduce per
     optimizer step, not per batch."""
-    model, precision = run.train_model, run.precision
+    model, precision, options = run.train_model, run.precision, run.options
     if precision.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    mixing = (args.mixup > 0 or args.cutmix > 0) and random.random() < args.mix_prob
+    mixing = (options.mixup > 0 or options.cutmix > 0) and random.random() < options.mix_prob
     if mixing:
-        images, permutation, lam = mix_batch(images, args.mixup, args.cutmix)
+        images, permutation, lam = mix_batch(images, options.mixup, options.cutmix)
     syncing = nullcontext() if updating or not hasattr(model, "no_sync") else model.no_sync()
     with syncing:  # forward and backward both inside no_sync, as DDP needs
         with autocast(precision.device, precision.amp):
@@ -688,15 +699,16 @@ def forward_backward(run, args, images, targets, updating) -> tuple:
                 total_b, parts_b = run.criterion(outputs, targets[permutation])
                 total = lam * total + (1 - lam) * total_b
                 parts = {head: lam * parts[head] + (1 - lam) * parts_b[head] for head in parts}
-        run.scaler.scale(total / args.grad_accum).backward()
+        run.scaler.scale(total / options.grad_accum).backward()
     return total, parts
 
 
-def optimizer_update(run, args, updates):
+def optimizer_update(run, updates):
     """The optimizer step after the accumulated batches (gradients clipped first), then the EMA and a
     per-update schedule; `updates`: optimizer steps since the run began."""
-    if args.clip_grad is not None:
-        clip_gradients(run.train_model, run.optimizer, run.scaler, args.clip_grad, args.clip_mode)
+    options = run.options
+    if options.clip_grad is not None:
+        clip_gradients(run.train_model, run.optimizer, run.scaler, options.clip_grad, options.clip_mode)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -761,8 +773,8 @@ def main(argv=None, on_epoch=None) -> list:
                 extra_tables = [scan_people(d, tuple(args.age_bins), check_images=False, expect_complete=False)
                                 for d in args.extra_data]
                 extra_table = pd.concat(extra_tables, ignore_index=True) if extra_tables else None
-                faces = find_run_faces(args, table, extra_table)
-                table, extra_table, skipped = check_data(args, table, extra_table, faces)
+                table, extra_table, faces = find_run_faces(args, table, extra_table)
+                table, extra_table, skipped = check_data(args, table, extra_table)
                 folds = [args.fold] if args.fold is not None else list(range(args.n_folds)) if args.n_folds else [None]
                 if args.resume:
                     folds, run_dirs = [saved["fold"]], [run_dir]

@@ -156,18 +156,21 @@ def describe(cv_json) -> str:
             f"--age_soft {config['age_soft']}, --seed {config['seed']}, --amp {config.get('amp_resolved')}")
 
 
-def retrain_table(arms, seeds, recipe, work, log, size, epochs) -> list:
-    """Train the recipe on each arm's folder once per seed, score on utkmask eval; markdown lines."""
+def retrain_table(arms, seeds, recipe, work, log, size, epochs, injection_seed) -> list:
+    """Train the recipe on each arm's folder once per seed, score on utkmask eval; markdown lines (the injection
+    seed a column, so that the tables of several injections stack into one)."""
     evals = {arm: [train_and_score(f"{arm}_s{seed}", folder, recipe(seed), work, log, relabel) for seed in seeds]
              for arm, (folder, relabel) in arms.items()}
     f1 = {arm: np.array([s["f1"] for s in runs]) for arm, runs in evals.items()}
     lines = ["", f"Trained on the whole folder ({size}x{size}, {epochs} epochs, 20% of the people held out for the "
              f"best epoch), seeds {' '.join(map(str, seeds))}, scored on utkmask eval:", "",
-             "| train folder | eval macro F1 (mean +- sd) | per seed | mask acc | gender acc | age acc |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| injection seed | train folder | eval macro F1 (mean +- sd) | per seed | mask acc | gender acc "
+             "| age acc |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for arm, runs in evals.items():
         mean = {k: np.mean([s[k] for s in runs]) for k in ("mask_acc", "gender_acc", "age_acc")}
-        lines.append(f"| {arm} | {f1[arm].mean():.4f} +- {f1[arm].std(ddof=1) if len(seeds) > 1 else 0:.4f} | "
+        spread = f1[arm].std(ddof=1) if len(seeds) > 1 else 0
+        lines.append(f"| {injection_seed} | {arm} | {f1[arm].mean():.4f} +- {spread:.4f} | "
                      f"{' '.join(f'{v:.4f}' for v in f1[arm])} | {mean['mask_acc']:.4f} | {mean['gender_acc']:.4f} "
                      f"| {mean['age_acc']:.4f} |")
     cost = f1["clean"] - f1["noisy"]
@@ -180,9 +183,11 @@ def retrain_table(arms, seeds, recipe, work, log, size, epochs) -> list:
     if len(seeds) > 1:
         voted = {arm: voted_scores([work / "eval" / f"{arm}_s{seed}" for seed in seeds]) for arm in arms}
         lines += ["", "The seeds of each arm voted (their eval probabilities averaged), which takes out most of one "
-                  "model's run-to-run spread:", "", "| train folder | eval macro F1 | gender acc | age F1 |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {arm} | {v['f1']:.4f} | {v['gender_acc']:.4f} | {v['age_f1']:.4f} |" for arm, v in voted.items()]
+                  "model's run-to-run spread:", "",
+                  "| injection seed | train folder | eval macro F1 | gender acc | age F1 |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {injection_seed} | {arm} | {v['f1']:.4f} | {v['gender_acc']:.4f} | {v['age_f1']:.4f} |"
+                  for arm, v in voted.items()]
         cost = voted["clean"]["f1"] - voted["noisy"]["f1"]
         lines += [""] + [f"Voted: the noise cost {cost:+.4f}; `{arm}` recovered "
                          f"{(voted[arm]['f1'] - voted['noisy']['f1']) / cost if cost > 0 else float('nan'):.0%}."
@@ -277,9 +282,10 @@ def main(argv=None):
     not_injected_sheet(inputs, work / "noisy", not_injected, work / "audit" / "not_injected.png")
     lines = [f"audit.py on utkmask train with injected errors (seed {args.seed}): {source}; --min_score "
              f"{' '.join(args.min_score)}; {machine()}", "",
-             "| kind | injected | suspects | above threshold | precision | recall | precision top-K | recall top-K |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r.kind} | {r.injected} | {r.suspects} | {r.above} | {r.precision_above:.2f} | {r.recall_above:.2f} "
+             "| injection seed | kind | injected | suspects | above threshold | precision | recall | precision top-K "
+             "| recall top-K |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {args.seed} | {r.kind} | {r.injected} | {r.suspects} | {r.above} | {r.precision_above:.2f} "
+              f"| {r.recall_above:.2f} "
               f"| {r.precision_top:.2f} | {r.recall_top:.2f} |" for r in table.itertuples()]
     minutes = f"{audit_minutes:.1f} minutes{' (the k-fold runs reused, not trained)' if reused else ''}"
     lines += ["", f"K = the number injected of that kind. Injection, out-of-fold probabilities and audit: "
@@ -296,7 +302,8 @@ def main(argv=None):
                  *flags.split()], log)
             lines += ["", f"`{name}`: the draft of `audit.py {flags}`."]
             arms[name] = (work / "noisy", work / out / "relabel_draft.csv")
-        lines += retrain_table(arms, args.retrain_seeds or [args.seed], recipe, work, log, args.size, args.epochs)
+        lines += retrain_table(arms, args.retrain_seeds or [args.seed], recipe, work, log, args.size, args.epochs,
+                               args.seed)
     report(lines, args.out)
 
 

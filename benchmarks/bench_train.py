@@ -28,6 +28,7 @@ from dataset import MaskBaseDataset, PrefetchLoader, Subset, fast_collate  # noq
 from loss import create_multi_head_loss  # noqa: E402
 from model import build_model, predict  # noqa: E402
 from precision import checked_compile, resolve_precision  # noqa: E402
+from spec import TrainOptions  # noqa: E402
 
 CONFIGS = {"reference": ("baseline loop + loader, fp32", None),
            "fp32": ("masktrain, --amp off --channels_last off", ["--amp", "off", "--channels_last", "off"]),
@@ -103,8 +104,8 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
                                 collate_fn=fast_collate)
             run = SimpleNamespace(train_model=step_model, train_loader=PrefetchLoader(loader, MEAN, STD, "cpu"),
                                   criterion=criterion, optimizer=optimizer, scaler=scaler, precision=resolved, ema=None,
-                                  model=model, scheduler=None)  # the parts of a train.Run the epoch uses
-            train.train_epoch(run, args, 0, is_main=False)
+                                  model=model, scheduler=None, options=TrainOptions.from_flags(vars(args)))
+            train.train_epoch(run, 0, is_main=False)  # (the parts of a train.Run the epoch uses)
     started = time.perf_counter()
     epoch(list(range(batch_size)))
     warm_up = time.perf_counter() - started + compile_seconds

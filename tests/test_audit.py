@@ -29,6 +29,12 @@ def head_probs_of(labels, n, rng, confidence=0.95):
     return probs / probs.sum(1, keepdims=True)
 
 
+def run_config(data_dir) -> dict:
+    """A run's config.json (a real one, kept as a fixture) that trained on `data_dir`."""
+    config = json.loads((Path(__file__).parent / "fixtures" / "run_9eee33f" / "config.json").read_text())
+    return dict(config, data_dir=str(data_dir), age_bins=[30, 60], relabel=None)
+
+
 def write_fake_folds(given, labels, run_root, data_dir, seed=0) -> list:
     """Three fake k-fold run folders over `given`'s people: val_probs.csv confident on `labels`
     (mask, gender, age columns) with `given`'s class as ans, and a config.json; returns the folders."""
@@ -43,7 +49,7 @@ def write_fake_folds(given, labels, run_root, data_dir, seed=0) -> list:
         frame = probability_frame(given.index[rows], probs[rows])
         frame.insert(1, "ans", given["class"].to_numpy()[rows])
         frame.to_csv(run_dir / "val_probs.csv", index=False)
-        (run_dir / "config.json").write_text(json.dumps(dict(data_dir=str(data_dir), age_bins=[30, 60], relabel=None)))
+        (run_dir / "config.json").write_text(json.dumps(run_config(data_dir)))
         folds.append(str(run_dir))
     (Path(run_root) / "cv_cv.json").write_text(json.dumps(dict(folds=folds)))
     return folds
@@ -153,7 +159,7 @@ def test_files_that_do_not_match_the_train_folder_are_errors(noisy, tmp_path):
                     str(tmp_path)])
     other = tmp_path / "other_run"
     shutil.copytree(noisy["folds"][0], other)
-    (other / "config.json").write_text(json.dumps(dict(data_dir=str(noisy["clean"]), age_bins=[30, 60])))
+    (other / "config.json").write_text(json.dumps(run_config(noisy["clean"])))
     with pytest.raises(SystemExit, match="different train folders"):
         audit.main([str(other), *noisy["folds"][1:], "--output_dir", str(tmp_path)])
     (tmp_path / "bad_cv.json").write_text("not json")

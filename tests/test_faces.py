@@ -15,9 +15,9 @@ import ensemble
 import faces
 import inference
 import train
-from augment import create_transforms
+from augment import create_transforms, crop_region
 from cache import cache_key
-from faces import FaceDetectorError, choose_face, crop_square, find_faces, square_box, typical_face
+from faces import FaceDetectorError, choose_face, find_faces, square_box, typical_face
 
 YUNET = SHARED / "weights" / "face_detection_yunet_2026may.onnx"
 
@@ -50,7 +50,7 @@ def test_the_crop_is_a_square_of_margin_times_the_larger_side_padded_by_edge_rep
     top, left, side = square_box((10, 20, 30, 40), 1.5)  # x, y, w, h
     assert side == 60 and (top, left) == (20 + 20 - 30, 10 + 15 - 30)
     image = torch.arange(4 * 5, dtype=torch.uint8).view(1, 4, 5).expand(3, 4, 5)
-    crop = crop_square(image, -2, -1, 7)
+    crop = crop_region(image, -2, -1, 7)
     assert crop.shape == (3, 7, 7)
     assert torch.equal(crop[:, 2:6, 1:6], image)  # the image itself, in place
     assert torch.equal(crop[:, 0], crop[:, 2]) and torch.equal(crop[:, :, 6], crop[:, :, 5])  # edges repeated
@@ -79,15 +79,15 @@ def test_images_without_a_face_keep_the_centre_crop(tiny_data, tmp_path):
     assert none.missing() == [os.path.abspath(path)]
     from dataset import decode_image
     image = decode_image(path)
-    _, val_tf = create_transforms("CustomAugmentation", (32, 32), face_crop=found)
-    _, plain_tf = create_transforms("CustomAugmentation", (32, 32))
-    _, none_tf = create_transforms("CustomAugmentation", (32, 32), face_crop=none)
+    _, val_tf = create_transforms("CustomAugmentation", (32, 32))
     width = image.shape[2]
     top, left, side = square_box(found.boxes[os.path.abspath(path)], 1.0)
+    assert found.regions([path]) == [(top, left, side)] and none.regions([path]) == [None]
     expected = create_transforms("BaseAugmentation", (32, 32))[1](image[:, top:top + side, left:left + side])
-    assert side == width // 2 and torch.equal(val_tf(image, path), expected)
-    assert torch.equal(none_tf(image, path), plain_tf(image, path))
-    assert cache_key([path], val_tf) != cache_key([path], plain_tf) != cache_key([path], none_tf)
+    assert side == width // 2 and torch.equal(val_tf(image, found.region(path)), expected)
+    assert torch.equal(val_tf(image, none.region(path)), val_tf(image))  # the centre crop
+    assert cache_key([path], val_tf, found.regions([path])) != cache_key([path], val_tf, none.regions([path]))
+    assert cache_key([path], val_tf, none.regions([path])) == cache_key([path], val_tf)
 
 
 def test_images_without_a_face_take_the_typical_face_square_of_the_training_images():
@@ -97,11 +97,14 @@ def test_images_without_a_face_take_the_typical_face_square_of_the_training_imag
     assert fallback == (0.25, 0.3, 0.25)
     assert typical_face({"d": None}, sizes) is None
     image = torch.arange(100 * 80, dtype=torch.int32).view(1, 100, 80)
-    crop = faces.FaceCrop({os.path.abspath("d"): None}, margin=1.2, fallback=fallback).crop(image, "d")
+    crop = faces.FaceCrop({os.path.abspath("d"): None}, margin=1.2, fallback=fallback,
+                          sizes={os.path.abspath("d"): (100, 80)})
     top, left, side = square_box((10, 20, 20, 20), 1.2)  # 0.25 * 80 - 10, 0.3 * 100 - 10, 0.25 * 80
-    assert torch.equal(crop, crop_square(image, top, left, side)) and crop.shape[-1] == 24
-    without = faces.FaceCrop({os.path.abspath("d"): None}, margin=1.2)
-    assert without.crop(image, "d") is None and without.settings["fallback"] is None
+    assert crop.regions(["d"]) == [(top, left, side)] and side == 24  # from the size recorded at detection
+    assert torch.equal(crop.crop(image, "d"), crop_region(image, top, left, side))
+    without = faces.FaceCrop({os.path.abspath("d"): None}, margin=1.2, sizes={os.path.abspath("d"): (100, 80)})
+    assert without.regions(["d"]) == [None] and without.crop(image, "d") is None
+    assert without.settings["fallback"] is None
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -154,16 +157,18 @@ def test_a_face_crop_run_records_its_settings_and_inference_repeats_them(tiny_da
                 "--resize", "32", "32", "--num_workers", "0", "--epochs", "1", "--report", "off",
                 "--cache_dir", str(cache), "--face_crop", "--face_detector", str(fake_yunet), "--face_margin", "1.2"])
     assert calls == []  # the second run detects nothing
-    used = []
-    real_transform = inference.preprocess_transform
-    monkeypatch.setattr(inference, "preprocess_transform",
-                        lambda preprocess, faces=None: used.append(faces) or real_transform(preprocess, faces))
+    used, regions = [], []
+    real_crop, real_files = faces.run_face_crop, inference.ImageFiles
+    monkeypatch.setattr(faces, "run_face_crop", lambda *a, **k: used.append(real_crop(*a, **k)) or used[-1])
+    monkeypatch.setattr(inference, "ImageFiles", lambda paths, transform, where: regions.append(where)
+                        or real_files(paths, transform, where))
     out = tmp_path / "out"
     inference.main(["--model_dir", str(runs / "exp"), "--data_dir", str(tiny_data / "eval"), "--output_dir",
                     str(out), "--num_workers", "0", "--cache_dir", str(cache), "--face_crop"])
     crop = used[0]
     assert crop.margin == 1.2 and crop.settings["score"] == config["face_score"] and len(calls) == 42
     assert crop.fallback == (0.5, 0.5, 0.5)  # the run's typical face, not the eval images'
+    assert len(regions[0]) == 42 and all(region is not None for region in regions[0])  # each image its face square
     assert pd.read_csv(out / "no_face.csv").empty
     ensemble.main([str(runs / "exp"), str(runs / "exp2"), "--data_dir", str(tiny_data / "eval"), "--output_dir",
                    str(out), "--num_workers", "0", "--cache_dir", str(cache)])
@@ -227,3 +232,19 @@ def test_the_audit_sheet_of_face_crop_runs_shows_the_crops(tiny_data, tmp_path, 
     audit.main([str(runs / "cv_cv.json"), "--output_dir", str(tmp_path / "audit")])
     assert (tmp_path / "audit" / "audit.png").is_file() and len(calls) == before  # boxes from the cache
     assert tiles and all(faces is not None and faces.margin == 1.05 for faces in tiles)
+
+
+def test_a_dataset_crops_each_image_at_its_own_region_cached_or_not(tiny_data, tmp_path):
+    from cache import DecodedCache
+    from dataset import MaskSplitByProfileDataset, decode_image, scan_people
+    table = scan_people(tiny_data / "train", check_images=False)
+    regions = pd.Series([(4, 2, 20) if i % 2 else None for i in range(len(table))], dtype=object)
+    dataset = MaskSplitByProfileDataset(table=table.assign(region=regions))
+    _, val_tf = create_transforms("CustomAugmentation", (32, 32))
+    expected = [val_tf(decode_image(dataset.paths[0])), val_tf(decode_image(dataset.paths[1]), (4, 2, 20))]
+    assert not torch.equal(expected[1], val_tf(decode_image(dataset.paths[1])))
+    assert all(torch.equal(dataset.image(i, val_tf), expected[i]) for i in (0, 1))
+    dataset.cache = DecodedCache.build(dataset.paths, val_tf, tmp_path, regions=dataset.regions)
+    assert all(torch.equal(dataset.image(i, val_tf), expected[i]) for i in (0, 1))
+    plain = DecodedCache.build(dataset.paths, val_tf, tmp_path)  # other regions: another cache file
+    assert plain.data_path != dataset.cache.data_path

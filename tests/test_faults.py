@@ -82,7 +82,8 @@ def test_the_check_is_remembered_for_unchanged_files(tiny_data, tmp_path, monkey
     assert check_images(paths, tmp_path) == []
     decoded = []
     original = dataset.load_image
-    monkeypatch.setattr(dataset, "load_image", lambda path, transform=None: decoded.append(path) or original(path))
+    monkeypatch.setattr(dataset, "load_image",
+                        lambda path, transform=None, region=None: decoded.append(path) or original(path))
     assert check_images(paths, tmp_path) == [] and decoded == []
     monkeypatch.chdir(tiny_data)  # the same files by relative paths: still remembered
     assert check_images([os.path.relpath(p, tiny_data) for p in paths], tmp_path) == [] and decoded == []

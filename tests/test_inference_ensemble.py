@@ -57,10 +57,11 @@ def test_tta_is_the_mean_of_plain_and_flipped(trained, tiny_data, tmp_path):
 
     from augment import create_transforms
     from dataset import ImageFiles, PrefetchLoader, fast_collate
-    from model import model_from_config, probs18
+    from model import build_model, probs18
     from runs import read_run
+    from spec import RunSpec
     config, state = read_run(trained)
-    model = model_from_config(config)
+    model = build_model(**RunSpec.of(config).model_args)
     model.load_state_dict(state["model"])
     model.eval()
     paths = inference.eval_images(tiny_data / "eval")[1]

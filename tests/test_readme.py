@@ -30,7 +30,8 @@ def shown_commands(text):
                     yield "train.py", re.findall(FLAG, passed)
 
 
-FLAGS_ELSEWHERE = {"train.py": "flags.py"}  # train.py's parser lives in flags.py
+FLAGS_ELSEWHERE = {"train.py": ("flags.py",),  # train.py's parser lives in flags.py
+                   "inference.py": ("faces.py",), "ensemble.py": ("inference.py", "faces.py")}  # the face flags
 
 
 def script_source(doc, name):
@@ -38,8 +39,8 @@ def script_source(doc, name):
     benchmarks/."""
     for path in (ROOT / name, ROOT / "benchmarks" / name):
         if path.is_file():
-            return path.read_text() + ((path.parent / FLAGS_ELSEWHERE[name]).read_text()
-                                       if name in FLAGS_ELSEWHERE else "")
+            return path.read_text() + "".join((path.parent / other).read_text()
+                                              for other in FLAGS_ELSEWHERE.get(name, ()))
     raise AssertionError(f"{doc.name} shows {name}, which does not exist")
 
 

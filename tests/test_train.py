@@ -64,7 +64,7 @@ def interrupt_at_epoch(monkeypatch, epoch_index):
     original = train.train_epoch
 
     def interrupted(*args, **kwargs):
-        if args[2] == epoch_index:  # train_epoch(run, args, epoch, is_main)
+        if args[1] == epoch_index:  # train_epoch(run, epoch, is_main)
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
