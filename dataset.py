@@ -315,13 +315,21 @@ def split_people(table: pd.DataFrame, val_ratio: float, seed: int):
     return sorted(people.index[~in_val]), sorted(people.index[in_val])
 
 
+def check_fold(n_folds, fold) -> None:
+    """--n_folds (0: one split, or at least 2) and --fold (None: every fold), checked: the one place (flags.py
+    calls it before any work)."""
+    if n_folds == 1 or n_folds < 0:
+        raise ValueError(f"--n_folds must be 0 (one split) or at least 2, got {n_folds}")
+    if fold is not None and not (n_folds >= 2 and 0 <= fold < n_folds):
+        raise ValueError(f"--fold {fold} needs 0 <= fold < --n_folds ({n_folds})")
+
+
 def fold_people(table: pd.DataFrame, n_folds: int, fold: int, seed: int):
     """Stratified K-fold over people: returns (train, val) names for `fold`; every person is in
     exactly one validation fold, people sharing one photo in the same one."""
     from sklearn.model_selection import StratifiedKFold
+    check_fold(n_folds, fold)
     people = person_table(table)
-    if not 0 <= fold < n_folds:
-        raise ValueError(f"--fold must be in 0..{n_folds - 1}, got {fold}")
     if len(people) < n_folds:
         raise ValueError(f"{n_folds} folds need at least {n_folds} people, found {len(people)}")
     if people["stratum"].value_counts().max() >= n_folds:

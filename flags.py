@@ -10,7 +10,7 @@ import timm.optim
 
 from augment import AUGMENTATIONS, AUTO_AUGMENTS, check_augment_options
 from cache import DEFAULT_CACHE_DIR
-from dataset import DATASETS, SAMPLE_DIR
+from dataset import DATASETS, SAMPLE_DIR, check_fold
 from faces import DEFAULT_DETECTOR, DEFAULT_MARGIN, DEFAULT_SCORE, MARGIN_RANGE, check_face_settings
 from labels import HEADS, heads_of
 from loss import create_criterion
@@ -283,10 +283,6 @@ def validate(args):
         raise FlagError(f"--crop fractions must be in (0, 1], got {args.crop}")
     if min(args.resize) <= 0:
         raise FlagError(f"--resize must be positive, got {args.resize}")
-    if args.n_folds == 1 or args.n_folds < 0:
-        raise FlagError(f"--n_folds must be 0 (one split) or at least 2, got {args.n_folds}")
-    if args.fold is not None and not (args.n_folds >= 2 and 0 <= args.fold < args.n_folds):
-        raise FlagError(f"--fold {args.fold} needs 0 <= fold < --n_folds ({args.n_folds})")
     if not 0 <= args.val_ratio < 1 and not args.n_folds:
         raise FlagError(f"--val_ratio must be in [0, 1), got {args.val_ratio}")
     if not has_validation(args) and args.early_stop:
@@ -322,6 +318,7 @@ def validate(args):
             name = criteria.get(head, "cross_entropy") if isinstance(criteria, dict) else criteria
             create_criterion(name, n)
         check_freeze(args.freeze)
+        check_fold(args.n_folds, args.fold)
         check_face_settings(args.face_margin, args.face_score, args.face_detector if args.face_crop else None)
         check_augment_options(**augment_options(args))
     except ValueError as error:

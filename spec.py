@@ -31,6 +31,19 @@ class Preprocess:
     std: tuple
     face: FaceCropSpec | None = None
 
+    @classmethod
+    def from_flags(cls, config: dict) -> "Preprocess":
+        """From train.py's flags, the backbone's `preprocessing` (mean, std) and, with --face_crop, the `faces`
+        record (its fallback), as config.json holds them."""
+        face = None
+        if config.get("face_crop"):
+            fallback = (config.get("faces") or {}).get("fallback")
+            face = FaceCropSpec(config["face_detector"], float(config["face_score"]), float(config["face_margin"]),
+                                None if fallback is None else tuple(fallback))
+        crop = config.get("crop")
+        return cls(config["augmentation"], tuple(config["resize"]), None if crop is None else tuple(crop),
+                   tuple(config["preprocessing"]["mean"]), tuple(config["preprocessing"]["std"]), face)
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -117,14 +130,7 @@ class RunSpec:
     def from_flags(cls, config: dict) -> "RunSpec":
         """The spec from train.py's flags as a config.json records them (train.py itself, and run folders
         written before the spec existed; those before 2026-11-26 saved no `model_args` either)."""
-        face = None
-        if config.get("face_crop"):
-            fallback = (config.get("faces") or {}).get("fallback")
-            face = FaceCropSpec(config["face_detector"], float(config["face_score"]), float(config["face_margin"]),
-                                None if fallback is None else tuple(fallback))
-        crop = config.get("crop")
-        preprocess = Preprocess(config["augmentation"], tuple(config["resize"]), None if crop is None else tuple(crop),
-                                tuple(config["preprocessing"]["mean"]), tuple(config["preprocessing"]["std"]), face)
+        preprocess = Preprocess.from_flags(config)
         model_args = config.get("model_args")
         if model_args is None:
             backbones = config.get("backbones") or []

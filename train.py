@@ -84,7 +84,7 @@ from runs import (
     write_csv,
     write_json,
 )
-from spec import RunSpec, TrainOptions
+from spec import Preprocess, RunSpec, TrainOptions
 
 
 # ---------------------------------------------------------------- the images, checked once
@@ -231,8 +231,12 @@ def pretrained_choice(args):
     return False if args.pretrained == "none" else True if args.pretrained in ("auto", "timm") else args.pretrained
 
 
-def make_loaders(args, dataset, model, rank, world, device):
-    train_tf, val_tf = create_transforms(args.augmentation, args.resize, crop_fraction=args.crop,
+def make_loaders(args, preprocess, dataset, model, place):
+    """(training loader, its generator, validation loader, this rank's validation shard): images prepared as
+    `preprocess` (spec.Preprocess) says, each cropped at its own region where the dataset has one (face
+    squares), normalised by its mean and std; the training side also augmented as the flags say."""
+    rank, world, device = place.rank, place.world, place.device
+    train_tf, val_tf = create_transforms(preprocess.augmentation, preprocess.resize, crop_fraction=preprocess.crop,
                                          **augment_options(args))
     if args.device_aug:
         train_tf = val_tf  # the device does the random part
@@ -253,11 +257,10 @@ def make_loaders(args, dataset, model, rank, world, device):
     elif distributed():
         sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     val_shard = Subset(val_set.dataset, val_set.indices[rank::world], val_tf)
-    config = preprocessing(model)
     if args.cache_features:
         if distributed():
             raise FlagError("--cache_features does not work under torchrun yet: drop it or run one process")
-        train_set = build_feature_set(model, train_set, val_tf, config["mean"], config["std"], args.cache_dir,
+        train_set = build_feature_set(model, train_set, val_tf, preprocess.mean, preprocess.std, args.cache_dir,
                                       device, resolve_channels_last(args.channels_last, model)[0],
                                       flip=args.augmentation == "CustomAugmentation")
     common = dict(num_workers=args.num_workers, collate_fn=fast_collate, pin_memory=device.type == "cuda",
@@ -268,9 +271,9 @@ def make_loaders(args, dataset, model, rank, world, device):
                             **common)  # training's workers restart each epoch: they are seeded from the epoch
     augment = DeviceAugment(generator=generator) if args.device_aug else None
     erase = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device=device) if args.reprob else None
-    normalise = (None, None) if args.cache_features else (config["mean"], config["std"])  # features: as they are
+    normalise = (None, None) if args.cache_features else (preprocess.mean, preprocess.std)  # features: as they are
     return (PrefetchLoader(train_loader, *normalise, device, augment=augment, erase=erase), generator,
-            PrefetchLoader(val_loader, config["mean"], config["std"], device), val_shard)
+            PrefetchLoader(val_loader, preprocess.mean, preprocess.std, device), val_shard)
 
 
 def drop_last_batch(n_images, world, batch_size, compiled) -> bool:
@@ -383,20 +386,20 @@ def build_run(args, data, place, fold, run_dir) -> tuple:
     trainable, total = freeze(model, args.freeze)
     if args.cache_features and (unsupported := check_supported(model)):
         raise FlagError(unsupported)
-    train_loader, generator, val_loader, val_shard = make_loaders(args, dataset, model, place.rank, place.world,
-                                                                  place.device)
-    state = load_checkpoint(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
-                            place.device) if args.resume else None
-    precision = resolve_precision(args, model, place.device, place.world, resumed=state and state.get("config"),
-                                  features_shape=train_loader.dataset.shape if args.cache_features else None)
     config = run_config(args, model, run_dir, fold)
-    config.update(amp_resolved=precision.amp, channels_last_resolved=precision.channels_last,
-                  device_type=place.device.type, skipped_images=len(data.skipped),
-                  deterministic_resolved=deterministic)
     faces = data.faces
     if faces is not None:
         faces = faces.subset(pd.concat([t["path"] for t in (data.table, data.extra_table) if t is not None]))
         config.update(faces=face_record(faces))
+    train_loader, generator, val_loader, val_shard = make_loaders(args, Preprocess.from_flags(config), dataset, model,
+                                                                  place)
+    state = load_checkpoint(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
+                            place.device) if args.resume else None
+    precision = resolve_precision(args, model, place.device, place.world, resumed=state and state.get("config"),
+                                  features_shape=train_loader.dataset.shape if args.cache_features else None)
+    config.update(amp_resolved=precision.amp, channels_last_resolved=precision.channels_last,
+                  device_type=place.device.type, skipped_images=len(data.skipped),
+                  deterministic_resolved=deterministic)
     spec = RunSpec.from_flags(config)  # what every tool reads, in place of flag names; the loop its training
     config.update(spec=spec.to_json())
     if place.rank == 0:

@@ -193,6 +193,8 @@ def test_config_file_sets_flags_and_the_command_line_wins(tmp_path, tiny_data):
     (["--criterion", "focus"], "unknown criterion 'focus'"),
     (["--resize", "0", "48"], "--resize must be positive"),
     (["--n_folds", "3", "--fold", "3"], "--fold 3 needs"),
+    (["--fold", "0"], "--fold 0 needs 0 <= fold < --n_folds (0)"),
+    (["--n_folds", "1"], "--n_folds must be 0 (one split) or at least 2"),
     (["--data_dir", "/nowhere/train"], "--data_dir not found: /nowhere/train"),
     (["--freeze", "half"], "--freeze must be"),
     (["--ema", "1"], "--ema DECAY must be in [0, 1)"),

@@ -26,9 +26,12 @@ def test_the_options_are_recorded_and_validation_never_sees_them(tiny_data, tmp_
     assert train_tf.auto_augment is not None and torch.equal(val_tf(image), plain(image))
     args = train.parse_args(["--data_dir", str(tiny_data / "train"), "--reprob", "1", "--num_workers", "0"])
     from dataset import DATASETS
-    from model import build_model
+    from model import build_model, preprocessing
+    from spec import Preprocess
     dataset = DATASETS[args.dataset](table=train.scan_people(args.data_dir, check_images=False), val_ratio=0.2)
-    loaders = train.make_loaders(args, dataset, build_model("three_head", "test_resnet"), 0, 1, torch.device("cpu"))
+    model = build_model("three_head", "test_resnet")
+    preprocess = Preprocess.from_flags(dict(vars(args), preprocessing=preprocessing(model)))
+    loaders = train.make_loaders(args, preprocess, dataset, model, train.Placement(0, 1, torch.device("cpu")))
     train_loader, val_loader = loaders[0], loaders[2]
     assert isinstance(val_loader, PrefetchLoader) and val_loader.erase is None and train_loader.erase is not None
 
