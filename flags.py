@@ -17,6 +17,7 @@ from loss import create_criterion
 from model import MODEL_KINDS, check_freeze, check_model_name
 from precision import AMP_CHOICES, CHANNELS_LAST_CHOICES, DEVICE_CHOICES
 from runs import one_line, read_config, tool_parser
+from spec import TrainOptions
 
 RESUME_OVERRIDES = {"epochs", "num_workers", "log_interval", "early_stop", "device", "keep_last", "report"}
 TRAIN_DOC = """Train a mask / gender / age classifier: a run folder with config.json, best.pth, last.pth, log.csv and
@@ -274,11 +275,6 @@ def validate(args):
     if not 0 <= args.reprob <= 1 or args.recount < 1:
         raise FlagError(f"--reprob must be a probability in [0, 1] and --recount at least 1, got {args.reprob} and "
                         f"{args.recount}")
-    if args.checkpoint_hist < 0:
-        raise FlagError(f"--checkpoint_hist must be 0 (off) or a number of epochs to average, got "
-                        f"{args.checkpoint_hist}")
-    if args.clip_grad is not None and args.clip_grad <= 0:
-        raise FlagError(f"--clip_grad must be positive, got {args.clip_grad}")
     if args.crop is not None and not all(0 < f <= 1 for f in args.crop):
         raise FlagError(f"--crop fractions must be in (0, 1], got {args.crop}")
     if min(args.resize) <= 0:
@@ -287,24 +283,9 @@ def validate(args):
         raise FlagError(f"--val_ratio must be in [0, 1), got {args.val_ratio}")
     if not has_validation(args) and args.early_stop:
         raise FlagError("--early_stop needs validation: drop it or use --val_ratio > 0")
-    if args.epochs <= 0 or args.batch_size <= 0 or args.grad_accum <= 0:
-        raise FlagError("--epochs, --batch_size and --grad_accum must be positive")
     if args.valid_batch_size <= 0 or args.num_workers < 0:
         raise FlagError(f"--valid_batch_size must be positive and --num_workers >= 0, got {args.valid_batch_size} "
                         f"and {args.num_workers}")
-    if args.early_stop < 0:
-        raise FlagError(f"--early_stop must be >= 0 (0: off), got {args.early_stop}")
-    if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.mix_prob <= 1:
-        raise FlagError(f"--mixup and --cutmix must be >= 0 (0: off) and --mix_prob in [0, 1], got {args.mixup}, "
-                        f"{args.cutmix} and {args.mix_prob}")
-    if not 0 <= args.ema < 1:
-        raise FlagError(f"--ema DECAY must be in [0, 1) (0: off), got {args.ema}")
-    if not 0 <= args.warmup_epochs < args.epochs:
-        raise FlagError(f"--warmup_epochs must be in [0, --epochs), got {args.warmup_epochs}")
-    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
-        raise FlagError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
-    if args.warmup_epochs % 1 and not args.sched_on_updates:
-        raise FlagError(f"--warmup_epochs {args.warmup_epochs}: a fraction of an epoch needs --sched_on_updates")
     for folder in args.extra_data:
         if not Path(folder).is_dir():
             raise FlagError(f"--extra_data folder not found: {folder}")
@@ -319,6 +300,7 @@ def validate(args):
             create_criterion(name, n)
         check_freeze(args.freeze)
         check_fold(args.n_folds, args.fold)
+        TrainOptions.from_flags(vars(args))
         check_face_settings(args.face_margin, args.face_score, args.face_detector if args.face_crop else None)
         check_augment_options(**augment_options(args))
     except ValueError as error:

@@ -131,11 +131,12 @@ def key_values(run) -> pd.DataFrame:
     if preprocess.face:
         size += " (face crops)"
     rows["input size (H × W)"] = size
-    rows["epochs"] = (str(training.epochs) if len(log) == training.epochs
-                      else f"{len(log)} of {training.epochs} (stopped early)")
-    accum = training.grad_accum
-    rows["batch size"] = str(training.batch_size) + (f" × {accum} accumulated" if accum > 1 else "")
-    rows["learning rate"] = f"{training.lr:g} ({training.optimizer}, {training.scheduler} schedule)"
+    if training is not None:  # None: an older run's values that today's checks refuse (under All settings)
+        rows["epochs"] = (str(training.epochs) if len(log) == training.epochs
+                          else f"{len(log)} of {training.epochs} (stopped early)")
+        accum = training.grad_accum
+        rows["batch size"] = str(training.batch_size) + (f" × {accum} accumulated" if accum > 1 else "")
+        rows["learning rate"] = f"{training.lr:g} ({training.optimizer}, {training.scheduler} schedule)"
     if (weights := weights_words(spec)) is not None:
         rows["starting weights"] = weights
     if spec.device_type:

@@ -76,6 +76,30 @@ class TrainOptions:
     keep_last: str = "on"
     report: str = "on"
 
+    def __post_init__(self):
+        """Each value checked here, the one place (flags.py builds the record before any work): a ValueError
+        that names the flag."""
+        if self.epochs <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ValueError("--epochs, --batch_size and --grad_accum must be positive")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"--warmup_epochs must be in [0, --epochs), got {self.warmup_epochs}")
+        if self.warmup_epochs % 1 and not self.sched_on_updates:
+            raise ValueError(f"--warmup_epochs {self.warmup_epochs}: a fraction of an epoch needs --sched_on_updates")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"--ema DECAY must be in [0, 1) (0: off), got {self.ema}")
+        if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.mix_prob <= 1:
+            raise ValueError(f"--mixup and --cutmix must be >= 0 (0: off) and --mix_prob in [0, 1], got {self.mixup}, "
+                             f"{self.cutmix} and {self.mix_prob}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"--clip_grad must be positive, got {self.clip_grad}")
+        if self.early_stop < 0:
+            raise ValueError(f"--early_stop must be >= 0 (0: off), got {self.early_stop}")
+        if self.checkpoint_hist < 0:
+            raise ValueError(f"--checkpoint_hist must be 0 (off) or a number of epochs to average, got "
+                             f"{self.checkpoint_hist}")
+
     @classmethod
     def from_flags(cls, flags: dict) -> "TrainOptions":
         """From train.py's flags (a parsed namespace's vars, or a config.json: an older one lacks some, which
@@ -87,8 +111,9 @@ class TrainOptions:
 class RunSpec:
     """What a run is: its preprocessing, what rebuilds its model (`model.build_model`'s arguments), where it
     was trained (train folder, age bins, cache folder, its --relabel file), which fold of which k-fold run
-    it is, how it trained (TrainOptions), where its backbones' starting weights came from ({backbone:
-    where}; None: not recorded), and the device kind and mixed precision it trained in."""
+    it is, how it trained (TrainOptions; None: not readable from an older run), where its backbones'
+    starting weights came from ({backbone: where}; None: not recorded), and the device kind and mixed
+    precision it trained in."""
     preprocess: Preprocess
     model_args: dict
     data_dir: str
@@ -101,7 +126,7 @@ class RunSpec:
     cache_features: bool = False
     freeze: str = "none"
     relabel: str | None = None
-    training: TrainOptions = TrainOptions()
+    training: TrainOptions | None = TrainOptions()
     starting_weights: dict | None = None
     device_type: str | None = None
     amp: str | None = None
@@ -124,7 +149,7 @@ class RunSpec:
                                 face=FaceCropSpec(**{**face, "fallback": None if face["fallback"] is None
                                                      else tuple(face["fallback"])}) if face else None)
         return cls(**{**stored, "preprocess": preprocess, "age_bins": tuple(stored["age_bins"]),
-                      "training": TrainOptions(**stored["training"])})
+                      "training": TrainOptions(**stored["training"]) if stored["training"] else None})
 
     @classmethod
     def from_flags(cls, config: dict) -> "RunSpec":
@@ -141,8 +166,17 @@ class RunSpec:
         return cls(preprocess, model_args, config.get("data_dir", ""), tuple(config.get("age_bins", (30, 60))),
                    config.get("cache_dir"), config.get("name", ""), config.get("run_dir", ""), config.get("fold"),
                    config.get("n_folds", 0), bool(config.get("cache_features")), str(config.get("freeze", "none")),
-                   config.get("relabel"), TrainOptions.from_flags(config), starting_weights(config),
+                   config.get("relabel"), training_options(config), starting_weights(config),
                    config.get("device_type"), config.get("amp_resolved"))
+
+
+def training_options(config) -> TrainOptions | None:
+    """A config.json's TrainOptions; None where an older version allowed values today's checks refuse (its
+    model still predicts: nothing but the report reads them)."""
+    try:
+        return TrainOptions.from_flags(config)
+    except (ValueError, TypeError):
+        return None
 
 
 def starting_weights(config) -> dict | None:

@@ -273,6 +273,23 @@ def test_a_face_crop_runs_spec_reads_back_equal_and_hashable():
     assert again.preprocess.face.fallback == (0.5, 0.4, 0.3)
 
 
+def test_the_training_options_default_to_train_pys_flags_and_old_runs_read_theirs():
+    """TrainOptions' defaults (what an older config.json lacks) are train.py's; an older run's own values win."""
+    import flags
+    from spec import RunSpec, TrainOptions
+    assert TrainOptions() == TrainOptions.from_flags(vars(flags.build_parser().parse_args([])))
+    config = json.loads((ROOT / "tests" / "fixtures" / "run_9eee33f" / "config.json").read_text())
+    spec = RunSpec.of(config)
+    assert (spec.training.epochs, spec.training.batch_size, spec.training.report) == (1, 64, "off")
+    assert spec.starting_weights == {"test_resnet": "--pretrained auto"} and spec.device_type == "cpu"
+    older = {key: value for key, value in config.items() if key not in ("mix_prob", "keep_last", "clip_mode")}
+    assert RunSpec.of(older).training.mix_prob == TrainOptions().mix_prob
+    refused = RunSpec.of(dict(config, warmup_epochs=5))  # a value an older version let through: not readable
+    assert refused.training is None and refused.model_args == spec.model_args
+    with pytest.raises(ValueError, match="--warmup_epochs must be in"):
+        TrainOptions(epochs=2, warmup_epochs=2)
+
+
 def test_ctrl_c_outside_the_loop_is_one_line_and_status_130(capsys):
     from runs import run_command
 
