@@ -156,6 +156,8 @@ class FaceCrop:
         without a fallback (the transform's centre crop)."""
         path = os.path.abspath(path)
         box = self.boxes.get(path)
+        if box is None and self.fallback is not None and size is None and path not in self.sizes:
+            raise ValueError(f"{path}: no face box or image size recorded for the typical face square (find_faces)")
         size = size or self.sizes.get(path)
         if box is None and self.fallback is not None and size is not None:
             box = typical_box(self.fallback, *size)

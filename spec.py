@@ -149,7 +149,7 @@ class RunSpec:
                                 face=FaceCropSpec(**{**face, "fallback": None if face["fallback"] is None
                                                      else tuple(face["fallback"])}) if face else None)
         return cls(**{**stored, "preprocess": preprocess, "age_bins": tuple(stored["age_bins"]),
-                      "training": TrainOptions(**stored["training"]) if stored["training"] else None})
+                      "training": training_options(stored["training"]) if stored["training"] else None})
 
     @classmethod
     def from_flags(cls, config: dict) -> "RunSpec":

@@ -409,7 +409,7 @@ def build_run(args, data, place, fold, run_dir) -> tuple:
         if data.skipped:
             write_bad_images(data.skipped, run_dir / "skipped_images.csv")
     model.to(place.device, memory_format=torch.channels_last if precision.channels_last else torch.preserve_format)
-    options = spec.training
+    options = TrainOptions.from_flags(config)  # checked (spec.training is None where an old run's values fail)
     optimizer, scheduler = build_optimization(options, model, updates_per_epoch(train_loader, options))
     scaler = torch.amp.GradScaler(place.device.type, enabled=precision.amp == "fp16")
     ema = ModelEmaV3(model, decay=options.ema, use_warmup=True, warmup_power=3 / 4) if options.ema else None

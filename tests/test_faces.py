@@ -105,6 +105,8 @@ def test_images_without_a_face_take_the_typical_face_square_of_the_training_imag
     without = faces.FaceCrop({os.path.abspath("d"): None}, margin=1.2, sizes={os.path.abspath("d"): (100, 80)})
     assert without.regions(["d"]) == [None] and without.crop(image, "d") is None
     assert without.settings["fallback"] is None
+    with pytest.raises(ValueError, match="no face box or image size recorded"):  # never a silent centre crop
+        faces.FaceCrop({}, fallback=fallback).regions(["elsewhere.jpg"])
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -286,6 +286,11 @@ def test_the_training_options_default_to_train_pys_flags_and_old_runs_read_their
     assert RunSpec.of(older).training.mix_prob == TrainOptions().mix_prob
     refused = RunSpec.of(dict(config, warmup_epochs=5))  # a value an older version let through: not readable
     assert refused.training is None and refused.model_args == spec.model_args
+    stored = RunSpec.from_flags(config).to_json()
+    stored["training"].update(warmup_epochs=5, renamed_later=1)  # a v3 spec a later version reads
+    assert RunSpec.of(dict(config, spec=stored)).training is None
+    stored["training"].update(warmup_epochs=0)
+    assert RunSpec.of(dict(config, spec=stored)).training == spec.training  # an unknown field is left out
     with pytest.raises(ValueError, match="--warmup_epochs must be in"):
         TrainOptions(epochs=2, warmup_epochs=2)
 
