@@ -68,7 +68,7 @@ def expand_inputs(inputs) -> list:
     return expanded
 
 
-def run_probabilities(run_dir, images, options, frozen_stages=None, no_face_path=None) -> np.ndarray:
+def run_probabilities(run_dir, images, options, frozen_stages=None) -> np.ndarray:
     """A run folder's eval probabilities for `images` (EvalImages): read from `eval_probs.csv` when it was
     made for the same eval folder, TTA, checkpoint and unreadable images, else predicted (a Predictor with
     `options`; --cache_features members share their frozen stages' outputs in `frozen_stages`) and stored there."""
@@ -77,13 +77,13 @@ def run_probabilities(run_dir, images, options, frozen_stages=None, no_face_path
                checkpoint_mtime_ns=(run_dir / "best.pth").stat().st_mtime_ns,
                unreadable=sorted(map(str, images.unreadable)))
     if cache.is_file() and source.is_file() and json.loads(source.read_text()) == key:
-        if no_face_path:  # a --face_crop member still lists its images without a face (boxes cached: no detection)
+        if options.no_face_csv:  # a --face_crop member still lists its images without a face (boxes cached)
             skipped = set(map(str, images.unreadable))
             readable = [p for p in images.paths if str(p) not in skipped]
             run_regions(RunSpec.of(read_config(run_dir)), readable, options.face_detector, options.cache_dir,
-                        options.num_workers, no_face_path)
+                        options.num_workers, options.no_face_csv)
         return aligned(read_probabilities(cache), images.ids, cache)
-    probs = Predictor(run_dir, options, frozen_stages).predict(images.paths, images.unreadable, no_face_path)
+    probs = Predictor(run_dir, options, frozen_stages).predict(images.paths, images.unreadable)
     write_csv(cache, probability_frame(images.ids, probs))
     write_json(source, key)
     return probs
@@ -252,9 +252,9 @@ def main(argv=None):
         if len(files) < len(inputs):
             unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images, args.cache_dir)
         images = EvalImages(data_dir, image_ids, paths, tuple(unreadable))
-        options, frozen_stages = PredictOptions.from_args(args, device), FrozenStages()  # stages shared by members
-        probs = np.stack([files[path] if path in files else
-                          run_probabilities(path, images, options, frozen_stages, submission.with_name("no_face.csv"))
+        options = PredictOptions.from_args(args, device, no_face_csv=submission.with_name("no_face.csv"))
+        frozen_stages = FrozenStages()  # shared by the members
+        probs = np.stack([files[path] if path in files else run_probabilities(path, images, options, frozen_stages)
                           for path in inputs])
         if offsets is not None:
             probs = np.stack([apply_offsets(p, offsets) for p in probs])

@@ -154,7 +154,8 @@ class PredictOptions:
     """How run folders predict: the same for every member of an ensemble (the flags of inference.py and
     ensemble.py). `amp` and `channels_last` take train.py's choices (auto: what this device and model run
     fastest with); `face_detector`: where a --face_crop run's detector file moved; `cache_dir`: the image
-    check, the face boxes and the precision timings."""
+    check, the face boxes and the precision timings; `no_face_csv`: where a --face_crop run lists the images
+    it found no face in (no_face.csv beside the submission)."""
     checkpoint: str = "best"
     batch_size: int = 256
     amp: str = "auto"
@@ -164,11 +165,12 @@ class PredictOptions:
     device: torch.device | None = None
     face_detector: str | None = None
     cache_dir: str = DEFAULT_CACHE_DIR
+    no_face_csv: Path | None = None
 
     @classmethod
-    def from_args(cls, args, device, checkpoint="best"):
+    def from_args(cls, args, device, checkpoint="best", no_face_csv=None):
         return cls(checkpoint, args.batch_size, args.amp, args.channels_last, args.tta, args.num_workers, device,
-                   args.face_detector, args.cache_dir)
+                   args.face_detector, args.cache_dir, no_face_csv)
 
 
 class FrozenStages:
@@ -209,15 +211,15 @@ class Predictor:
         print(f"{self.run_dir.name}: {line}")
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
 
-    def predict(self, paths, unreadable=(), no_face_path=None) -> np.ndarray:
+    def predict(self, paths, unreadable=()) -> np.ndarray:
         """18-class probabilities (N, 18) of the images at `paths`. The `unreadable` paths are not decoded:
-        their rows get the mean of the others'. A --face_crop run lists its images without a face in
-        `no_face_path`."""
-        return filled_unreadable(lambda readable: self.predict_readable(readable, no_face_path), paths, unreadable)
+        their rows get the mean of the others'."""
+        return filled_unreadable(self.predict_readable, paths, unreadable)
 
-    def predict_readable(self, paths, no_face_path=None) -> np.ndarray:
+    def predict_readable(self, paths) -> np.ndarray:
         spec, options = self.spec, self.options
-        regions = run_regions(spec, paths, options.face_detector, options.cache_dir, options.num_workers, no_face_path)
+        regions = run_regions(spec, paths, options.face_detector, options.cache_dir, options.num_workers,
+                              options.no_face_csv)
         loader = DataLoader(ImageFiles(paths, preprocess_transform(spec.preprocess), regions), options.batch_size,
                             num_workers=options.num_workers, collate_fn=fast_collate,
                             pin_memory=self.device.type == "cuda")
@@ -365,8 +367,8 @@ def main(argv=None):
         unreadable = check_eval_images(paths, args.output_dir, args.num_workers, args.bad_images, args.cache_dir)
         print(f"predicting {len(paths)} images of {data_dir} ({why}) with {run_dir} ({args.checkpoint}.pth, "
               f"tta {args.tta})" + fold_note(run_dir, config))
-        options = PredictOptions.from_args(args, device, args.checkpoint)
-        probs = Predictor(run_dir, options).predict(paths, unreadable, submission.with_name("no_face.csv"))
+        options = PredictOptions.from_args(args, device, args.checkpoint, submission.with_name("no_face.csv"))
+        probs = Predictor(run_dir, options).predict(paths, unreadable)
         if offsets is not None:
             probs = apply_offsets(probs, offsets)
         write_submission(submission, probs_path, image_ids, probs, info)
