@@ -402,9 +402,6 @@ class MaskBaseDataset(Dataset):
     def __len__(self):
         return len(self.table)
 
-    def set_transform(self, transform):
-        self.transform = transform
-
     def get_target(self, index):
         if self.multi_label:
             return tuple(int(v) for v in self.head_targets[index])

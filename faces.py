@@ -119,7 +119,7 @@ def square_box(box, margin) -> tuple:
 def typical_face(boxes: dict, sizes: dict):
     """The median face of `boxes` (path -> box or None) relative to each image's size (path -> (height,
     width)): (centre x / width, centre y / height, larger side / smaller image side), rounded, or None
-    where no image has a face. Images without a face are cropped there (`FaceCrop.crop`)."""
+    where no image has a face. Images without a face are cropped there (`FaceCrop.region`)."""
     found = [(box, sizes[path]) for path, box in boxes.items() if box is not None and sizes.get(path)]
     if not found:
         return None
@@ -164,7 +164,8 @@ class FaceCrop:
         return None if box is None else square_box(box, self.margin)
 
     def crop(self, image: torch.Tensor, path):
-        """The crop square (`region`) of `image`, decoded from `path`, or None (a contact sheet's tile)."""
+        """The crop square (`region`) of `image`, decoded from `path`, or None: a picture of what the run crops
+        (the contact sheets of faces.py and audit.py; training and inference crop `regions` in the transform)."""
         region = self.region(path, tuple(image.shape[-2:]))
         return None if region is None else crop_region(image, *region)
 

@@ -357,6 +357,9 @@ def resumed_args(args, given) -> tuple:
     run_dir = resume if resume.is_dir() else resume.parent
     if not resume.exists():
         raise SystemExit(f"error: --resume: {resume} not found (a run folder under --model_dir, e.g. model/exp)")
+    if resume.is_file() and resume.name != "last.pth":
+        raise SystemExit(f"error: --resume: {resume} is not a run's last.pth (only last.pth holds the optimizer "
+                         f"state a run continues from): pass its run folder, --resume {run_dir}")
     if not (run_dir / "last.pth").is_file():
         raise SystemExit(f"error: --resume: {run_dir} has no last.pth: is it a train.py run folder? (runs finished "
                          "with --keep_last off cannot be resumed)")

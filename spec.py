@@ -61,7 +61,7 @@ class TrainOptions:
     scheduler: str = "cosine"
     lr_decay_step: int = 20
     lr_gamma: float = 0.5
-    warmup_epochs: int = 0
+    warmup_epochs: float = 0
     sched_on_updates: bool = False
     ema: float = 0.0
     seed: int = 42

@@ -67,9 +67,9 @@ from precision import (
     checked_compile,
     resolve_amp,
     resolve_channels_last,
+    resolve_precision,
     select_device,
 )
-from precision import resolve_precision as model_precision
 from run_page import write_report
 from runs import (
     atomic_write,
@@ -151,6 +151,13 @@ def setup_distributed(asked="auto"):
 def distributed() -> bool:
     """Whether this process is one of a torchrun process group (of any size)."""
     return dist.is_available() and dist.is_initialized()
+
+
+def check_one_process(args) -> None:
+    """The flags that do not work under torchrun yet, refused before any work."""
+    for flag, on in (("--sampler", args.sampler != "none"), ("--cache_features", args.cache_features)):
+        if on and distributed():
+            raise FlagError(f"{flag} does not work under torchrun yet: drop it or run one process")
 
 
 def report_data_once(rank):
@@ -250,16 +257,12 @@ def make_loaders(args, preprocess, dataset, model, place):
     generator = torch.Generator()
     sampler = None
     if args.sampler != "none":
-        if distributed():
-            raise FlagError("--sampler does not work under torchrun yet: drop it or run one process")
         sampler = make_sampler(train_set.targets("class" if args.sampler == "class" else "age_label"), args.seed)
         generator = sampler.generator
     elif distributed():
         sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     val_shard = Subset(val_set.dataset, val_set.indices[rank::world], val_tf)
     if args.cache_features:
-        if distributed():
-            raise FlagError("--cache_features does not work under torchrun yet: drop it or run one process")
         train_set = build_feature_set(model, train_set, val_tf, preprocess.mean, preprocess.std, args.cache_dir,
                                       device, resolve_channels_last(args.channels_last, model)[0],
                                       flip=args.augmentation == "CustomAugmentation")
@@ -283,7 +286,7 @@ def drop_last_batch(n_images, world, batch_size, compiled) -> bool:
     return remainder == 1 or (compiled and remainder > 0)
 
 
-def resolve_precision(args, model, device, world=1, resumed=None, features_shape=None) -> Precision:
+def run_precision(args, model, device, world=1, resumed=None, features_shape=None) -> Precision:
     """The Precision the loop uses: --amp and --channels_last resolved for this model and device, with
     the one-line explanation the run header prints. On a CPU with native bf16, auto times training steps
     of the model in bf16 and fp32 and takes the faster (rank 0's choice for every rank); with
@@ -298,7 +301,7 @@ def resolve_precision(args, model, device, world=1, resumed=None, features_shape
                 + ("" if reason == "asked for" else f" ({reason})"))
     else:
         timed, size = (FromFeatures(model), features_shape[2:]) if features_shape else (model, args.resize)
-        amp, channels_last, line = model_precision(timed, args.amp, args.channels_last, device, size,
+        amp, channels_last, line = resolve_precision(timed, args.amp, args.channels_last, device, size,
                                                    args.batch_size, agree=lambda choice: gather(choice, world)[0],
                                                    remember=Path(args.cache_dir) / AMP_TIMINGS)
     return Precision(device, amp, channels_last, line)
@@ -323,8 +326,8 @@ def evaluate(model, loader, val_shard, precision, world):
 @dataclass(frozen=True)
 class RunData:
     """The checked images of a run: the train table, the --extra_data table (or None), each with its images'
-    crop squares as a `region` column with --face_crop, the unreadable images left out, and the faces found
-    (config.json's record and no_face.csv; None without --face_crop)."""
+    crop squares as a `region` column with --face_crop, the unreadable images left out, and the faces found in
+    the images kept (config.json's record and no_face.csv; None without --face_crop)."""
     table: pd.DataFrame
     extra_table: pd.DataFrame | None
     skipped: tuple
@@ -339,7 +342,7 @@ class Placement:
     device: torch.device
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
     """Everything one training run is made of, built once (`build_run`) before its first epoch."""
     dataset: object
@@ -389,18 +392,16 @@ def build_run(args, data, place, fold, run_dir) -> tuple:
     config = run_config(args, model, run_dir, fold)
     faces = data.faces
     if faces is not None:
-        faces = faces.subset(pd.concat([t["path"] for t in (data.table, data.extra_table) if t is not None]))
         config.update(faces=face_record(faces))
     train_loader, generator, val_loader, val_shard = make_loaders(args, Preprocess.from_flags(config), dataset, model,
                                                                   place)
-    state = load_checkpoint(Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else args.resume,
-                            place.device) if args.resume else None
-    precision = resolve_precision(args, model, place.device, place.world, resumed=state and state.get("config"),
+    state = load_checkpoint(run_dir / "last.pth", place.device) if args.resume else None
+    precision = run_precision(args, model, place.device, place.world, resumed=state and state.get("config"),
                                   features_shape=train_loader.dataset.shape if args.cache_features else None)
     config.update(amp_resolved=precision.amp, channels_last_resolved=precision.channels_last,
                   device_type=place.device.type, skipped_images=len(data.skipped),
                   deterministic_resolved=deterministic)
-    spec = RunSpec.from_flags(config)  # what every tool reads, in place of flag names; the loop its training
+    spec = RunSpec.from_flags(config)  # what every tool reads, in place of flag names
     config.update(spec=spec.to_json())
     if place.rank == 0:
         write_json(run_dir / "config.json", config)
@@ -467,7 +468,8 @@ def wrapped_for_training(args, model, precision, place) -> torch.nn.Module:
                                              precision.channels_last)
         if fallback and place.rank == 0:
             print(f"warning: --compile: {fallback}", file=sys.stderr)
-        train_model = train_model if fallback else compiled if not distributed() else torch.compile(train_model)
+        if not fallback:  # the check compiled the unwrapped model; under DDP the wrapper is compiled instead
+            train_model = torch.compile(train_model) if distributed() else compiled
     return train_model
 
 
@@ -768,6 +770,7 @@ def main(argv=None, on_epoch=None) -> list:
     run_dirs, base = [], args.name
     try:
         with one_line_errors(FlagError, FloatingPointError):
+            check_one_process(args)
             weights = None if args.resume else starting_weights(args)
             if args.wandb and args.wandb_mode == "online":  # every rank: none may wait for a rank 0 that stopped
                 check_wandb_login()
@@ -787,6 +790,8 @@ def main(argv=None, on_epoch=None) -> list:
                     base = gather(base, world)[0]
                     run_dirs = [Path(args.model_dir) / f"{base}{s}" for s in suffixes]
                 header = run_header(args, weights, resumed_note)
+                if faces is not None:  # the images the run keeps
+                    faces = faces.subset(pd.concat([t["path"] for t in (table, extra_table) if t is not None]))
                 data = RunData(table, extra_table, tuple(skipped), faces)
                 place = Placement(rank, world, device)
                 scores = [train_run(args, data, place, fold, run_dir, on_epoch, header)

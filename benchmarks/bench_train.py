@@ -78,7 +78,7 @@ def run_config(config, name, resize, table, rows, batch_size, workers, cache_dir
         model = build_model("single_head", name)
         flags = ["--epochs", "1", "--log_interval", "50", "--resize", *map(str, resize), *CONFIGS[config][1]]
         args = train.parse_args(flags)
-        resolved = train.resolve_precision(args, model, torch.device("cpu"))
+        resolved = train.run_precision(args, model, torch.device("cpu"))
         train.set_deterministic(args.deterministic, torch.device("cpu"))
         model = model.to(memory_format=torch.channels_last if resolved.channels_last else torch.preserve_format)
         optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.0)

@@ -97,6 +97,10 @@ def test_resume_refuses_flags_it_cannot_change_and_says_the_ones_it_does(trained
     train.main(["--resume", run, "--epochs", "2", "--lr", "0.001"])  # the run's own value is no change
     assert "changed on resume: --epochs 1 -> 2" in capsys.readouterr().out
     assert "not found" in error_of(lambda: train.main(["--resume", str(tmp_path / "nothere")]))
+    best = error_of(lambda: train.main(["--resume", f"{run}/best.pth"]))  # no optimizer state to continue from
+    assert "is not a run's last.pth" in best and f"--resume {run}" in best
+    train.main(["--resume", f"{run}/last.pth", "--epochs", "3"])  # the file itself: its folder's run
+    assert "changed on resume: --epochs 2 -> 3" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("tool, argv", [(train.build_parser, ["--epoch", "3"]),

@@ -82,7 +82,7 @@ def test_ctrl_c_saves_last_and_resume_equals_an_uninterrupted_run(tmp_path, tiny
     assert torch.load(tmp_path / "part" / "last.pth", weights_only=False)["epoch"] == 1
     monkeypatch.undo()
     assert json.loads((tmp_path / "part" / "config.json").read_text())["device_type"] == "cpu"
-    monkeypatch.setattr(train, "model_precision", lambda *a, **k: pytest.fail("resumed runs keep their precision"))
+    monkeypatch.setattr(train, "resolve_precision", lambda *a, **k: pytest.fail("resumed runs keep their precision"))
     train.main(["--resume", str(tmp_path / "part"), "--num_workers", "0"])
     full = torch.load(tmp_path / "full" / "last.pth", weights_only=False)
     part = torch.load(tmp_path / "part" / "last.pth", weights_only=False)
@@ -243,6 +243,16 @@ def test_torchrun_two_cpu_processes(tmp_path, tiny_data):
     _, val = MultiLabelDataset(tiny_data / "train", val_ratio=0.2, seed=42).split_indices()
     assert len(probs) == len(val) and probs["ImageID"].is_unique
     assert sorted(p.name for p in model_dir.iterdir()) == ["exp"]
+
+
+@pytest.mark.parametrize("flags", [["--sampler", "class"], ["--cache_features", "--freeze", "2"]])
+def test_what_torchrun_cannot_run_yet_is_refused_before_any_work(tmp_path, tiny_data, monkeypatch, flags):
+    monkeypatch.setattr(train, "distributed", lambda: True)  # as under torchrun (the group is not started here)
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(train, "scan_people", lambda *a, **k: pytest.fail("refused after the work began"))
+    with pytest.raises(SystemExit) as error:
+        run(tmp_path, tiny_data, *flags)
+    assert f"{flags[0]} does not work under torchrun yet" in str(error.value)
 
 
 def test_honest_learning_on_the_generated_sample(tmp_path):
