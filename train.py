@@ -749,6 +749,52 @@ def start_wandb(args, config, run_dir):
                       mode=args.wandb_mode, dir=str(run_dir), config=config, group=args.wandb_group)
 
 
+def starting_weight_lines(args) -> dict:
+    """{backbone name: where its starting weights come from} (config.json and the report; nothing fetched)."""
+    names = dict.fromkeys([args.model, *key_values(args.backbones).values()])
+    return {name: weights_line(name, pretrained_choice(args)) for name in names}
+
+
+def starting_weights(args) -> dict:
+    """starting_weight_lines, with timm's pretrained weights fetched into timm's cache now, before any work
+    (--pretrained auto or timm on a timm name); a one-line error where they cannot be had."""
+    lines = starting_weight_lines(args)
+    for name in lines:
+        if pretrained_choice(args) is True and not is_source(name):
+            fetch_pretrained(name)
+    return lines
+
+
+def check_wandb_login():
+    """--wandb online needs a logged-in wandb: one line before any work instead of wandb's traceback."""
+    import wandb
+    try:
+        logged_in = wandb.login(prompt=False, verify=False)
+    except Exception:  # wandb's own errors (a bad key file, ...) mean the same for the user
+        logged_in = False
+    if not logged_in:
+        raise FlagError("--wandb: not logged in to Weights & Biases: run `wandb login` (or set WANDB_API_KEY), or "
+                        "pass --wandb_mode offline (sync later with `wandb sync`)")
+
+
+def run_header(args, weights, resumed_note="") -> str:
+    """The run header's first line: model, where its weights come from, input size, epochs, batch size, lr."""
+    if weights is None:
+        source = "from the resumed run's last.pth"
+    else:
+        source = "; ".join(f"{name}: {line}" if len(weights) > 1 else line for name, line in weights.items())
+    line = (f"model {args.model} ({args.kind}), weights {source}; input {args.resize[0]}x{args.resize[1]}, "
+            f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr:g} ({args.optimizer}, {args.scheduler})")
+    return line + (f"; changed on resume: {resumed_note}" if resumed_note else "")
+
+
+def remove_unfinished(run_dirs):
+    """Delete the run folders of a failed run that never saved a best checkpoint (nothing to lose)."""
+    for run_dir in run_dirs:
+        if run_dir.is_dir() and not (run_dir / "best.pth").is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- main
 def main(argv=None, on_epoch=None) -> list:
     """Run train.py with `argv`; return the best validation macro F1 of each fold. `on_epoch(epoch,
@@ -811,52 +857,6 @@ def main(argv=None, on_epoch=None) -> list:
         print(f"{len(scores)} folds: macro F1 {summary['mean']:.4f} +- {summary['std']:.4f}; the folds are listed "
               f"in {summary_path}; vote them with: python ensemble.py {summary_path} --data_dir EVAL_DIR")
     return scores
-
-
-def starting_weight_lines(args) -> dict:
-    """{backbone name: where its starting weights come from} (config.json and the report; nothing fetched)."""
-    names = dict.fromkeys([args.model, *key_values(args.backbones).values()])
-    return {name: weights_line(name, pretrained_choice(args)) for name in names}
-
-
-def starting_weights(args) -> dict:
-    """starting_weight_lines, with timm's pretrained weights fetched into timm's cache now, before any work
-    (--pretrained auto or timm on a timm name); a one-line error where they cannot be had."""
-    lines = starting_weight_lines(args)
-    for name in lines:
-        if pretrained_choice(args) is True and not is_source(name):
-            fetch_pretrained(name)
-    return lines
-
-
-def check_wandb_login():
-    """--wandb online needs a logged-in wandb: one line before any work instead of wandb's traceback."""
-    import wandb
-    try:
-        logged_in = wandb.login(prompt=False, verify=False)
-    except Exception:  # wandb's own errors (a bad key file, ...) mean the same for the user
-        logged_in = False
-    if not logged_in:
-        raise FlagError("--wandb: not logged in to Weights & Biases: run `wandb login` (or set WANDB_API_KEY), or "
-                        "pass --wandb_mode offline (sync later with `wandb sync`)")
-
-
-def run_header(args, weights, resumed_note="") -> str:
-    """The run header's first line: model, where its weights come from, input size, epochs, batch size, lr."""
-    if weights is None:
-        source = "from the resumed run's last.pth"
-    else:
-        source = "; ".join(f"{name}: {line}" if len(weights) > 1 else line for name, line in weights.items())
-    line = (f"model {args.model} ({args.kind}), weights {source}; input {args.resize[0]}x{args.resize[1]}, "
-            f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr:g} ({args.optimizer}, {args.scheduler})")
-    return line + (f"; changed on resume: {resumed_note}" if resumed_note else "")
-
-
-def remove_unfinished(run_dirs):
-    """Delete the run folders of a failed run that never saved a best checkpoint (nothing to lose)."""
-    for run_dir in run_dirs:
-        if run_dir.is_dir() and not (run_dir / "best.pth").is_file():
-            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
