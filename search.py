@@ -120,6 +120,24 @@ def suggest(trial, space) -> dict:
     return values
 
 
+def serialized_sqlite(storage) -> None:
+    """Every transaction of an SQLite `storage` begins with BEGIN IMMEDIATE (SQLite's write lock first).
+    Python's sqlite3 begins a transaction at its first write, not its first read, so two processes could
+    both read one waiting trial (a grid point) and both claim it in optuna's check-then-set: the trial ran
+    twice and the second tell failed ("Cannot tell a COMPLETE trial"). SQLAlchemy's recipe for pysqlite."""
+    from sqlalchemy import event
+
+    @event.listens_for(storage.engine, "connect")
+    def no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(storage.engine, "begin")
+    def begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    storage.engine.dispose()  # a connection opened before the listeners opens again with them
+
+
 def open_study(args, space, fixed):
     """Load or create the study; the process that creates it records its settings (see `settings`) and
     queues every grid point of a grid study once. A study made with other settings, or by a search.py that
@@ -131,6 +149,8 @@ def open_study(args, space, fixed):
                 args.storage, engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else None,
                 heartbeat_interval=max(1, args.grace_period // 3), grace_period=args.grace_period,
                 heartbeat_stale_trial_callback=RETRY(max_retry=3))
+            if sqlite:
+                serialized_sqlite(storage)
             break
         except Exception as error:
             if attempt == 4:

@@ -3,6 +3,7 @@ pruning, and one-line errors for bad spaces and databases."""
 import json
 import signal
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -248,3 +249,37 @@ def test_help_is_complete_and_flags_are_never_abbreviated(tmp_path, tiny_data):
     with pytest.raises(SystemExit) as stop:
         search.main(search_args(tmp_path, tiny_data, "--tri", "3"))
     assert stop.value.code == 2 and not (tmp_path / "model").exists()
+
+
+def claim_waiting_trials(url, out):
+    """Ask an SQLite study (as search.py opens it) for its waiting trials until none is left; write the
+    numbers handed to this process, one per line."""
+    import optuna
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+    search.serialized_sqlite(storage)
+    study = optuna.load_study(study_name="claims", storage=storage)
+    claimed = []
+    while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        trial = study.ask()
+        claimed.append(trial.number)
+        study.tell(trial, 0.0)
+    Path(out).write_text("".join(f"{n}\n" for n in claimed))
+
+
+def test_processes_asking_one_sqlite_study_never_get_the_same_waiting_trial(tmp_path):
+    """Without BEGIN IMMEDIATE, 4 processes asking for 120 waiting trials were handed 11 of them twice
+    (2-core EPYC); search.py's grid points are such waiting trials."""
+    import optuna
+    url = f"sqlite:///{tmp_path / 'claims.db'}"
+    study = optuna.create_study(study_name="claims", storage=url)
+    for x in range(60):
+        study.enqueue_trial({"x": x})
+    outs = [tmp_path / f"claimed{i}" for i in range(3)]
+    processes = [start_forked(claim_waiting_trials, url, str(out), stdout=tmp_path / f"stdout{i}")
+                 for i, out in enumerate(outs)]
+    for process in processes:
+        process.join(timeout=300)
+    assert all(p.exitcode == 0 for p in processes)
+    claimed = [int(n) for out in outs for n in out.read_text().split()]
+    waiting = {t.number for t in study.get_trials() if t.params.get("x") is not None}
+    assert len(claimed) == len(set(claimed)) and waiting <= set(claimed)
