@@ -158,7 +158,8 @@ def fetch_pretrained(name, timeout=5.0) -> str:
         raise RuntimeError(f"timm has no pretrained weights for {name}: pass a weights file with --pretrained FILE, "
                            f"{random_init}")
     host = "huggingface.co" if where == "hf-hub" else urllib.parse.urlparse(location).hostname
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and where == "hf-hub"
+    hub_offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and where == "hf-hub"
+    offline = hub_offline
     proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
     if not offline and not proxied:  # behind a proxy only the download itself can tell
         try:
@@ -170,7 +171,7 @@ def fetch_pretrained(name, timeout=5.0) -> str:
             import huggingface_hub.constants
             huggingface_hub.constants.HF_HUB_OFFLINE = True
         return location
-    if offline and where == "hf-hub" and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+    if hub_offline:
         raise RuntimeError(f"{name}'s pretrained weights ({location}) are not in the local cache and HF_HUB_OFFLINE "
                            f"is set: download them once online, pass a file with --pretrained FILE, {random_init}")
     if offline:
